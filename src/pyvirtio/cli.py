@@ -1,0 +1,79 @@
+"""The `pyvirtio` command. The CLI owns the terminal; the library never prints."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+
+def _csv(choices: Sequence[str]):  # type: ignore[no-untyped-def]
+    def parse(text: str) -> list[str]:
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        for t in items:
+            if t not in choices:
+                raise argparse.ArgumentTypeError(f"{t!r} is not one of {', '.join(choices)}")
+        return items
+    return parse
+
+
+def _bench_queue(args: argparse.Namespace) -> int:
+    from pyvirtio.bench.queue import QueueBenchConfig, format_table, run
+
+    results = []
+    for ring in args.ring:
+        for policy in args.policy:
+            cfg = QueueBenchConfig(ring=ring, policy=policy, batch=args.batch, requests=args.requests,
+                                   event_idx=not args.no_event_idx, queue_size=args.queue_size,
+                                   two_process=args.two_process, indirect=args.indirect,
+                                   segments=args.segments)
+            if not args.json:
+                print(f"# {ring}/{policy}: {args.requests} requests, batch {args.batch}"
+                      f"{', two processes' if args.two_process else ''} ...", file=sys.stderr, flush=True)
+            results.append(run(cfg))
+    if args.json:
+        print(json.dumps(results[0] if len(results) == 1 else results, indent=1))
+    else:
+        print(format_table(results))
+    return 1 if any(r["lost"] for r in results) else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pyvirtio", description="virtio devices in Python over vhost-user")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    bench = sub.add_parser("bench", help="benchmarks that print numbers")
+    bsub = bench.add_subparsers(dest="bench", required=True)
+    q = bsub.add_parser("queue", help="the virtqueue engine against the Python driver (no VM)")
+    q.add_argument("--ring", type=_csv(["split", "packed"]), default=["split", "packed"],
+                   help="split, packed or both (comma list; default both)")
+    q.add_argument("--policy", type=_csv(["lazy", "eager"]), default=["lazy", "eager"],
+                   help="lazy, eager or both (comma list; default both, side by side)")
+    q.add_argument("--batch", type=int, default=32, help="requests the driver posts per kick (default 32)")
+    q.add_argument("--requests", type=int, default=100_000, help="requests per run (default 100000)")
+    q.add_argument("--queue-size", type=int, default=256)
+    q.add_argument("--no-event-idx", action="store_true", help="do not negotiate VIRTIO_F_EVENT_IDX")
+    q.add_argument("--indirect", action="store_true", help="negotiate INDIRECT_DESC (multi-segment requests)")
+    q.add_argument("--segments", type=int, default=1, help="descriptors per request (default 1)")
+    q.add_argument("--two-process", action="store_true",
+                   help="driver in another process with real eventfds (real concurrency)")
+    q.add_argument("--json", action="store_true", help="one JSON object (a list for several runs)")
+    q.set_defaults(func=_bench_queue)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = logging.WARNING - 10 * min(args.verbose, 2)
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

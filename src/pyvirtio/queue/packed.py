@@ -1,0 +1,326 @@
+"""Packed virtqueue, device side (virtio 1.2 section 2.8).
+
+Access discipline (each line is one guest-memory access):
+- availability: the 2-byte `flags` of the next slot, nothing else;
+- a batch: the flags of each slot of the available run, then one bulk read
+  of the run's descriptor bodies (two when it wraps);
+- completion: one aligned 8-byte store per used descriptor covering
+  len|id|flags, so the flags can never be seen without their id and length
+  (the `addr` field is never written);
+- after a batch: a full fence and one 4-byte read of the driver's event
+  suppression structure.
+"""
+
+from __future__ import annotations
+
+from pyvirtio import fence as _fence
+from pyvirtio.memory import AreaKind, GuestMemory, GuestMemoryError
+from pyvirtio.queue.chain import Chain, build_chain
+from pyvirtio.queue.errors import (
+    BadBufferAddress,
+    BadIndirectTable,
+    ChainTooLong,
+    IndirectInList,
+    IndirectNotNegotiated,
+    IndirectWithNext,
+    InvalidQueueGeometry,
+    InvalidSavedState,
+    NestedIndirect,
+    TooManyInFlight,
+)
+from pyvirtio.queue.state import QueueState
+from pyvirtio.spec import (
+    DESC_SIZE,
+    MAX_QUEUE_SIZE,
+    PACKED_DESC,
+    PACKED_DESC_ALIGN,
+    PACKED_EVENT_ALIGN,
+    PACKED_FLAGS,
+    EventFlags,
+    PackedDescFlags,
+    packed_need_event,
+)
+
+_NEXT = int(PackedDescFlags.NEXT)
+_WRITE = int(PackedDescFlags.WRITE)
+_INDIRECT = int(PackedDescFlags.INDIRECT)
+_AVAIL = int(PackedDescFlags.AVAIL)
+_USED = int(PackedDescFlags.USED)
+_BOTH = _AVAIL | _USED
+_ENABLE = int(EventFlags.ENABLE)
+_DISABLE = int(EventFlags.DISABLE)
+_DESC = int(EventFlags.DESC)
+_WEAK = _fence.WEAK_ORDERING
+
+
+class PackedRing:
+    """Device side of one packed ring. Used through `Virtqueue`."""
+
+    packed = True
+
+    def __init__(self, mem: GuestMemory, size: int, desc: int, driver: int, device: int, *,
+                 event_idx: bool, indirect: bool) -> None:
+        if not 1 <= size <= MAX_QUEUE_SIZE:
+            raise InvalidQueueGeometry(f"packed queue size {size} is not in 1..32768")
+        self.mem = mem
+        self.size = size
+        self.event_idx = event_idx
+        self.indirect = indirect
+        try:
+            self.desc = mem.area(AreaKind.DESC, desc, DESC_SIZE * size, PACKED_DESC_ALIGN)
+            self.driver_event = mem.area(AreaKind.EVENT, driver, 4, PACKED_EVENT_ALIGN)
+            self.device_event = mem.area(AreaKind.EVENT, device, 4, PACKED_EVENT_ALIGN)
+        except GuestMemoryError as e:
+            raise InvalidQueueGeometry(f"packed ring areas: {e}") from None
+        spans = sorted([(desc, DESC_SIZE * size), (driver, 4), (device, 4)])
+        for (a, alen), (b, _) in zip(spans, spans[1:]):
+            if a + alen > b:
+                raise InvalidQueueGeometry(f"packed ring areas overlap at {b:#x}")
+        self.payload = getattr(mem, "counters", {}).get(AreaKind.PAYLOAD)
+        self.next_avail = 0
+        self.avail_wrap = True
+        self.next_used = 0
+        self.used_wrap = True
+        self.in_flight_slots = 0
+        self.kick_flags: int | None = None   # shadow of the device event flags
+        self.signalled_valid = False
+
+    # -- state ---------------------------------------------------------------
+
+    def restore(self, st: QueueState) -> None:
+        self.next_avail, self.avail_wrap = st.last_avail, st.avail_wrap
+        self.next_used, self.used_wrap = st.used_idx, st.used_wrap
+        # slots between the used and avail cursors on the doubled ring
+        a = self.next_avail + (0 if self.avail_wrap else self.size)
+        u = self.next_used + (0 if self.used_wrap else self.size)
+        self.in_flight_slots = (a - u) % (2 * self.size)
+        self.signalled_valid = False
+
+    def cursor(self) -> tuple[int, bool, int, bool]:
+        return self.next_avail, self.avail_wrap, self.next_used, self.used_wrap
+
+    def in_flight(self) -> int:
+        return self.in_flight_slots
+
+    # -- availability (read-only) ------------------------------------------------
+
+    def _slot_available(self, slot: int, wrap: bool) -> bool:
+        f = self.desc.load16(slot * DESC_SIZE + PACKED_FLAGS)
+        return (f & _BOTH) == (_AVAIL if wrap else _USED)
+
+    def peek(self) -> bool:
+        if self.in_flight_slots >= self.size:
+            return False
+        return self._slot_available(self.next_avail, self.avail_wrap)
+
+    def unconsumed(self) -> bool:
+        return False
+
+    def recheck(self) -> bool:
+        return self.peek()
+
+    # -- kick control -------------------------------------------------------------
+
+    def enable_kicks(self) -> None:
+        if self.event_idx:
+            # One 4-byte store: off_wrap can never be seen without DESC.
+            off_wrap = self.next_avail | (self.avail_wrap << 15)
+            self.device_event.store32(0, off_wrap | (_DESC << 16))
+            self.kick_flags = _DESC
+        elif self.kick_flags != _ENABLE:
+            self.device_event.store16(2, _ENABLE)
+            self.kick_flags = _ENABLE
+
+    def disable_kicks(self) -> None:
+        # With DESC the event fires once per pass of the ring at most: no write.
+        if not self.event_idx and self.kick_flags != _DISABLE:
+            self.device_event.store16(2, _DISABLE)
+            self.kick_flags = _DISABLE
+
+    def enable_kicks_eager(self) -> None:
+        self.kick_flags = None
+        self.enable_kicks()
+
+    def disable_kicks_eager(self) -> None:
+        self.device_event.store16(2, _DISABLE)
+        self.kick_flags = _DISABLE
+
+    # -- fetch -----------------------------------------------------------------------
+
+    def fetch(self, out: list[Chain], limit: int) -> None:
+        """Append up to `limit` available lists; one flags read per slot, then
+        one bulk body read for the run."""
+        # Hot path: written for speed.
+        q = self.size
+        budget = q - self.in_flight_slots
+        if budget <= 0:
+            return
+        start = slot = self.next_avail
+        wrap = self.avail_wrap
+        want = _AVAIL if wrap else _USED
+        load16 = self.desc.load16
+        flags: list[int] = []
+        lists = 0
+        while lists < limit and len(flags) < budget:
+            f = load16(slot * DESC_SIZE + PACKED_FLAGS)
+            if f & _BOTH != want:
+                break
+            flags.append(f)
+            if not f & _NEXT:
+                lists += 1
+            slot += 1
+            if slot == q:
+                slot = 0
+                want ^= _BOTH
+        n = len(flags)
+        if n == 0:
+            return
+        if _WEAK:
+            _fence.acquire()  # bodies are read after their flags said AVAIL
+        if start + n <= q:
+            bodies = self.desc.read(start * DESC_SIZE, n * DESC_SIZE)
+        else:
+            first = q - start
+            bodies = self.desc.read(start * DESC_SIZE, first * DESC_SIZE) + self.desc.read(0, (n - first) * DESC_SIZE)
+        unpack = PACKED_DESC.unpack_from
+        translate = self.mem.translate
+        payload = self.payload
+        i = 0
+        pos = start
+        while i < n:
+            f = flags[i]
+            addr, length, buf_id, _ = unpack(bodies, i * DESC_SIZE)
+            if not f & (_NEXT | _INDIRECT):
+                # single-descriptor list: the common case
+                if length:
+                    try:
+                        views = translate(addr, length)
+                    except GuestMemoryError as e:
+                        raise BadBufferAddress(f"buffer {buf_id}: {e}") from None
+                else:
+                    views = []
+                if f & _WRITE:
+                    chain = Chain(buf_id, pos, 1, [], views, 0, length, payload)
+                else:
+                    chain = Chain(buf_id, pos, 1, views, [], length, 0, payload)
+                i += 1
+            else:
+                chain, used = self._walk_list(pos, flags, bodies, i, n, q - self.in_flight_slots)
+                i += used
+            out.append(chain)
+            self._advance(chain.slots)
+            pos = self.next_avail
+
+    def _advance(self, slots: int) -> None:
+        nxt = self.next_avail + slots
+        if nxt >= self.size:
+            nxt -= self.size
+            self.avail_wrap = not self.avail_wrap
+        self.next_avail = nxt
+        self.in_flight_slots += slots
+
+    def _walk_list(self, pos: int, flags: list[int], bodies: bytes, i: int, n: int,
+                   budget: int) -> tuple[Chain, int]:
+        """A list of more than one slot, or an indirect one, starting at run index i."""
+        q = self.size
+        segments: list[tuple[int, int, bool]] = []
+        count = 0
+        slot = pos
+        while True:
+            if i + count < n:
+                f = flags[i + count]
+                addr, length, buf_id, _ = PACKED_DESC.unpack_from(bodies, (i + count) * DESC_SIZE)
+            else:
+                # The run's flag scan stopped inside this list: its later
+                # descriptors were written before its head was made available,
+                # so their bodies (flags included) are read without a flags check.
+                if count >= budget:
+                    raise TooManyInFlight(f"list at slot {pos} needs more slots than are free")
+                addr, length, buf_id, f = self.desc.unpack(PACKED_DESC, slot * DESC_SIZE)
+            count += 1
+            if f & _INDIRECT:
+                if count > 1 or f & _NEXT:
+                    raise (IndirectWithNext if f & _NEXT else IndirectInList)(
+                        f"list at slot {pos}: INDIRECT descriptor inside a NEXT list")
+                if not self.indirect:
+                    raise IndirectNotNegotiated(f"list at slot {pos}: INDIRECT without VIRTIO_F_INDIRECT_DESC")
+                self._walk_indirect(buf_id, addr, length, segments)
+                break
+            segments.append((addr, length, bool(f & _WRITE)))
+            if not f & _NEXT:
+                break
+            if count >= q:
+                raise ChainTooLong(f"list at slot {pos} is longer than the ring ({q})")
+            slot += 1
+            if slot == q:
+                slot = 0
+        return build_chain(self.mem, buf_id, pos, count, segments, self.payload), min(count, n - i)
+
+    def _walk_indirect(self, buf_id: int, addr: int, length: int,
+                       segments: list[tuple[int, int, bool]]) -> None:
+        if length == 0 or length % DESC_SIZE:
+            raise BadIndirectTable(f"buffer {buf_id}: indirect table length {length} is not a non-zero multiple of 16")
+        entries = length // DESC_SIZE
+        if entries > self.size:
+            raise BadIndirectTable(f"buffer {buf_id}: indirect table of {entries} entries exceeds queue size {self.size}")
+        try:
+            table = self.mem.read(addr, length, AreaKind.INDIRECT)
+        except GuestMemoryError as e:
+            raise BadBufferAddress(f"buffer {buf_id}: indirect table: {e}") from None
+        for a, ln, _id, fl in PACKED_DESC.iter_unpack(table):
+            if fl & _INDIRECT:
+                raise NestedIndirect(f"buffer {buf_id}: INDIRECT inside an indirect table")
+            segments.append((a, ln, bool(fl & _WRITE)))
+
+    def fetch_one_eager(self) -> Chain | None:
+        """Pre-seed behaviour: flags check then a separate body read per list."""
+        if not self.peek():
+            return None
+        chain, _ = self._walk_list(self.next_avail, [], b"", 0, 0, self.size - self.in_flight_slots)
+        self._advance(chain.slots)
+        return chain
+
+    def rewalk(self, pos: int, buf_id: int) -> Chain:
+        """Walk an in-flight list again from its first slot (after restore)."""
+        chain, _ = self._walk_list(pos, [], b"", 0, 0, self.size)
+        if chain.id != buf_id:
+            raise InvalidSavedState(f"slot {pos} holds buffer {chain.id}, saved state says {buf_id}")
+        return chain
+
+    # -- publish ---------------------------------------------------------------------
+
+    def publish(self, items: list[tuple[Chain, int]]) -> bool:
+        """One 8-byte len|id|flags store per used list, fence, one event read."""
+        q = self.size
+        u = old = self.next_used
+        wrap = self.used_wrap
+        store64 = self.desc.store64
+        used_flags = _BOTH if wrap else 0
+        freed = 0
+        for chain, written in items:
+            fl = used_flags | _WRITE if chain.writable_len else used_flags
+            if _WEAK:
+                _fence.release()  # payload (and earlier used entries) before this flags word
+            store64(u * DESC_SIZE + 8, written | (chain.id << 32) | (fl << 48))
+            u += chain.slots
+            freed += chain.slots
+            if u >= q:
+                u -= q
+                wrap = not wrap
+                used_flags = _BOTH if wrap else 0
+        self.next_used = u
+        self.used_wrap = wrap
+        self.in_flight_slots -= freed
+        # StoreLoad: the used flags must be visible before we read the
+        # driver's event structure, or both sides miss (lost interrupt).
+        self.mem.fence()
+        if not self.signalled_valid:
+            self.signalled_valid = True
+            return True
+        ev = self.driver_event.load32(0)
+        mode = ev >> 16 & 3
+        if mode == _DISABLE:
+            return False
+        if mode == _DESC and self.event_idx:
+            return packed_need_event(ev & 0xFFFF, u, old, int(wrap), q)
+        return True  # ENABLE, reserved 3, or DESC without EVENT_IDX

@@ -1,0 +1,348 @@
+"""Split virtqueue, device side (virtio 1.2 section 2.7).
+
+Access discipline (each line is one guest-memory access):
+- discovery: `avail.idx` is loaded once into `shadow` and every entry it covers
+  is drained before it is loaded again; the heads come in one slice read
+  (two when the slice wraps); each chain costs one 16-byte descriptor read;
+- publication: the batch's used elements in one slice write (two on wrap),
+  one `used.idx` store, a full fence, one event read for the interrupt
+  decision;
+- kick control writes only on change (a shadow of `used.flags`), never reads
+  back a device-owned field.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from pyvirtio import fence as _fence
+from pyvirtio.memory import AreaKind, GuestMemory, GuestMemoryError
+from pyvirtio.queue.chain import Chain, build_chain
+from pyvirtio.queue.errors import (
+    AvailIndexJump,
+    BadBufferAddress,
+    BadIndirectTable,
+    ChainTooLong,
+    DescriptorIndexOutOfRange,
+    HeadOutOfRange,
+    IndirectNotNegotiated,
+    IndirectWithNext,
+    InvalidQueueGeometry,
+    NestedIndirect,
+    TooManyInFlight,
+)
+from pyvirtio.queue.state import QueueState
+from pyvirtio.spec import (
+    AVAIL_FLAGS,
+    AVAIL_IDX,
+    AVAIL_RING,
+    DESC_SIZE,
+    MAX_QUEUE_SIZE,
+    SPLIT_AVAIL_ALIGN,
+    SPLIT_DESC,
+    SPLIT_DESC_ALIGN,
+    SPLIT_USED_ALIGN,
+    USED_FLAGS,
+    USED_IDX,
+    USED_RING,
+    AvailFlags,
+    DescFlags,
+    UsedFlags,
+    avail_event_offset,
+    is_power_of_two,
+    used_event_offset,
+    vring_need_event,
+)
+
+_NEXT = int(DescFlags.NEXT)
+_WRITE = int(DescFlags.WRITE)
+_INDIRECT = int(DescFlags.INDIRECT)
+_NO_INTERRUPT = int(AvailFlags.NO_INTERRUPT)
+_NO_NOTIFY = int(UsedFlags.NO_NOTIFY)
+_WEAK = _fence.WEAK_ORDERING
+_USED_STRUCTS: dict[int, struct.Struct] = {}
+
+
+def _used_struct(k: int) -> struct.Struct:
+    st = _USED_STRUCTS.get(k)
+    if st is None:
+        st = _USED_STRUCTS[k] = struct.Struct(f"<{2 * k}I")
+    return st
+
+
+def guest_used_idx(mem: GuestMemory, used_gpa: int) -> int:
+    """Read `used.idx` from guest memory (to resume a ring whose saved state
+    carries only the avail index, as vhost-user SET_VRING_BASE does)."""
+    return mem.area(AreaKind.USED, used_gpa, 4, SPLIT_USED_ALIGN).load16(USED_IDX)
+
+
+class SplitRing:
+    """Device side of one split ring. Used through `Virtqueue`."""
+
+    packed = False
+
+    def __init__(self, mem: GuestMemory, size: int, desc: int, avail: int, used: int, *,
+                 event_idx: bool, indirect: bool) -> None:
+        if not (1 <= size <= MAX_QUEUE_SIZE and is_power_of_two(size)):
+            raise InvalidQueueGeometry(f"split queue size {size} is not a power of two in 1..32768")
+        self.mem = mem
+        self.size = size
+        self.event_idx = event_idx
+        self.indirect = indirect
+        try:
+            self.desc = mem.area(AreaKind.DESC, desc, DESC_SIZE * size, SPLIT_DESC_ALIGN)
+            self.avail = mem.area(AreaKind.AVAIL, avail, AVAIL_RING + 2 * size, SPLIT_AVAIL_ALIGN)
+            self.used = mem.area(AreaKind.USED, used, USED_RING + 8 * size, SPLIT_USED_ALIGN)
+            if event_idx:
+                self.used_event = mem.area(AreaKind.EVENT, avail + used_event_offset(size), 2, 2)
+                self.avail_event = mem.area(AreaKind.EVENT, used + avail_event_offset(size), 2, 2)
+        except GuestMemoryError as e:
+            raise InvalidQueueGeometry(f"split ring areas: {e}") from None
+        spans = sorted([(desc, DESC_SIZE * size), (avail, 6 + 2 * size), (used, 6 + 8 * size)])
+        for (a, alen), (b, _) in zip(spans, spans[1:]):
+            if a + alen > b:
+                raise InvalidQueueGeometry(f"split ring areas overlap at {b:#x}")
+        self.payload = getattr(mem, "counters", {}).get(AreaKind.PAYLOAD)
+        self.last_avail = 0       # next avail index to consume
+        self.shadow = 0           # last avail.idx loaded
+        self.used_idx = 0         # last used.idx published
+        self.kick_flags: int | None = None  # shadow of used.flags; None = unknown
+        self.signalled_valid = False
+
+    # -- state ---------------------------------------------------------------
+
+    def restore(self, st: QueueState) -> None:
+        self.last_avail = self.shadow = st.last_avail
+        self.used_idx = st.used_idx
+        self.signalled_valid = False
+
+    def cursor(self) -> tuple[int, bool, int, bool]:
+        return self.last_avail, True, self.used_idx, True
+
+    def in_flight(self) -> int:
+        return (self.last_avail - self.used_idx) & 0xFFFF
+
+    # -- availability (read-only) ------------------------------------------------
+
+    def _load_idx(self) -> int:
+        """Load avail.idx; validate it; return how many entries are new."""
+        idx = self.avail.load16(AVAIL_IDX)
+        n = (idx - self.last_avail) & 0xFFFF
+        if n > self.size:
+            raise AvailIndexJump(
+                f"avail.idx jumped from {self.last_avail} to {idx} on a ring of {self.size}")
+        if n and ((idx - self.used_idx) & 0xFFFF) > self.size:
+            raise TooManyInFlight(
+                f"avail.idx {idx} is {(idx - self.used_idx) & 0xFFFF} ahead of used.idx "
+                f"{self.used_idx}: more buffers than the ring holds")
+        self.shadow = idx
+        if n and _WEAK:
+            _fence.acquire()  # ring entries and descriptors are read after the index
+        return n
+
+    def peek(self) -> bool:
+        """Is there work? Loads avail.idx only when the cached batch is drained."""
+        if self.shadow != self.last_avail:
+            return True
+        return self._load_idx() != 0
+
+    def unconsumed(self) -> bool:
+        return self.shadow != self.last_avail
+
+    def recheck(self) -> bool:
+        """After arming and a full fence: did the driver publish past the shadow?"""
+        idx = self.avail.load16(AVAIL_IDX)
+        if idx == self.shadow:
+            return False
+        return self._load_idx() != 0
+
+    # -- kick control ---------------------------------------------------------------
+
+    def enable_kicks(self) -> None:
+        if self.event_idx:
+            # Ask for a kick once the driver publishes past what we have seen.
+            self.avail_event.store16(0, self.shadow)
+        elif self.kick_flags != 0:
+            self.used.store16(USED_FLAGS, 0)
+            self.kick_flags = 0
+
+    def disable_kicks(self) -> None:
+        # With EVENT_IDX a stale avail_event is the suppression: no write.
+        if not self.event_idx and self.kick_flags != _NO_NOTIFY:
+            self.used.store16(USED_FLAGS, _NO_NOTIFY)
+            self.kick_flags = _NO_NOTIFY
+
+    def enable_kicks_eager(self) -> None:
+        if self.event_idx:
+            self.avail_event.store16(0, self.last_avail)
+        else:
+            self.used.store16(USED_FLAGS, 0)
+        self.kick_flags = 0
+
+    def disable_kicks_eager(self) -> None:
+        if not self.event_idx:
+            self.used.store16(USED_FLAGS, _NO_NOTIFY)
+            self.kick_flags = _NO_NOTIFY
+
+    # -- fetch -----------------------------------------------------------------------
+
+    def fetch(self, out: list[Chain], limit: int) -> None:
+        """Append up to `limit` chains. Reads avail.idx only if the cache is empty.
+
+        On a `QueueError` the chains appended so far stay in `out` and are
+        consumed; the offending entry is consumed too.
+        """
+        # Hot path: written for speed (locals, no helper calls for the common case).
+        last = self.last_avail
+        n = (self.shadow - last) & 0xFFFF
+        if n == 0:
+            n = self._load_idx()
+            if n == 0:
+                return
+        if n > limit:
+            n = limit
+        q = self.size
+        start = last & (q - 1)
+        if start + n <= q:
+            heads = self.avail.load16s(AVAIL_RING + 2 * start, n)
+        else:
+            first = q - start
+            heads = self.avail.load16s(AVAIL_RING + 2 * start, first)
+            heads += self.avail.load16s(AVAIL_RING, n - first)
+        unpack = self.desc.unpack
+        translate = self.mem.translate
+        payload = self.payload
+        append = out.append
+        for head in heads:
+            pos = last
+            last = (last + 1) & 0xFFFF
+            if head >= q:
+                self.last_avail = last
+                raise HeadOutOfRange(f"avail ring entry {pos} names head {head} on a ring of {q}")
+            addr, length, flags, nxt = unpack(SPLIT_DESC, head << 4)
+            if flags & (_NEXT | _INDIRECT):
+                try:
+                    append(self._walk(head, pos, addr, length, flags, nxt))
+                except Exception:
+                    self.last_avail = last
+                    raise
+                continue
+            if length:
+                try:
+                    views = translate(addr, length)
+                except GuestMemoryError as e:
+                    self.last_avail = last
+                    raise BadBufferAddress(f"chain {head}: {e}") from None
+            else:
+                views = []
+            if flags & _WRITE:
+                append(Chain(head, pos, 1, [], views, 0, length, payload))
+            else:
+                append(Chain(head, pos, 1, views, [], length, 0, payload))
+        self.last_avail = last
+
+    def fetch_one_eager(self) -> Chain | None:
+        """Pre-seed behaviour: load avail.idx for every chain."""
+        last = self.last_avail
+        if self._load_idx() == 0:
+            return None
+        q = self.size
+        head = self.avail.load16(AVAIL_RING + 2 * (last & (q - 1)))
+        self.last_avail = (last + 1) & 0xFFFF
+        if head >= q:
+            raise HeadOutOfRange(f"avail ring entry {last} names head {head} on a ring of {q}")
+        addr, length, flags, nxt = self.desc.unpack(SPLIT_DESC, head << 4)
+        return self._walk(head, last, addr, length, flags, nxt)
+
+    def rewalk(self, pos: int, head: int) -> Chain:
+        """Walk an in-flight chain again (after restore)."""
+        addr, length, flags, nxt = self.desc.unpack(SPLIT_DESC, head << 4)
+        return self._walk(head, pos, addr, length, flags, nxt)
+
+    def _walk(self, head: int, pos: int, addr: int, length: int, flags: int, nxt: int) -> Chain:
+        """Walk a chain starting from its (already read) head descriptor."""
+        q = self.size
+        segments: list[tuple[int, int, bool]] = []
+        count = 1
+        while True:
+            if flags & _INDIRECT:
+                if not self.indirect:
+                    raise IndirectNotNegotiated(f"chain {head}: INDIRECT without VIRTIO_F_INDIRECT_DESC")
+                if flags & _NEXT:
+                    raise IndirectWithNext(f"chain {head}: descriptor has both INDIRECT and NEXT")
+                self._walk_indirect(head, addr, length, count - 1, segments)
+                break
+            segments.append((addr, length, bool(flags & _WRITE)))
+            if not flags & _NEXT:
+                break
+            if nxt >= q:
+                raise DescriptorIndexOutOfRange(f"chain {head}: next {nxt} >= queue size {q}")
+            if count >= q:
+                raise ChainTooLong(f"chain {head}: more than {q} descriptors (loop?)")
+            count += 1
+            addr, length, flags, nxt = self.desc.unpack(SPLIT_DESC, nxt << 4)
+        return build_chain(self.mem, head, pos, 1, segments, self.payload)
+
+    def _walk_indirect(self, head: int, addr: int, length: int, direct: int,
+                       segments: list[tuple[int, int, bool]]) -> None:
+        q = self.size
+        if length == 0 or length % DESC_SIZE:
+            raise BadIndirectTable(f"chain {head}: indirect table length {length} is not a non-zero multiple of 16")
+        entries = length // DESC_SIZE
+        if entries > q:
+            raise BadIndirectTable(f"chain {head}: indirect table of {entries} entries exceeds queue size {q}")
+        try:
+            table = self.mem.read(addr, length, AreaKind.INDIRECT)  # one snapshot of the table
+        except GuestMemoryError as e:
+            raise BadBufferAddress(f"chain {head}: indirect table: {e}") from None
+        i = 0
+        count = 0
+        while True:
+            a, ln, fl, nxt = SPLIT_DESC.unpack_from(table, i * DESC_SIZE)
+            count += 1
+            if fl & _INDIRECT:
+                raise NestedIndirect(f"chain {head}: INDIRECT inside an indirect table")
+            segments.append((a, ln, bool(fl & _WRITE)))
+            if not fl & _NEXT:
+                return
+            if nxt >= entries:
+                raise DescriptorIndexOutOfRange(f"chain {head}: indirect next {nxt} >= {entries} entries")
+            if count >= entries or direct + count >= q:
+                raise ChainTooLong(f"chain {head}: indirect chain loops or exceeds {q} descriptors")
+            i = nxt
+
+    # -- publish ---------------------------------------------------------------------
+
+    def publish(self, items: list[tuple[Chain, int]]) -> bool:
+        """Write the used elements, one used.idx store, fence, decide once.
+
+        Returns True when the driver wants a used-buffer notification.
+        """
+        k = len(items)
+        q = self.size
+        old = self.used_idx
+        start = old & (q - 1)
+        flat: list[int] = []
+        for chain, written in items:
+            flat.append(chain.id)
+            flat.append(written)
+        if start + k <= q:
+            self.used.write(USED_RING + 8 * start, _used_struct(k).pack(*flat))
+        else:
+            first = q - start
+            self.used.write(USED_RING + 8 * start, _used_struct(first).pack(*flat[: 2 * first]))
+            self.used.write(USED_RING, _used_struct(k - first).pack(*flat[2 * first :]))
+        if _WEAK:
+            _fence.release()  # used elements before the index that publishes them
+        new = (old + k) & 0xFFFF
+        self.used.store16(USED_IDX, new)
+        self.used_idx = new
+        # StoreLoad: our used.idx store must be visible before we read the
+        # driver's interrupt suppression, or both sides miss (lost interrupt).
+        self.mem.fence()
+        if not self.signalled_valid:
+            self.signalled_valid = True
+            return True
+        if self.event_idx:
+            return vring_need_event(self.used_event.load16(0), new, old)
+        return not self.avail.load16(AVAIL_FLAGS) & _NO_INTERRUPT

@@ -1,0 +1,285 @@
+"""The format-independent device queue: notification policy, batching,
+in-flight bookkeeping, failure latch, save/restore.
+
+The device loop this is built for::
+
+    while True:
+        chains = vq.pop_batch()        # read-only check; suppresses kicks lazily
+        if chains:
+            for c in chains:
+                vq.complete(c, handle(c))
+            if vq.flush():             # one used.idx write, fence, one decision
+                signal_call_fd()
+            continue
+        if vq.arm():                   # enable kicks, full fence, one re-check
+            continue                   # work slipped in while arming
+        wait_for_kick()
+
+Contract: when `pop_batch` returns nothing, the caller must call `arm()`
+before sleeping and must not sleep if it returns True.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Literal
+
+from pyvirtio.memory import GuestMemory
+from pyvirtio.queue.chain import Chain
+from pyvirtio.queue.errors import InvalidSavedState, QueueError
+from pyvirtio.queue.packed import PackedRing
+from pyvirtio.queue.split import SplitRing
+from pyvirtio.queue.state import QueueState
+from pyvirtio.spec import Feature
+
+log = logging.getLogger(__name__)
+
+Policy = Literal["lazy", "eager"]
+DEFAULT_BATCH = 64
+
+
+@dataclass(slots=True)
+class QueueStats:
+    """What the queue did, for counters and benchmarks."""
+
+    chains: int = 0        # chains handed to the device
+    completed: int = 0     # chains completed
+    batches: int = 0       # non-empty pop_batch calls
+    publishes: int = 0     # used-ring publications (flush or eager complete)
+    interrupts: int = 0    # publications after which the driver wanted an interrupt
+    arms: int = 0          # arm() calls that enabled kicks
+    rearm_hits: int = 0    # arms whose re-check found work (lost wake-up avoided)
+    suppressions: int = 0  # lazy kick suppressions (work found while armed)
+    errors: int = 0        # ring violations (0 or 1: the queue retires on the first)
+
+
+class Virtqueue:
+    """One device-side virtqueue over guest memory, split or packed.
+
+    `features` are the negotiated feature bits (RING_PACKED, RING_EVENT_IDX,
+    RING_INDIRECT_DESC matter here). `desc`, `driver`, `device` are the
+    guest-physical addresses of the descriptor area, driver area (split
+    avail ring / packed driver event) and device area (split used ring /
+    packed device event). `state` resumes a saved queue.
+
+    `policy="eager"` is the pre-optimisation behaviour, kept only as a
+    benchmark baseline: every empty check enables kicks, every chain reloads
+    avail.idx, every completion is published and decides an interrupt.
+    """
+
+    def __init__(self, mem: GuestMemory, size: int, desc: int, driver: int, device: int, *,
+                 features: int = 0, policy: Policy = "lazy", state: QueueState | None = None,
+                 name: str = "vq") -> None:
+        if policy not in ("lazy", "eager"):
+            raise ValueError(f"unknown policy {policy!r}")
+        self.name = name
+        self.mem = mem
+        self.features = features
+        self.policy = policy
+        self.eager = policy == "eager"
+        event_idx = bool(features & Feature.RING_EVENT_IDX)
+        indirect = bool(features & Feature.RING_INDIRECT_DESC)
+        self.packed = bool(features & Feature.RING_PACKED)
+        ring_cls = PackedRing if self.packed else SplitRing
+        self.ring: SplitRing | PackedRing = ring_cls(mem, size, desc, driver, device,
+                                                     event_idx=event_idx, indirect=indirect)
+        self.size = size
+        self.event_idx = event_idx
+        self.stats = QueueStats()
+        self.failed: QueueError | None = None
+        self._unreported: QueueError | None = None
+        self.armed = False
+        self.inflight: dict[int, Chain] = {}
+        self._pending: list[tuple[Chain, int]] = []
+        self._redeliver: list[tuple[int, int]] = []
+        if state is not None:
+            self._restore(state)
+
+    # -- fetch side ---------------------------------------------------------------
+
+    def pop_batch(self, limit: int = DEFAULT_BATCH) -> list[Chain]:
+        """Take up to `limit` available chains (bounded work per call).
+
+        Read-only on guest memory except for the lazy kick suppression: if
+        kicks were armed and work is found, they are disabled once.
+        Raises the `QueueError` that retired the queue (once); after that,
+        returns [] forever. Chains taken before an error are still returned.
+        """
+        if self.failed is not None:
+            err, self._unreported = self._unreported, None
+            if err is not None:
+                raise err
+            return []
+        out: list[Chain] = []
+        ring = self.ring
+        try:
+            if self._redeliver:
+                self._take_redeliver(out, limit)
+            elif self.eager:
+                self._fetch_eager(out, limit)
+            else:
+                ring.fetch(out, limit)
+        except QueueError as e:
+            self._fail(e)
+            if not out:
+                self._unreported = None
+                raise
+        if out:
+            if self.armed and not self.eager:
+                ring.disable_kicks()
+                self.armed = False
+                self.stats.suppressions += 1
+            inflight = self.inflight
+            for c in out:
+                inflight[c.pos] = c
+            self.stats.chains += len(out)
+            self.stats.batches += 1
+        return out
+
+    def pop(self) -> Chain | None:
+        """One chain, or None (see `pop_batch`)."""
+        got = self.pop_batch(1)
+        return got[0] if got else None
+
+    def has_work(self) -> bool:
+        """Is a chain available? Read-only; never writes guest memory."""
+        if self.failed is not None:
+            return False
+        if self._redeliver:
+            return True
+        try:
+            return self.ring.peek()
+        except QueueError as e:
+            self._fail(e)
+            return True  # let pop_batch report it
+
+    def _fetch_eager(self, out: list[Chain], limit: int) -> None:
+        ring = self.ring
+        while len(out) < limit:
+            c = ring.fetch_one_eager()
+            if c is None:
+                # Every empty check arms, fences and re-checks.
+                ring.enable_kicks_eager()
+                self.armed = True
+                self.stats.arms += 1
+                self.mem.fence()
+                if not ring.recheck():
+                    return
+                self.stats.rearm_hits += 1
+                continue
+            out.append(c)
+            ring.disable_kicks_eager()
+            self.armed = False
+
+    def arm(self) -> bool:
+        """Call at the sleep boundary. Enables kicks, issues a full fence and
+        re-checks once. Returns True if work is available: do not sleep."""
+        if self.failed is not None:
+            return self._unreported is not None  # report it, then sleep forever
+        if self._redeliver:
+            return True
+        ring = self.ring
+        if self.eager:
+            return False  # the empty check that preceded this already armed
+        if ring.unconsumed():
+            return True
+        ring.enable_kicks()
+        self.armed = True
+        self.stats.arms += 1
+        # StoreLoad: the kick enable must be visible to the driver before we
+        # look at its index again, or a publish in between is never kicked.
+        self.mem.fence()
+        try:
+            work = ring.recheck()
+        except QueueError as e:
+            self._fail(e)
+            return True
+        if work:
+            self.stats.rearm_hits += 1
+        return work
+
+    def _fail(self, e: QueueError) -> None:
+        if self.failed is None:
+            self.failed = e
+            self._unreported = e
+            self.stats.errors += 1
+            log.error("%s: queue retired: %s: %s", self.name, type(e).__name__, e)
+
+    # -- completion side -------------------------------------------------------
+
+    def complete(self, chain: Chain, written: int = 0) -> bool:
+        """Return `chain` to the driver with `written` bytes in its writable part.
+
+        Lazy: queued until `flush()`; returns False. Eager: published at once;
+        returns True when the driver wants an interrupt now.
+        """
+        c = self.inflight.pop(chain.pos, None)
+        if c is not chain:
+            if c is not None:
+                self.inflight[chain.pos] = c
+            raise ValueError(f"{self.name}: {chain!r} is not in flight (completed twice?)")
+        if not 0 <= written <= chain.writable_len:
+            self.inflight[chain.pos] = c
+            raise ValueError(f"{self.name}: written {written} is outside 0..{chain.writable_len}")
+        self.stats.completed += 1
+        if self.eager:
+            return self._publish([(chain, written)])
+        self._pending.append((chain, written))
+        return False
+
+    def flush(self) -> bool:
+        """Publish every pending completion as one batch and decide once.
+        Returns True when the driver wants an interrupt."""
+        pending = self._pending
+        if not pending:
+            return False
+        self._pending = []
+        return self._publish(pending)
+
+    def _publish(self, items: list[tuple[Chain, int]]) -> bool:
+        notify = self.ring.publish(items)
+        self.stats.publishes += 1
+        if notify:
+            self.stats.interrupts += 1
+        return notify
+
+    # -- state -------------------------------------------------------------------------
+
+    def save(self) -> QueueState:
+        """The queue's resumable state. Completions must be flushed first."""
+        if self._pending:
+            raise RuntimeError(f"{self.name}: flush() before save(): {len(self._pending)} completions pending")
+        last, awrap, used, uwrap = self.ring.cursor()
+        inflight = tuple((pos, c.id) for pos, c in self.inflight.items()) + tuple(self._redeliver)
+        return QueueState(self.size, self.packed, last, awrap, used, uwrap, inflight)
+
+    def _restore(self, st: QueueState) -> None:
+        if st.size != self.size or st.packed != self.packed:
+            raise InvalidSavedState(f"state for a {'packed' if st.packed else 'split'} ring of {st.size} "
+                                    f"restored into a {'packed' if self.packed else 'split'} ring of {self.size}")
+        st.validate()
+        self.ring.restore(st)
+        if self.packed and len(st.in_flight) > self.ring.in_flight():
+            raise InvalidSavedState(f"{len(st.in_flight)} lists in flight but only "
+                                    f"{self.ring.in_flight()} slots between the cursors")
+        self._redeliver = list(st.in_flight)
+        self._redeliver_slots = 0
+
+    def _take_redeliver(self, out: list[Chain], limit: int) -> None:
+        """Hand out the chains that were in flight when the state was saved."""
+        ring = self.ring
+        while self._redeliver and len(out) < limit:
+            pos, cid = self._redeliver[0]
+            chain = ring.rewalk(pos, cid)
+            self._redeliver.pop(0)
+            out.append(chain)
+            if self.packed:
+                self._redeliver_slots += chain.slots
+                if self._redeliver_slots > ring.in_flight():
+                    raise InvalidSavedState("in-flight lists occupy more slots than the cursors allow")
+
+    @property
+    def in_flight(self) -> int:
+        """Chains handed out and not yet completed."""
+        return len(self.inflight) + len(self._redeliver)

@@ -1,0 +1,170 @@
+"""Virtio constants, feature bits and ring layouts (virtio 1.2): data only.
+
+Nothing here touches memory. Offsets are in bytes from the start of the area
+they belong to; every multi-byte field is little-endian (virtio 1.x).
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+
+# --- feature bits (device-independent) -------------------------------------
+
+
+class Feature(enum.IntFlag):
+    """Transport/ring feature bits (virtio 1.2 section 6)."""
+
+    NOTIFY_ON_EMPTY = 1 << 24
+    ANY_LAYOUT = 1 << 27
+    RING_INDIRECT_DESC = 1 << 28
+    RING_EVENT_IDX = 1 << 29
+    # bit 30 is VHOST_USER_F_PROTOCOL_FEATURES in vhost-user GET_FEATURES
+    VERSION_1 = 1 << 32
+    ACCESS_PLATFORM = 1 << 33
+    RING_PACKED = 1 << 34
+    IN_ORDER = 1 << 35
+    ORDER_PLATFORM = 1 << 36
+    SR_IOV = 1 << 37
+    NOTIFICATION_DATA = 1 << 38
+    RING_RESET = 1 << 40
+
+
+MAX_QUEUE_SIZE = 32768
+
+# --- split ring --------------------------------------------------------------
+
+
+class DescFlags(enum.IntFlag):
+    """Split descriptor flags; the packed format shares the low three."""
+
+    NEXT = 0x1
+    WRITE = 0x2
+    INDIRECT = 0x4
+
+
+class PackedDescFlags(enum.IntFlag):
+    NEXT = 0x1
+    WRITE = 0x2
+    INDIRECT = 0x4
+    AVAIL = 1 << 7
+    USED = 1 << 15
+
+
+class AvailFlags(enum.IntFlag):
+    NO_INTERRUPT = 0x1
+
+
+class UsedFlags(enum.IntFlag):
+    NO_NOTIFY = 0x1
+
+
+class EventFlags(enum.IntEnum):
+    """Packed-ring event suppression `flags` (bits 0-1)."""
+
+    ENABLE = 0
+    DISABLE = 1
+    DESC = 2
+    RESERVED = 3
+
+
+DESC_SIZE = 16
+#: split descriptor: addr u64, len u32, flags u16, next u16
+SPLIT_DESC = struct.Struct("<QIHH")
+#: packed descriptor: addr u64, len u32, id u16, flags u16
+PACKED_DESC = struct.Struct("<QIHH")
+#: used ring element: id u32, len u32
+USED_ELEM = struct.Struct("<II")
+USED_ELEM_SIZE = 8
+#: packed event suppression structure: off_wrap u16, flags u16
+EVENT_SUPPRESS = struct.Struct("<HH")
+
+# Split available ring offsets
+AVAIL_FLAGS = 0
+AVAIL_IDX = 2
+AVAIL_RING = 4
+# Split used ring offsets
+USED_FLAGS = 0
+USED_IDX = 2
+USED_RING = 4
+# Packed event suppression offsets
+EVENT_OFF_WRAP = 0
+EVENT_FLAGS = 2
+# Packed descriptor field offsets
+PACKED_LEN = 8
+PACKED_ID = 12
+PACKED_FLAGS = 14
+
+# Alignment required of each area (virtio 1.2 2.7 / 2.8)
+SPLIT_DESC_ALIGN = 16
+SPLIT_AVAIL_ALIGN = 2
+SPLIT_USED_ALIGN = 4
+PACKED_DESC_ALIGN = 16
+PACKED_EVENT_ALIGN = 4
+
+
+def desc_table_size(q: int) -> int:
+    return DESC_SIZE * q
+
+
+def avail_size(q: int) -> int:
+    """Size of the split available ring including `used_event`."""
+    return 6 + 2 * q
+
+
+def used_size(q: int) -> int:
+    """Size of the split used ring including `avail_event`."""
+    return 6 + USED_ELEM_SIZE * q
+
+
+def used_event_offset(q: int) -> int:
+    """Offset of `used_event` in the available ring."""
+    return AVAIL_RING + 2 * q
+
+
+def avail_event_offset(q: int) -> int:
+    """Offset of `avail_event` in the used ring."""
+    return USED_RING + USED_ELEM_SIZE * q
+
+
+def vring_need_event(event: int, new: int, old: int) -> bool:
+    """True when `event` lies in [old, new) modulo 2^16.
+
+    The EVENT_IDX test both sides use: the other side asked to be notified
+    once the index passes `event`; we moved the index from `old` to `new`.
+    """
+    return ((new - event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
+
+
+def packed_need_event(off_wrap: int, new: int, old: int, wrap: int, size: int) -> bool:
+    """Packed-ring DESC-mode test.
+
+    `new`/`old` are the device's used cursor after/at the previous decision
+    (slot indices < size), `wrap` the used wrap counter belonging to `new`,
+    `off_wrap` the driver's event. Works on the doubled ring so that an event
+    pointing inside a multi-slot batch is caught.
+    """
+    if new <= old:
+        old -= size
+    off = off_wrap & 0x7FFF
+    if (off_wrap >> 15) != wrap:
+        off -= size
+    return ((new - off - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
+
+
+def is_power_of_two(n: int) -> bool:
+    return n > 0 and (n & (n - 1)) == 0
+
+
+def features_str(bits: int, names: type[enum.IntFlag] = Feature) -> str:
+    """Human-readable list of the known bits in `bits`, unknown ones in hex."""
+    known = 0
+    parts = []
+    for member in names:
+        if member.value and bits & member.value == member.value:
+            parts.append(member.name or hex(member.value))
+            known |= member.value
+    rest = bits & ~known
+    if rest:
+        parts.append(hex(rest))
+    return "|".join(parts) if parts else "0"
