@@ -40,6 +40,9 @@ def _bench_queue(args: argparse.Namespace) -> int:
     return 1 if any(r["lost"] for r in results) else 0
 
 
+_COMMAND_MODULES: list[str] = []
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pyvirtio", description="virtio devices in Python over vhost-user")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
@@ -62,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="driver in another process with real eventfds (real concurrency)")
     q.add_argument("--json", action="store_true", help="one JSON object (a list for several runs)")
     q.set_defaults(func=_bench_queue)
+    # Other commands live beside the code they drive; each module exposes
+    # register(sub, bench_sub) adding its parsers with set_defaults(func=...).
+    import importlib
+    for mod in _COMMAND_MODULES:
+        importlib.import_module(mod).register(sub, bsub)
     return p
 
 

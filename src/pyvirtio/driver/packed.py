@@ -32,6 +32,7 @@ _BOTH = _AVAIL | _USED
 _ENABLE = int(spec.EventFlags.ENABLE)
 _DISABLE = int(spec.EventFlags.DISABLE)
 _DESC = int(spec.EventFlags.DESC)
+_FLAGS_OFF = spec.PACKED_FLAGS
 
 
 class PackedDriver(VirtqueueDriver):
@@ -233,7 +234,7 @@ class PackedDriver(VirtqueueDriver):
         self._nslots[bid] = count
         self._in_len[bid] = in_len
         self._table[bid] = table
-        self._head_off[bid] = head_off + spec.PACKED_FLAGS
+        self._head_off[bid] = head_off + _FLAGS_OFF
         self._head_flags[bid] = head_flags
         self._stok[bid] = token
         self._staged.append(bid)
@@ -339,7 +340,7 @@ class PackedDriver(VirtqueueDriver):
         return done
 
     def pending_used(self) -> bool:
-        flags = self._d.load16((self._last_used << 4) + spec.PACKED_FLAGS)
+        flags = self._d.load16((self._last_used << 4) + _FLAGS_OFF)
         return flags & _BOTH == self._used_want
 
     # -- used-buffer notifications ----------------------------------------------------

@@ -26,6 +26,11 @@ _INDIRECT = int(spec.DescFlags.INDIRECT)
 _NEXT_WRITE = _NEXT | _WRITE
 _NO_INTERRUPT = int(spec.AvailFlags.NO_INTERRUPT)
 _NO_NOTIFY = int(spec.UsedFlags.NO_NOTIFY)
+_AVAIL_IDX = spec.AVAIL_IDX
+_AVAIL_RING = spec.AVAIL_RING
+_USED_FLAGS = spec.USED_FLAGS
+_USED_IDX = spec.USED_IDX
+_USED_RING = spec.USED_RING
 
 
 class SplitDriver(VirtqueueDriver):
@@ -196,7 +201,7 @@ class SplitDriver(VirtqueueDriver):
         self._staged.append(head)
         idx = self._avail_idx
         # The ring entry is invisible until publish() moves avail.idx past it.
-        self._a.store16(spec.AVAIL_RING + ((idx & self._mask) << 1), head)
+        self._a.store16(_AVAIL_RING + ((idx & self._mask) << 1), head)
         self._avail_idx = (idx + 1) & 0xFFFF
         return head
 
@@ -214,7 +219,7 @@ class SplitDriver(VirtqueueDriver):
         old = self._published
         if WEAK_ORDERING:
             release()  # descriptors and ring entries before the avail.idx that exposes them
-        self._a.store16(spec.AVAIL_IDX, new)
+        self._a.store16(_AVAIL_IDX, new)
         self._published = new
         self._in_flight += (new - old) & 0xFFFF
         # StoreLoad: the avail.idx store must be visible before we read the
@@ -224,12 +229,12 @@ class SplitDriver(VirtqueueDriver):
         if self.event_idx:
             event = self._ae.load16(0)
             return ((new - event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
-        return not self._u.load16(spec.USED_FLAGS) & _NO_NOTIFY
+        return not self._u.load16(_USED_FLAGS) & _NO_NOTIFY
 
     def get_used(self) -> list[tuple[object, int]]:
         u = self._u
         last = self._last_used
-        idx = u.load16(spec.USED_IDX)
+        idx = u.load16(_USED_IDX)
         n = (idx - last) & 0xFFFF
         if not n:
             return []
@@ -243,9 +248,9 @@ class SplitDriver(VirtqueueDriver):
         start = last & self._mask
         first = size - start
         if n <= first:
-            raw = u.read(spec.USED_RING + (start << 3), n << 3)
+            raw = u.read(_USED_RING + (start << 3), n << 3)
         else:
-            raw = u.read(spec.USED_RING + (start << 3), first << 3) + u.read(spec.USED_RING, (n - first) << 3)
+            raw = u.read(_USED_RING + (start << 3), first << 3) + u.read(_USED_RING, (n - first) << 3)
         token = self._token
         in_len = self._in_len
         count = self._count
@@ -291,7 +296,7 @@ class SplitDriver(VirtqueueDriver):
         return done
 
     def pending_used(self) -> bool:
-        return self._u.load16(spec.USED_IDX) != self._last_used
+        return self._u.load16(_USED_IDX) != self._last_used
 
     # -- used-buffer notifications ----------------------------------------------------
 
@@ -309,7 +314,7 @@ class SplitDriver(VirtqueueDriver):
         # completion published meanwhile was decided against the old state
         # and would otherwise never be noticed.
         self._fence()
-        return ((self._u.load16(spec.USED_IDX) - last) & 0xFFFF) > bufs
+        return ((self._u.load16(_USED_IDX) - last) & 0xFFFF) > bufs
 
     def disable_interrupts(self) -> None:
         if not self._intr_on:

@@ -28,7 +28,8 @@ class Chain:
     - `readable_len` / `writable_len`: their total sizes in bytes
     """
 
-    __slots__ = ("id", "pos", "slots", "readable", "writable", "readable_len", "writable_len", "counter")
+    __slots__ = ("id", "pos", "slots", "readable", "writable", "readable_len", "writable_len", "counter",
+                 "segments")
 
     def __init__(self, id: int, pos: int, slots: int, readable: list[memoryview],
                  writable: list[memoryview], readable_len: int, writable_len: int,
@@ -41,6 +42,8 @@ class Chain:
         self.readable_len = readable_len
         self.writable_len = writable_len
         self.counter = counter
+        #: packed only: (addr, len, writable) per descriptor, for save()
+        self.segments: tuple[tuple[int, int, bool], ...] = ()
 
     def __repr__(self) -> str:
         return (f"Chain(id={self.id}, pos={self.pos}, slots={self.slots}, "

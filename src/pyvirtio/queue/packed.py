@@ -24,7 +24,6 @@ from pyvirtio.queue.errors import (
     IndirectNotNegotiated,
     IndirectWithNext,
     InvalidQueueGeometry,
-    InvalidSavedState,
     NestedIndirect,
     TooManyInFlight,
 )
@@ -201,8 +200,10 @@ class PackedRing:
                     views = []
                 if f & _WRITE:
                     chain = Chain(buf_id, pos, 1, [], views, 0, length, payload)
+                    chain.segments = ((addr, length, True),)
                 else:
                     chain = Chain(buf_id, pos, 1, views, [], length, 0, payload)
+                    chain.segments = ((addr, length, False),)
                 i += 1
             else:
                 chain, used = self._walk_list(pos, flags, bodies, i, n, q - self.in_flight_slots)
@@ -254,7 +255,9 @@ class PackedRing:
             slot += 1
             if slot == q:
                 slot = 0
-        return build_chain(self.mem, buf_id, pos, count, segments, self.payload), min(count, n - i)
+        chain = build_chain(self.mem, buf_id, pos, count, segments, self.payload)
+        chain.segments = tuple(segments)
+        return chain, min(count, n - i)
 
     def _walk_indirect(self, buf_id: int, addr: int, length: int,
                        segments: list[tuple[int, int, bool]]) -> None:
@@ -280,11 +283,11 @@ class PackedRing:
         self._advance(chain.slots)
         return chain
 
-    def rewalk(self, pos: int, buf_id: int) -> Chain:
-        """Walk an in-flight list again from its first slot (after restore)."""
-        chain, _ = self._walk_list(pos, [], b"", 0, 0, self.size)
-        if chain.id != buf_id:
-            raise InvalidSavedState(f"slot {pos} holds buffer {chain.id}, saved state says {buf_id}")
+    def rebuild(self, pos: int, buf_id: int, slots: int,
+                segments: tuple[tuple[int, int, bool], ...]) -> Chain:
+        """An in-flight list from its saved segments (after restore)."""
+        chain = build_chain(self.mem, buf_id, pos, slots, segments, self.payload)
+        chain.segments = segments
         return chain
 
     # -- publish ---------------------------------------------------------------------

@@ -27,6 +27,11 @@ class QueueState:
     used_idx: int = 0
     used_wrap: bool = True
     in_flight: tuple[tuple[int, int], ...] = ()
+    #: packed only, one entry per `in_flight` item: (slots, segments) with
+    #: segments as (addr, len, device_writable). A packed ring's used
+    #: descriptors overwrite the slots of other lists, so in-flight lists
+    #: cannot be re-read from the ring.
+    in_flight_lists: tuple[tuple[int, tuple[tuple[int, int, bool], ...]], ...] = ()
 
     def validate(self) -> None:
         """Raise `InvalidSavedState` unless the state can exist."""
@@ -44,6 +49,14 @@ class QueueState:
             for pos, buf_id in self.in_flight:
                 if not 0 <= pos < q or not 0 <= buf_id <= 0xFFFF:
                     raise InvalidSavedState(f"in-flight entry ({pos}, {buf_id}) is out of range")
+            if len(self.in_flight_lists) != len(self.in_flight):
+                raise InvalidSavedState("packed state needs the segments of every in-flight list")
+            a = self.last_avail + (0 if self.avail_wrap else q)
+            u = self.used_idx + (0 if self.used_wrap else q)
+            slots = sum(n for n, _ in self.in_flight_lists)
+            if any(n < 1 for n, _ in self.in_flight_lists) or slots != (a - u) % (2 * q):
+                raise InvalidSavedState(f"in-flight lists occupy {slots} slots but the cursors are "
+                                        f"{(a - u) % (2 * q)} apart")
         else:
             if not (0 <= self.last_avail <= 0xFFFF and 0 <= self.used_idx <= 0xFFFF):
                 raise InvalidSavedState("split indices must be u16")
@@ -55,5 +68,3 @@ class QueueState:
             for pos, head in self.in_flight:
                 if not 0 <= head < q or not 0 <= pos <= 0xFFFF:
                     raise InvalidSavedState(f"in-flight head {head} (at {pos}) is out of range")
-                if ((self.last_avail - pos - 1) & 0xFFFF) >= outstanding:
-                    raise InvalidSavedState(f"in-flight position {pos} is not among the last {outstanding}")

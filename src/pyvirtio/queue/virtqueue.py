@@ -90,9 +90,12 @@ class Virtqueue:
         self.failed: QueueError | None = None
         self._unreported: QueueError | None = None
         self.armed = False
-        self.inflight: dict[int, Chain] = {}
+        # chains handed out, in order; keyed by the object (ring positions
+        # repeat after 2^16 pops, a chain may stay in flight that long)
+        self.inflight: dict[Chain, None] = {}
         self._pending: list[tuple[Chain, int]] = []
-        self._redeliver: list[tuple[int, int]] = []
+        self._restored: QueueState | None = None
+        self._redeliver: list[Chain] = []
         if state is not None:
             self._restore(state)
 
@@ -114,8 +117,10 @@ class Virtqueue:
         out: list[Chain] = []
         ring = self.ring
         try:
-            if self._redeliver:
+            if self._restored is not None or self._redeliver:
                 self._take_redeliver(out, limit)
+            if out:
+                pass
             elif self.eager:
                 self._fetch_eager(out, limit)
             else:
@@ -132,7 +137,7 @@ class Virtqueue:
                 self.stats.suppressions += 1
             inflight = self.inflight
             for c in out:
-                inflight[c.pos] = c
+                inflight[c] = None
             self.stats.chains += len(out)
             self.stats.batches += 1
         return out
@@ -146,7 +151,7 @@ class Virtqueue:
         """Is a chain available? Read-only; never writes guest memory."""
         if self.failed is not None:
             return False
-        if self._redeliver:
+        if self._restored is not None or self._redeliver:
             return True
         try:
             return self.ring.peek()
@@ -177,7 +182,7 @@ class Virtqueue:
         re-checks once. Returns True if work is available: do not sleep."""
         if self.failed is not None:
             return self._unreported is not None  # report it, then sleep forever
-        if self._redeliver:
+        if self._restored is not None or self._redeliver:
             return True
         ring = self.ring
         if self.eager:
@@ -214,14 +219,12 @@ class Virtqueue:
         Lazy: queued until `flush()`; returns False. Eager: published at once;
         returns True when the driver wants an interrupt now.
         """
-        c = self.inflight.pop(chain.pos, None)
-        if c is not chain:
-            if c is not None:
-                self.inflight[chain.pos] = c
-            raise ValueError(f"{self.name}: {chain!r} is not in flight (completed twice?)")
         if not 0 <= written <= chain.writable_len:
-            self.inflight[chain.pos] = c
             raise ValueError(f"{self.name}: written {written} is outside 0..{chain.writable_len}")
+        try:
+            del self.inflight[chain]
+        except KeyError:
+            raise ValueError(f"{self.name}: {chain!r} is not in flight (completed twice?)") from None
         self.stats.completed += 1
         if self.eager:
             return self._publish([(chain, written)])
@@ -250,9 +253,13 @@ class Virtqueue:
         """The queue's resumable state. Completions must be flushed first."""
         if self._pending:
             raise RuntimeError(f"{self.name}: flush() before save(): {len(self._pending)} completions pending")
+        if self._restored is not None:
+            return self._restored  # nothing was taken since the restore
         last, awrap, used, uwrap = self.ring.cursor()
-        inflight = tuple((pos, c.id) for pos, c in self.inflight.items()) + tuple(self._redeliver)
-        return QueueState(self.size, self.packed, last, awrap, used, uwrap, inflight)
+        chains = list(self.inflight) + self._redeliver
+        lists = tuple((c.slots, c.segments) for c in chains) if self.packed else ()
+        return QueueState(self.size, self.packed, last, awrap, used, uwrap,
+                          tuple((c.pos, c.id) for c in chains), lists)
 
     def _restore(self, st: QueueState) -> None:
         if st.size != self.size or st.packed != self.packed:
@@ -260,26 +267,26 @@ class Virtqueue:
                                     f"restored into a {'packed' if self.packed else 'split'} ring of {self.size}")
         st.validate()
         self.ring.restore(st)
-        if self.packed and len(st.in_flight) > self.ring.in_flight():
-            raise InvalidSavedState(f"{len(st.in_flight)} lists in flight but only "
-                                    f"{self.ring.in_flight()} slots between the cursors")
-        self._redeliver = list(st.in_flight)
-        self._redeliver_slots = 0
+        self._restored = st
 
     def _take_redeliver(self, out: list[Chain], limit: int) -> None:
-        """Hand out the chains that were in flight when the state was saved."""
-        ring = self.ring
-        while self._redeliver and len(out) < limit:
-            pos, cid = self._redeliver[0]
-            chain = ring.rewalk(pos, cid)
-            self._redeliver.pop(0)
-            out.append(chain)
-            if self.packed:
-                self._redeliver_slots += chain.slots
-                if self._redeliver_slots > ring.in_flight():
-                    raise InvalidSavedState("in-flight lists occupy more slots than the cursors allow")
+        """Hand out the chains that were in flight when the state was saved
+        (walked again from the descriptor table for split, rebuilt from the
+        saved segments for packed)."""
+        st = self._restored
+        if st is not None:
+            self._restored = None
+            ring = self.ring
+            if isinstance(ring, PackedRing):
+                self._redeliver = [ring.rebuild(pos, cid, slots, segs)
+                                   for (pos, cid), (slots, segs) in zip(st.in_flight, st.in_flight_lists)]
+            else:
+                self._redeliver = [ring.rewalk(pos, head) for pos, head in st.in_flight]
+        out.extend(self._redeliver[:limit])
+        del self._redeliver[:limit]
 
     @property
     def in_flight(self) -> int:
         """Chains handed out and not yet completed."""
-        return len(self.inflight) + len(self._redeliver)
+        restored = len(self._restored.in_flight) if self._restored is not None else 0
+        return len(self.inflight) + len(self._redeliver) + restored

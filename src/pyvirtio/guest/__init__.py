@@ -1,0 +1,60 @@
+"""Real-guest harness: boot a Linux 6.1 guest under QEMU 7.2 (TCG) and run commands in it.
+
+Three parts, usable together or alone:
+
+* `build_initramfs` (initramfs.py): a cached busybox + iperf3 + virtio
+  modules initramfs whose /init serves shell commands on the serial console;
+* `Guest` (qemu.py): the QEMU process (shared memfd RAM, devices given as
+  QEMU arguments by the caller) and `run(cmd) -> (status, output)`; the
+  `*_args` helpers build the devices: QEMU's built-in virtio-net/virtio-blk,
+  or the same device types served by a vhost-user backend;
+* `NetNamespace` (netns.py): a private namespace with the TAP the guest's NIC
+  attaches to, and the place to run host-side peers such as `iperf3 -s`.
+
+Everything here needs root, QEMU, a guest kernel in /boot, busybox-static
+and iperf3 (`scripts/setup.sh --peers`).
+"""
+
+from pyvirtio.guest.initramfs import (
+    DEFAULT_CACHE_DIR,
+    DEFAULT_MODULES,
+    InitramfsError,
+    KernelInfo,
+    build_initramfs,
+    find_kernel,
+)
+from pyvirtio.guest.netns import NetNamespace, NetNamespaceError, netns_exists
+from pyvirtio.guest.qemu import (
+    Guest,
+    GuestError,
+    GuestExited,
+    GuestTimeout,
+    builtin_blk_args,
+    builtin_net_args,
+    qemu_escape,
+    vhost_user_blk_args,
+    vhost_user_net_args,
+    virtio_net_device_args,
+)
+
+__all__ = [
+    "DEFAULT_CACHE_DIR",
+    "DEFAULT_MODULES",
+    "Guest",
+    "GuestError",
+    "GuestExited",
+    "GuestTimeout",
+    "InitramfsError",
+    "KernelInfo",
+    "NetNamespace",
+    "NetNamespaceError",
+    "build_initramfs",
+    "builtin_blk_args",
+    "builtin_net_args",
+    "find_kernel",
+    "netns_exists",
+    "qemu_escape",
+    "vhost_user_blk_args",
+    "vhost_user_net_args",
+    "virtio_net_device_args",
+]
