@@ -60,7 +60,7 @@ class Area:
     offsets are in range (ring code computes them from validated indices).
     """
 
-    __slots__ = ("kind", "gpa", "size", "mv", "_h", "_i", "_q")
+    __slots__ = ("_h", "_i", "_q", "gpa", "kind", "mv", "size")
 
     def __init__(self, kind: AreaKind, gpa: int, mv: memoryview) -> None:
         self.kind = kind
@@ -311,7 +311,7 @@ class GuestMemory:
 class AccessCounter:
     """Counts of accesses to one area kind."""
 
-    __slots__ = ("reads", "writes", "bytes_read", "bytes_written")
+    __slots__ = ("bytes_read", "bytes_written", "reads", "writes")
 
     def __init__(self) -> None:
         self.reads = 0

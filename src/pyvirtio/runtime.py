@@ -39,6 +39,7 @@ class RunnerStats:
     kick_count: int = 0   # sum of eventfd counters (driver notifications)
     interrupts: int = 0   # call eventfd writes
     sleeps: int = 0       # times the loop slept on the kick fd
+    timeouts: int = 0     # sleeps that ended by timeout, not by a kick
 
 
 class QueueRunner:
@@ -116,7 +117,8 @@ class QueueRunner:
             if vq.arm():
                 continue
             self.stats.sleeps += 1
-            poller.poll(wait_ms)
+            if not poller.poll(wait_ms):
+                self.stats.timeouts += 1
 
     async def serve(self, handler: Handler | AsyncHandler) -> None:
         """asyncio version of `run_blocking`."""

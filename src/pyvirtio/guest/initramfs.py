@@ -21,6 +21,7 @@ The serial protocol spoken by /init (see `INIT_SCRIPT`):
 
 from __future__ import annotations
 
+import bz2
 import dataclasses
 import gzip
 import hashlib
@@ -31,8 +32,10 @@ import os
 import re
 import shutil
 import stat
+import struct
 import subprocess
 import tempfile
+import zlib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -141,6 +144,68 @@ def find_kernel(version: str | None = None) -> KernelInfo:
 
 def _version_key(version: str) -> tuple[tuple[int, int | str], ...]:
     return tuple((0, int(p)) if p.isdigit() else (1, p) for p in re.split(r"[.\-]", version))
+
+
+def kernel_supports_pvh(kernel: KernelInfo) -> bool:
+    """Whether the kernel was built with CONFIG_PVH=y (per /boot/config-<version>), i.e. its
+    uncompressed vmlinux can be booted directly by QEMU's PVH loader."""
+    config = kernel.image.parent / f"config-{kernel.version}"
+    try:
+        return "\nCONFIG_PVH=y\n" in config.read_text()
+    except OSError:
+        return False
+
+
+def _bzimage_payload(image: bytes) -> bytes:
+    """Return the compressed kernel inside a bzImage (boot protocol >= 2.08 header fields)."""
+    if len(image) < 0x250 or image[0x202:0x206] != b"HdrS" or struct.unpack_from("<H", image, 0x206)[0] < 0x208:
+        raise InitramfsError("not a bzImage with boot protocol >= 2.08")
+    setup_sects = image[0x1F1] or 4
+    offset, length = struct.unpack_from("<II", image, 0x248)
+    start = (setup_sects + 1) * 512 + offset
+    return image[start : start + length]
+
+
+def extract_vmlinux(kernel: KernelInfo, cache_dir: Path | None = None) -> Path:
+    """Return the uncompressed ELF vmlinux of `kernel`'s bzImage, extracting it once into the cache.
+
+    Booting it through QEMU's PVH entry skips the in-guest decompressor,
+    which under TCG takes seconds (Debian's kernel is xz-compressed): the
+    guest boots in about 3 s instead of 6. Supports xz, lzma, gzip and
+    bzip2 payloads; raises `InitramfsError` for others (zstd, lz4, lzo) or
+    if the result is not an ELF file.
+    """
+    cache = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE_DIR
+    st = kernel.image.stat()
+    key = hashlib.sha256(f"{kernel.image}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    target = cache / f"vmlinux-{kernel.version}-{key}"
+    if target.is_file():
+        return target
+    payload = _bzimage_payload(kernel.image.read_bytes())
+    if payload.startswith(b"\xfd7zXZ\x00"):
+        data = lzma.LZMADecompressor(format=lzma.FORMAT_XZ).decompress(payload)
+    elif payload.startswith(b"\x5d\x00\x00"):
+        data = lzma.LZMADecompressor(format=lzma.FORMAT_ALONE).decompress(payload)
+    elif payload.startswith(b"\x1f\x8b"):
+        data = zlib.decompressobj(wbits=31).decompress(payload)
+    elif payload.startswith(b"BZh"):
+        data = bz2.BZ2Decompressor().decompress(payload)
+    else:
+        raise InitramfsError(f"{kernel.image}: unsupported kernel compression (magic {payload[:4].hex()})")
+    if not data.startswith(b"\x7fELF"):
+        raise InitramfsError(f"{kernel.image}: decompressed payload is not an ELF vmlinux")
+    cache.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".vmlinux-", suffix=".tmp", dir=cache)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    log.info("extracted %s (%d MiB)", target, len(data) >> 20)
+    return target
 
 
 # --- cpio "newc" writer -------------------------------------------------------------------------

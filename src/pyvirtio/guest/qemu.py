@@ -44,9 +44,12 @@ from pyvirtio.guest.initramfs import (
     BEGIN_MARKER,
     DONE_RE,
     READY_MARKER,
+    InitramfsError,
     KernelInfo,
     build_initramfs,
+    extract_vmlinux,
     find_kernel,
+    kernel_supports_pvh,
 )
 
 log = logging.getLogger(__name__)
@@ -292,6 +295,11 @@ class Guest:
         smp, memory_mib: vCPUs and guest RAM. RAM is a shared memfd, as
             vhost-user needs.
         ip: "addr/prefix" given to the guest's eth0 (kernel arg `pyvirtio.ip`).
+        kernel, initrd: default `find_kernel()` and `build_initramfs()`.
+        pvh: boot the kernel's uncompressed vmlinux through QEMU's PVH entry
+            (`extract_vmlinux`, cached) when the kernel supports it: halves
+            the boot time under TCG. Falls back to the bzImage otherwise.
+        cache_dir: cache for the initramfs and vmlinux (default ~/.cache/pyvirtio).
         append: extra kernel command line, after `DEFAULT_APPEND`.
         netns: run QEMU inside this network namespace (`ip netns exec`), so
             that a TAP device in that namespace can be opened by name.
@@ -314,6 +322,8 @@ class Guest:
         netns: str | None = None,
         kernel: KernelInfo | None = None,
         initrd: Path | None = None,
+        pvh: bool = True,
+        cache_dir: Path | None = None,
         log_dir: Path | None = None,
         machine: str = "q35",
         cpu: str = "max",
@@ -334,6 +344,8 @@ class Guest:
         self.netns = netns
         self.kernel = kernel
         self.initrd = initrd
+        self.pvh = pvh
+        self.cache_dir = cache_dir
         self.machine = machine
         self.cpu = cpu
         self.accel = accel
@@ -373,7 +385,20 @@ class Guest:
         """The file receiving everything the guest printed on its serial console."""
         return self._serial_log
 
-    def command_line(self, serial_socket: str, initrd: Path, kernel: KernelInfo) -> list[str]:
+    def _kernel_image(self, kernel: KernelInfo) -> Path:
+        with open(kernel.image, "rb") as f:
+            if f.read(4) == b"\x7fELF" or not self.pvh:
+                return kernel.image
+        if not kernel_supports_pvh(kernel):
+            log.info("kernel %s has no PVH entry; booting the bzImage", kernel.version)
+            return kernel.image
+        try:
+            return extract_vmlinux(kernel, self.cache_dir)
+        except InitramfsError as e:
+            log.info("booting the bzImage: %s", e)
+            return kernel.image
+
+    def command_line(self, serial_socket: str, kernel_image: Path, initrd: Path) -> list[str]:
         """Return the full QEMU argv (including the `ip netns exec` prefix when `netns` is set)."""
         append = DEFAULT_APPEND
         if self.ip:
@@ -393,7 +418,7 @@ class Guest:
             "-monitor", "none",
             "-chardev", f"socket,id=serial0,path={qemu_escape(serial_socket)}",
             "-serial", "chardev:serial0",
-            "-kernel", str(kernel.image),
+            "-kernel", str(kernel_image),
             "-initrd", str(initrd),
             "-append", append,
             *self.device_args,
@@ -411,7 +436,8 @@ class Guest:
         if self._proc is not None:
             raise GuestError("guest already started")
         kernel = self.kernel or find_kernel()
-        initrd = self.initrd or build_initramfs(kernel=kernel)
+        initrd = self.initrd or build_initramfs(self.cache_dir, kernel=kernel)
+        kernel_image = self._kernel_image(kernel)
         if self.log_dir is None:
             self.log_dir = Path(tempfile.mkdtemp(prefix="pyvirtio-guest-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -425,7 +451,7 @@ class Guest:
         self._listener = listener
         listener.bind(sock_path)
         listener.listen(1)
-        argv = self.command_line(sock_path, initrd, kernel)
+        argv = self.command_line(sock_path, kernel_image, initrd)
         log.info("starting guest: %s", " ".join(argv))
         self._t_start = time.monotonic()
         with open(self._qemu_log, "wb") as qlog:
@@ -521,7 +547,8 @@ class Guest:
                               f"{self._tail(self._qemu_log)}\n{self._tail(self._serial_log)}")
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            self._failed = True
+            if what == "boot":
+                self._failed = True
             raise GuestTimeout(f"guest {what} timed out:\n{self._tail(self._serial_log)}")
         self._cond.wait(min(remaining, 0.5))
 

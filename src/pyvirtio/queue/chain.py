@@ -28,8 +28,17 @@ class Chain:
     - `readable_len` / `writable_len`: their total sizes in bytes
     """
 
-    __slots__ = ("id", "pos", "slots", "readable", "writable", "readable_len", "writable_len", "counter",
-                 "segments")
+    __slots__ = (
+        "counter",
+        "id",
+        "pos",
+        "readable",
+        "readable_len",
+        "segments",
+        "slots",
+        "writable",
+        "writable_len",
+    )
 
     def __init__(self, id: int, pos: int, slots: int, readable: list[memoryview],
                  writable: list[memoryview], readable_len: int, writable_len: int,

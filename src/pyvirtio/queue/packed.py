@@ -13,6 +13,8 @@ Access discipline (each line is one guest-memory access):
 
 from __future__ import annotations
 
+import itertools
+
 from pyvirtio import fence as _fence
 from pyvirtio.memory import AreaKind, GuestMemory, GuestMemoryError
 from pyvirtio.queue.chain import Chain, build_chain
@@ -72,7 +74,7 @@ class PackedRing:
         except GuestMemoryError as e:
             raise InvalidQueueGeometry(f"packed ring areas: {e}") from None
         spans = sorted([(desc, DESC_SIZE * size), (driver, 4), (device, 4)])
-        for (a, alen), (b, _) in zip(spans, spans[1:]):
+        for (a, alen), (b, _) in itertools.pairwise(spans):
             if a + alen > b:
                 raise InvalidQueueGeometry(f"packed ring areas overlap at {b:#x}")
         self.payload = getattr(mem, "counters", {}).get(AreaKind.PAYLOAD)

@@ -13,6 +13,7 @@ Access discipline (each line is one guest-memory access):
 
 from __future__ import annotations
 
+import itertools
 import struct
 
 from pyvirtio import fence as _fence
@@ -99,7 +100,7 @@ class SplitRing:
         except GuestMemoryError as e:
             raise InvalidQueueGeometry(f"split ring areas: {e}") from None
         spans = sorted([(desc, DESC_SIZE * size), (avail, 6 + 2 * size), (used, 6 + 8 * size)])
-        for (a, alen), (b, _) in zip(spans, spans[1:]):
+        for (a, alen), (b, _) in itertools.pairwise(spans):
             if a + alen > b:
                 raise InvalidQueueGeometry(f"split ring areas overlap at {b:#x}")
         self.payload = getattr(mem, "counters", {}).get(AreaKind.PAYLOAD)
@@ -199,8 +200,7 @@ class SplitRing:
             n = self._load_idx()
             if n == 0:
                 return
-        if n > limit:
-            n = limit
+        n = min(n, limit)
         q = self.size
         start = last & (q - 1)
         if start + n <= q:
