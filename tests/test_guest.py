@@ -183,5 +183,9 @@ def test_vhost_user_args_use_intx_and_a_client_socket() -> None:
     assert net[2:4] == ["-netdev", "vhost-user,id=net0,chardev=net0-chr,queues=2"]
     assert "vectors=0" in net[5] and "mq=on" in net[5]
     blk = vhost_user_blk_args("/run/blk.sock", reconnect=None)
-    assert blk == ["-chardev", "socket,id=blk0-chr,path=/run/blk.sock",
-                   "-device", "vhost-user-blk-pci,chardev=blk0-chr,vectors=0,num-queues=1"]
+    assert blk == [
+        "-chardev",
+        "socket,id=blk0-chr,path=/run/blk.sock",
+        "-device",
+        "vhost-user-blk-pci,chardev=blk0-chr,vectors=0,num-queues=1",
+    ]

@@ -28,7 +28,7 @@ def _bench_queue(args: argparse.Namespace) -> int:
             cfg = QueueBenchConfig(ring=ring, policy=policy, batch=args.batch, requests=args.requests,
                                    event_idx=not args.no_event_idx, queue_size=args.queue_size,
                                    two_process=args.two_process, indirect=args.indirect,
-                                   segments=args.segments)
+                                   segments=args.segments, bulk=not args.no_bulk)
             if not args.json:
                 print(f"# {ring}/{policy}: {args.requests} requests, batch {args.batch}"
                       f"{', two processes' if args.two_process else ''} ...", file=sys.stderr, flush=True)
@@ -40,7 +40,7 @@ def _bench_queue(args: argparse.Namespace) -> int:
     return 1 if any(r["lost"] for r in results) else 0
 
 
-_COMMAND_MODULES: list[str] = []
+_COMMAND_MODULES: list[str] = ["pyvirtio.driver.frontend_cli", "pyvirtio.devices.net_cli"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--no-event-idx", action="store_true", help="do not negotiate VIRTIO_F_EVENT_IDX")
     q.add_argument("--indirect", action="store_true", help="negotiate INDIRECT_DESC (multi-segment requests)")
     q.add_argument("--segments", type=int, default=1, help="descriptors per request (default 1)")
+    q.add_argument("--no-bulk", action="store_true",
+                   help="one Chain object per request (pop_batch) instead of the vectorised pop_bulk")
     q.add_argument("--two-process", action="store_true",
                    help="driver in another process with real eventfds (real concurrency)")
     q.add_argument("--json", action="store_true", help="one JSON object (a list for several runs)")

@@ -24,12 +24,15 @@ import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import numpy as np
+
 from pyvirtio import fence as _fence
 
 if sys.byteorder != "little":  # pragma: no cover
     raise ImportError("pyvirtio's ring code assumes a little-endian host")
 
 U64_MAX = (1 << 64) - 1
+_U64 = np.dtype(np.uint64)
 
 
 class GuestMemoryError(Exception):
@@ -60,7 +63,7 @@ class Area:
     offsets are in range (ring code computes them from validated indices).
     """
 
-    __slots__ = ("_h", "_i", "_q", "gpa", "kind", "mv", "size")
+    __slots__ = ("_h", "_i", "_np", "_q", "gpa", "kind", "mv", "size")
 
     def __init__(self, kind: AreaKind, gpa: int, mv: memoryview) -> None:
         self.kind = kind
@@ -73,6 +76,7 @@ class Area:
         self._h = mv[: n & ~1].cast("H")
         self._i = mv[: n & ~3].cast("I")
         self._q = mv[: n & ~7].cast("Q")
+        self._np: dict[object, np.ndarray] = {}
 
     def load16(self, off: int) -> int:
         return self._h[off >> 1]
@@ -101,6 +105,37 @@ class Area:
         """One snapshot read of a record (e.g. a 16-byte descriptor)."""
         return st.unpack_from(self.mv, off)
 
+    def unpack_many(self, st: struct.Struct, offsets: list[int]) -> list[tuple[int, ...]]:
+        """One snapshot read of a record at each offset (len(offsets) accesses)."""
+        unpack, mv = st.unpack_from, self.mv
+        return [unpack(mv, off) for off in offsets]
+
+    # numpy batch forms: the same accesses, without a Python loop per element
+
+    def _table(self, dtype: np.dtype) -> np.ndarray:
+        t = self._np.get(dtype)
+        if t is None:
+            t = self._np[dtype] = np.frombuffer(self.mv, dtype, self.size // dtype.itemsize)
+        return t
+
+    def np_load16s(self, off: int, count: int) -> np.ndarray:
+        """`count` consecutive u16 as an array (one bulk read)."""
+        return np.frombuffer(self.mv, np.uint16, count, off).copy()
+
+    def np_gather(self, dtype: np.dtype, index: np.ndarray) -> np.ndarray:
+        """Copy record `i` of a table of `dtype` for each i in `index`
+        (one read per record)."""
+        return self._table(dtype)[index]
+
+    def np_scatter64(self, word_index: np.ndarray, values: np.ndarray) -> None:
+        """Store u64 `values[k]` at 8-byte word `word_index[k]`, one aligned
+        8-byte store each, in order."""
+        self._table(_U64)[word_index] = values
+
+    def np_write(self, off: int, arr: np.ndarray) -> None:
+        """Write an array's bytes (one bulk write)."""
+        self.mv[off : off + arr.nbytes] = memoryview(arr).cast("B")
+
     def read(self, off: int, length: int) -> bytes:
         return bytes(self.mv[off : off + length])
 
@@ -108,6 +143,7 @@ class Area:
         self.mv[off : off + len(data)] = data
 
     def release(self) -> None:
+        self._np.clear()
         for v in (self._q, self._i, self._h, self.mv):
             v.release()
 
@@ -231,6 +267,10 @@ class GuestMemory:
         self._starts.clear()
 
     # -- translation ------------------------------------------------------------
+
+    def region_at(self, gpa: int) -> Region | None:
+        """The region containing `gpa`, or None."""
+        return self._region(gpa)
 
     def _region(self, gpa: int) -> Region | None:
         i = bisect.bisect(self._starts, gpa) - 1
@@ -381,6 +421,37 @@ class CountingArea(Area):
         c.reads += 1
         c.bytes_read += st.size
         return st.unpack_from(self.mv, off)
+
+    def unpack_many(self, st: struct.Struct, offsets: list[int]) -> list[tuple[int, ...]]:
+        c = self.c
+        c.reads += len(offsets)
+        c.bytes_read += st.size * len(offsets)
+        unpack, mv = st.unpack_from, self.mv
+        return [unpack(mv, off) for off in offsets]
+
+    def np_load16s(self, off: int, count: int) -> np.ndarray:
+        c = self.c
+        c.reads += 1
+        c.bytes_read += 2 * count
+        return np.frombuffer(self.mv, np.uint16, count, off).copy()
+
+    def np_gather(self, dtype: np.dtype, index: np.ndarray) -> np.ndarray:
+        c = self.c
+        c.reads += len(index)
+        c.bytes_read += dtype.itemsize * len(index)
+        return self._table(dtype)[index]
+
+    def np_scatter64(self, word_index: np.ndarray, values: np.ndarray) -> None:
+        c = self.c
+        c.writes += len(word_index)
+        c.bytes_written += 8 * len(word_index)
+        self._table(_U64)[word_index] = values
+
+    def np_write(self, off: int, arr: np.ndarray) -> None:
+        c = self.c
+        c.writes += 1
+        c.bytes_written += arr.nbytes
+        self.mv[off : off + arr.nbytes] = memoryview(arr).cast("B")
 
     def read(self, off: int, length: int) -> bytes:
         c = self.c

@@ -19,18 +19,22 @@ import asyncio
 import logging
 import os
 import select
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from pyvirtio.queue import Chain, QueueError, Virtqueue
+from pyvirtio.queue.bulk import Bulk
 
 log = logging.getLogger(__name__)
 
 #: A device handler: given a batch, returns (chain, bytes written) for each
 #: chain it completed now. Chains it keeps are completed later through
 #: `QueueRunner.complete`.
-Handler = Callable[[Sequence[Chain]], Sequence[tuple[Chain, int]]]
-AsyncHandler = Callable[[Sequence[Chain]], Awaitable[Sequence[tuple[Chain, int]]]]
+#: With `bulk=True` it may receive a `Bulk` instead; it returns (bulk, written).
+Handler = Callable[[Any], Sequence[tuple[Any, Any]]]
+AsyncHandler = Callable[[Any], Awaitable[Sequence[tuple[Any, Any]]]]
 
 
 @dataclass(slots=True)
@@ -40,6 +44,7 @@ class RunnerStats:
     interrupts: int = 0   # call eventfd writes
     sleeps: int = 0       # times the loop slept on the kick fd
     timeouts: int = 0     # sleeps that ended by timeout, not by a kick
+    sleep_seconds: float = 0.0  # time spent asleep (run_blocking)
 
 
 class QueueRunner:
@@ -52,8 +57,10 @@ class QueueRunner:
     """
 
     def __init__(self, vq: Virtqueue, kick_fd: int | None, call_fd: int | None, *,
-                 batch: int = 64) -> None:
+                 batch: int = 64, bulk: bool = False) -> None:
         self.vq = vq
+        #: hand the handler a `Bulk` when a run allows it (`Virtqueue.pop_bulk`)
+        self.bulk = bulk
         self.kick_fd = kick_fd
         self.call_fd = call_fd
         self.batch = batch
@@ -69,13 +76,25 @@ class QueueRunner:
                 return
         self.stats.interrupts += 1
 
-    def complete(self, items: Sequence[tuple[Chain, int]]) -> None:
-        """Complete chains the handler kept, as one published batch."""
+    def complete(self, items: Sequence[tuple[Chain | Bulk, Any]]) -> None:
+        """Complete what the handler finished, as one published batch."""
         vq = self.vq
-        for chain, written in items:
-            if vq.complete(chain, written):
-                self.signal()
-        if vq.flush():
+        if vq.eager:
+            for obj, written in items:
+                if type(obj) is Bulk:
+                    notify = vq.complete_bulk(obj, written)
+                else:
+                    notify = vq.complete(obj, written)  # type: ignore[arg-type]
+                if notify:
+                    self.signal()
+            return
+        chains = []
+        for item in items:
+            if type(item[0]) is Bulk:
+                vq.complete_bulk(item[0], item[1])
+            else:
+                chains.append(item)
+        if vq.complete_batch(chains):  # type: ignore[arg-type]
             self.signal()
 
     def _drain_kick(self) -> None:
@@ -102,10 +121,10 @@ class QueueRunner:
         wait_ms = None if timeout is None else int(timeout * 1000)
         while not self.stopped and not stop():
             try:
-                chains = vq.pop_batch(self.batch)
+                chains = vq.pop_bulk(self.batch) if self.bulk else vq.pop_batch(self.batch)
             except QueueError:
                 chains = []  # logged by the queue, which is now retired
-            if chains:
+            if len(chains):
                 self.complete(handler(chains))
                 continue
             if poller is None:
@@ -117,8 +136,10 @@ class QueueRunner:
             if vq.arm():
                 continue
             self.stats.sleeps += 1
+            t = time.perf_counter()
             if not poller.poll(wait_ms):
                 self.stats.timeouts += 1
+            self.stats.sleep_seconds += time.perf_counter() - t
 
     async def serve(self, handler: Handler | AsyncHandler) -> None:
         """asyncio version of `run_blocking`."""
@@ -133,10 +154,10 @@ class QueueRunner:
         try:
             while not self.stopped:
                 try:
-                    chains = vq.pop_batch(self.batch)
+                    chains = vq.pop_bulk(self.batch) if self.bulk else vq.pop_batch(self.batch)
                 except QueueError:
                     chains = []
-                if chains:
+                if len(chains):
                     if is_async:
                         done = await handler(chains)  # type: ignore[misc]
                     else:

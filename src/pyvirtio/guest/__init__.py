@@ -21,9 +21,16 @@ from pyvirtio.guest.initramfs import (
     InitramfsError,
     KernelInfo,
     build_initramfs,
+    extract_vmlinux,
     find_kernel,
 )
-from pyvirtio.guest.netns import NetNamespace, NetNamespaceError, netns_exists
+from pyvirtio.guest.netns import (
+    NetNamespace,
+    NetNamespaceError,
+    netns_exists,
+    remove_stale_namespaces,
+    wrap_command,
+)
 from pyvirtio.guest.qemu import (
     Guest,
     GuestError,
@@ -51,10 +58,13 @@ __all__ = [
     "build_initramfs",
     "builtin_blk_args",
     "builtin_net_args",
+    "extract_vmlinux",
     "find_kernel",
     "netns_exists",
     "qemu_escape",
+    "remove_stale_namespaces",
     "vhost_user_blk_args",
     "vhost_user_net_args",
     "virtio_net_device_args",
+    "wrap_command",
 ]

@@ -92,6 +92,12 @@ done
 if [ -e /sys/class/net/eth0 ]; then
     ip link set eth0 up
     if [ -n "$addr" ]; then ip addr add "$addr" dev eth0; fi
+    # Report "ready" only once the link is usable (carrier and operstate up; ~1 s after probe).
+    n=0
+    while [ "$(cat /sys/class/net/eth0/operstate)" != up ] && [ $n -lt 500 ]; do
+        usleep 10000; n=$((n + 1))
+    done
+    [ $n -lt 500 ] || echo "@@PYVIRTIO-WARN eth0 has no carrier@@"
 fi
 exec < /dev/ttyS0 > /dev/ttyS0 2>&1
 stty -echo -onlcr
@@ -158,7 +164,11 @@ def kernel_supports_pvh(kernel: KernelInfo) -> bool:
 
 def _bzimage_payload(image: bytes) -> bytes:
     """Return the compressed kernel inside a bzImage (boot protocol >= 2.08 header fields)."""
-    if len(image) < 0x250 or image[0x202:0x206] != b"HdrS" or struct.unpack_from("<H", image, 0x206)[0] < 0x208:
+    if (
+        len(image) < 0x250
+        or image[0x202:0x206] != b"HdrS"
+        or struct.unpack_from("<H", image, 0x206)[0] < 0x208
+    ):
         raise InitramfsError("not a bzImage with boot protocol >= 2.08")
     setup_sects = image[0x1F1] or 4
     offset, length = struct.unpack_from("<II", image, 0x248)
@@ -232,10 +242,12 @@ class CpioWriter:
             raise ValueError(f"duplicate cpio entry {name!r}")
         self._names.add(name)
         encoded = name.encode() + b"\0"
+        # fmt: off
         fields = (
-            self._ino, mode, 0, 0, 2 if stat.S_ISDIR(mode) else 1, 0, len(data),
-            0, 0, rdev[0], rdev[1], len(encoded), 0,
+            self._ino, mode, 0, 0, 2 if stat.S_ISDIR(mode) else 1, 0, len(data),  # ino mode uid gid nlink mtime size
+            0, 0, rdev[0], rdev[1], len(encoded), 0,  # devmajor devminor rdevmajor rdevminor namesize check
         )
+        # fmt: on
         self._ino += 1
         header = self._MAGIC + b"".join(b"%08X" % f for f in fields)
         self._out.write(header + encoded + _pad4(len(header) + len(encoded)))
@@ -356,7 +368,7 @@ def shared_libraries(binary: Path) -> list[Path]:
     The paths are as the loader names them (e.g. /lib64/ld-linux-x86-64.so.2),
     which is where they must be in the guest.
     """
-    proc = subprocess.run(["ldd", str(binary)], capture_output=True, text=True)
+    proc = subprocess.run(["ldd", str(binary)], check=False, capture_output=True, text=True)
     if proc.returncode != 0:
         if "not a dynamic executable" in proc.stdout + proc.stderr:
             return []
@@ -420,9 +432,20 @@ def _plan(kernel: KernelInfo, modules: Sequence[str], binaries: Sequence[str], i
 
 def _write_image(plan: _Plan, out: io.BufferedIOBase) -> None:
     cpio = CpioWriter(out)
-    for d in ("bin", "sbin", "usr", "usr/bin", "usr/sbin", "dev", "proc", "sys", "tmp", "root",
-              "etc", "etc/pyvirtio", "lib", "lib/modules"):
-        cpio.directory(d, 0o1777 if d == "tmp" else 0o755)
+    cpio.directory("tmp", 0o1777)
+    for d in (
+        "bin",
+        "sbin",
+        "usr/bin",
+        "usr/sbin",
+        "dev",
+        "proc",
+        "sys",
+        "root",
+        "etc/pyvirtio",
+        "lib/modules",
+    ):
+        cpio.directories(d)
     cpio.char_device("dev/console", 5, 1)
     cpio.char_device("dev/null", 1, 3, 0o666)
     cpio.file("bin/busybox", plan.busybox.read_bytes(), 0o755)
@@ -475,12 +498,17 @@ def build_initramfs(
     cache.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".initramfs-", suffix=".tmp", dir=cache)
     try:
-        with os.fdopen(fd, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=6, mtime=0) as gz:
+        with (
+            os.fdopen(fd, "wb") as raw,
+            gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=6, mtime=0) as gz,
+        ):
             _write_image(plan, gz)
         os.chmod(tmp, 0o644)
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    log.info("built initramfs %s (%d modules, %d KiB)", target, len(plan.modules), target.stat().st_size // 1024)
+    log.info(
+        "built initramfs %s (%d modules, %d KiB)", target, len(plan.modules), target.stat().st_size // 1024
+    )
     return target

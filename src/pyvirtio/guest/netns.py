@@ -31,6 +31,7 @@ import contextlib
 import itertools
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import threading
@@ -55,14 +56,63 @@ class NetNamespaceError(RuntimeError):
 
 
 def _ip(*args: str) -> None:
-    proc = subprocess.run(["ip", *args], capture_output=True, text=True)
+    proc = subprocess.run(["ip", *args], check=False, capture_output=True, text=True)
     if proc.returncode != 0:
         raise NetNamespaceError(f"ip {' '.join(args)}: {proc.stderr.strip()}")
+
+
+def wrap_command(argv: Sequence[str], *, netns: str | None = None, die_with_parent: bool = True) -> list[str]:
+    """Prefix `argv` to run inside network namespace `netns` and/or die with its parent.
+
+    Both wrappers (`ip netns exec`, util-linux `setpriv --pdeathsig KILL`)
+    exec the next program, so the pid of the started process is the pid of
+    the final program, which is what callers stop it by.
+    """
+    out = list(argv)
+    if netns:
+        out = ["ip", "netns", "exec", netns, *out]
+    if die_with_parent:
+        if shutil.which("setpriv"):
+            out = ["setpriv", "--pdeathsig", "KILL", "--", *out]
+        else:
+            log.debug("setpriv not found; %s will not die with its parent", argv[0])
+    return out
 
 
 def netns_exists(name: str) -> bool:
     """Whether a named network namespace `name` exists (as `ip netns` sees it)."""
     return (NETNS_DIR / name).exists()
+
+
+def remove_stale_namespaces() -> list[str]:
+    """Delete `pvns-<pid>-<n>` namespaces whose creating process is gone and that hold no process.
+
+    For recovery after a run died without cleaning up (SIGKILL, an unhandled
+    SIGTERM). A namespace whose creator pid is alive, or with any process
+    inside, is left alone. Returns the names deleted.
+    """
+    removed: list[str] = []
+    if not NETNS_DIR.is_dir():
+        return removed
+    for entry in NETNS_DIR.iterdir():
+        parts = entry.name.split("-")
+        if len(parts) != 3 or parts[0] != "pvns" or not parts[1].isdigit():
+            continue
+        if Path("/proc", parts[1]).exists():
+            continue
+        pids = subprocess.run(
+            ["ip", "netns", "pids", entry.name], check=False, capture_output=True, text=True
+        )
+        if pids.stdout.strip():
+            continue
+        try:
+            _ip("netns", "del", entry.name)
+        except NetNamespaceError as e:
+            log.warning("could not remove stale netns: %s", e)
+            continue
+        log.info("removed stale netns %s", entry.name)
+        removed.append(entry.name)
+    return removed
 
 
 class NetNamespace:
@@ -147,17 +197,22 @@ class NetNamespace:
             raise
         log.info("netns %s: %s %s (guest %s)", self.name, self.tap, self.host_cidr, self.guest_cidr)
 
-    def popen(self, args: Sequence[str], **kwargs: Any) -> subprocess.Popen[Any]:
+    def popen(
+        self, args: Sequence[str], *, die_with_parent: bool = True, **kwargs: Any
+    ) -> subprocess.Popen[Any]:
         """Start `args` inside the namespace; it is stopped (by pid) on `close` if still running.
 
         `kwargs` go to `subprocess.Popen` (stdin defaults to /dev/null; the
         process gets its own session so a terminal Ctrl-C reaches only us).
+        `die_with_parent` is as for `Guest` (see `wrap_command`): the kernel
+        kills the process if ours dies without cleaning up.
         """
         if not self._created:
             raise NetNamespaceError(f"{self.name} not created")
         kwargs.setdefault("stdin", subprocess.DEVNULL)
         kwargs.setdefault("start_new_session", True)
-        proc: subprocess.Popen[Any] = subprocess.Popen([*self.exec_prefix, *args], **kwargs)
+        argv = wrap_command(args, netns=self.name, die_with_parent=die_with_parent)
+        proc: subprocess.Popen[Any] = subprocess.Popen(argv, **kwargs)
         self._procs.append(proc)
         log.debug("netns %s: started pid %d: %s", self.name, proc.pid, " ".join(args))
         return proc
@@ -196,7 +251,7 @@ class NetNamespace:
         """Process ids currently inside the namespace."""
         if not netns_exists(self.name):
             return []
-        proc = subprocess.run(["ip", "netns", "pids", self.name], capture_output=True, text=True)
+        proc = subprocess.run(["ip", "netns", "pids", self.name], check=False, capture_output=True, text=True)
         return [int(p) for p in proc.stdout.split() if p.isdigit()]
 
     def close(self) -> None:

@@ -51,6 +51,7 @@ from pyvirtio.guest.initramfs import (
     find_kernel,
     kernel_supports_pvh,
 )
+from pyvirtio.guest.netns import wrap_command
 
 log = logging.getLogger(__name__)
 
@@ -205,8 +206,10 @@ def vhost_user_net_args(
     if mq > 1:
         netdev += f",queues={mq}"
     return [
-        "-chardev", chardev,
-        "-netdev", netdev,
+        "-chardev",
+        chardev,
+        "-netdev",
+        netdev,
         *virtio_net_device_args(netdev_id, mq=mq, **device),  # type: ignore[arg-type]
     ]
 
@@ -304,11 +307,16 @@ class Guest:
         netns: run QEMU inside this network namespace (`ip netns exec`), so
             that a TAP device in that namespace can be opened by name.
         log_dir: where serial.log and qemu.log go; kept. By default a
-            temporary directory, removed on a clean close and kept (and
-            logged) when the guest failed.
+            temporary directory, removed on a clean close and kept (its path
+            logged as a warning) when the guest failed or the `with` body raised.
         machine, cpu, accel: QEMU `-machine` type (memory-backend is added),
             `-cpu` and `-accel`.
         extra_args: more QEMU arguments, verbatim.
+        die_with_parent: start QEMU under `setpriv --pdeathsig KILL`, so the
+            kernel kills it if our process dies without cleaning up (SIGKILL,
+            an unhandled SIGTERM). The signal fires when the *thread* that
+            called `start` exits, so start the guest from a thread that
+            outlives it (the main thread, or pass False).
     """
 
     def __init__(
@@ -331,6 +339,7 @@ class Guest:
         qemu_binary: str = QEMU_BINARY,
         boot_timeout: float = 120.0,
         extra_args: Sequence[str] = (),
+        die_with_parent: bool = True,
     ) -> None:
         if smp < 1 or memory_mib < 64:
             raise ValueError("smp must be >= 1 and memory_mib >= 64")
@@ -352,6 +361,7 @@ class Guest:
         self.qemu_binary = qemu_binary
         self.boot_timeout = boot_timeout
         self.extra_args = list(extra_args)
+        self.die_with_parent = die_with_parent
         self._user_log_dir = log_dir
         self.log_dir: Path | None = log_dir
         self.boot_seconds: float | None = None
@@ -405,6 +415,7 @@ class Guest:
             append += f" pyvirtio.ip={self.ip}"
         if self.append:
             append += " " + self.append
+        # fmt: off
         argv = [
             self.qemu_binary,
             "-name", "pyvirtio-guest",
@@ -424,9 +435,8 @@ class Guest:
             *self.device_args,
             *self.extra_args,
         ]
-        if self.netns:
-            argv = ["ip", "netns", "exec", self.netns, *argv]
-        return argv
+        # fmt: on
+        return wrap_command(argv, netns=self.netns, die_with_parent=self.die_with_parent)
 
     def start(self) -> None:
         """Start QEMU and accept its serial connection. Does not wait for the guest to boot.
@@ -438,6 +448,14 @@ class Guest:
         kernel = self.kernel or find_kernel()
         initrd = self.initrd or build_initramfs(self.cache_dir, kernel=kernel)
         kernel_image = self._kernel_image(kernel)
+        try:
+            self._spawn(kernel_image, initrd)
+        except BaseException:
+            self._failed = True
+            self.close()
+            raise
+
+    def _spawn(self, kernel_image: Path, initrd: Path) -> None:
         if self.log_dir is None:
             self.log_dir = Path(tempfile.mkdtemp(prefix="pyvirtio-guest-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -459,13 +477,10 @@ class Guest:
                 argv, stdin=subprocess.DEVNULL, stdout=qlog, stderr=subprocess.STDOUT, start_new_session=True
             )
         log.debug("qemu pid %d, logs in %s", self._proc.pid, self.log_dir)
-        try:
-            self._conn = self._accept_serial(listener, deadline=time.monotonic() + 30.0)
-        except BaseException:
-            self._failed = True
-            self.close()
-            raise
-        self._reader = threading.Thread(target=self._read_serial, name=f"guest-serial-{self._proc.pid}", daemon=True)
+        self._conn = self._accept_serial(listener, deadline=time.monotonic() + 30.0)
+        self._reader = threading.Thread(
+            target=self._read_serial, name=f"guest-serial-{self._proc.pid}", daemon=True
+        )
         self._reader.start()
 
     def _accept_serial(self, listener: socket.socket, deadline: float) -> socket.socket:
@@ -479,8 +494,10 @@ class Guest:
             except TimeoutError:
                 pass
             if self._proc.poll() is not None:
-                raise GuestExited(f"qemu exited with status {self._proc.returncode} before connecting "
-                                  f"its serial port:\n{self._tail(self._qemu_log)}")
+                raise GuestExited(
+                    f"qemu exited with status {self._proc.returncode} before connecting "
+                    f"its serial port:\n{self._tail(self._qemu_log)}"
+                )
             if time.monotonic() > deadline:
                 raise GuestTimeout("qemu did not connect its serial port within 30 s")
 
@@ -543,8 +560,10 @@ class Guest:
         if self._eof or (self._proc is not None and self._proc.poll() is not None):
             self._failed = True
             status = self._proc.poll() if self._proc is not None else None
-            raise GuestExited(f"qemu exited (status {status}) during {what}:\n"
-                              f"{self._tail(self._qemu_log)}\n{self._tail(self._serial_log)}")
+            raise GuestExited(
+                f"qemu exited (status {status}) during {what}:\n"
+                f"{self._tail(self._qemu_log)}\n{self._tail(self._serial_log)}"
+            )
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             if what == "boot":
@@ -556,15 +575,16 @@ class Guest:
         """Run a shell command in the guest; return (exit status, combined stdout+stderr).
 
         The command runs in a subshell of the guest's init shell, with stdin
-        from /dev/null; it must be one line of at most `MAX_COMMAND_BYTES`.
+        from /dev/null; it must be one line of at most `MAX_COMMAND_BYTES`
+        without control characters (the guest reads it through a tty).
         Output lines lose their trailing newline and are joined with "\\n".
         Raises `GuestTimeout` if the command does not finish in `timeout`
         seconds (it keeps running in the guest; later commands queue behind
         it and their output is still matched correctly), `GuestExited` if
         QEMU exits.
         """
-        if "\n" in cmd or "\r" in cmd:
-            raise ValueError("guest commands must be a single line")
+        if any(ord(c) < 0x20 and c != "\t" for c in cmd) or "\x7f" in cmd:
+            raise ValueError("guest commands must be one line without control characters (tty specials)")
         if len(cmd.encode()) > MAX_COMMAND_BYTES:
             raise ValueError(f"guest command longer than {MAX_COMMAND_BYTES} bytes")
         if not self._booted:

@@ -17,6 +17,9 @@ import itertools
 
 from pyvirtio import fence as _fence
 from pyvirtio.memory import AreaKind, GuestMemory, GuestMemoryError
+import numpy as np
+
+from pyvirtio.queue.bulk import PACKED_DESC_DTYPE, Bulk
 from pyvirtio.queue.chain import Chain, build_chain
 from pyvirtio.queue.errors import (
     BadBufferAddress,
@@ -148,19 +151,18 @@ class PackedRing:
 
     # -- fetch -----------------------------------------------------------------------
 
-    def fetch(self, out: list[Chain], limit: int) -> None:
-        """Append up to `limit` available lists; one flags read per slot, then
-        one bulk body read for the run."""
+    def _scan(self, limit: int) -> tuple[int, list[int], bytes]:
+        """Flags of each slot of the available run (one 2-byte read each, up to
+        `limit` lists), then the run's bodies in one read (two on wrap)."""
         # Hot path: written for speed.
         q = self.size
         budget = q - self.in_flight_slots
-        if budget <= 0:
-            return
         start = slot = self.next_avail
-        wrap = self.avail_wrap
-        want = _AVAIL if wrap else _USED
-        load16 = self.desc.load16
         flags: list[int] = []
+        if budget <= 0:
+            return start, flags, b""
+        want = _AVAIL if self.avail_wrap else _USED
+        load16 = self.desc.load16
         lists = 0
         while lists < limit and len(flags) < budget:
             f = load16(slot * DESC_SIZE + PACKED_FLAGS)
@@ -175,7 +177,7 @@ class PackedRing:
                 want ^= _BOTH
         n = len(flags)
         if n == 0:
-            return
+            return start, flags, b""
         if _WEAK:
             _fence.acquire()  # bodies are read after their flags said AVAIL
         if start + n <= q:
@@ -183,6 +185,44 @@ class PackedRing:
         else:
             first = q - start
             bodies = self.desc.read(start * DESC_SIZE, first * DESC_SIZE) + self.desc.read(0, (n - first) * DESC_SIZE)
+        return start, flags, bodies
+
+    def fetch(self, out: list[Chain], limit: int) -> None:
+        """Append up to `limit` available lists; one flags read per slot, then
+        one bulk body read for the run."""
+        start, flags, bodies = self._scan(limit)
+        if flags:
+            self._parse(out, start, flags, bodies)
+
+    def fetch_bulk(self, out: list[Chain], limit: int) -> Bulk | None:
+        """Like `fetch`, but a run of single-descriptor lists in one memory
+        region comes back as one `Bulk` (same accesses, array form)."""
+        start, flags, bodies = self._scan(limit)
+        n = len(flags)
+        if not n:
+            return None
+        fl = np.array(flags, np.uint16)
+        if not (fl & (_NEXT | _INDIRECT)).any():
+            descs = np.frombuffer(bodies, PACKED_DESC_DTYPE)
+            addrs = descs["addr"]
+            lens = descs["len"]
+            r = self.mem.region_at(int(addrs[0]))
+            if r is not None:
+                g = np.uint64(r.gpa)
+                end = np.uint64(r.gpa + r.size)
+                if ((lens == 0) | ((addrs >= g) & (addrs <= end) & (lens <= end - addrs))).all():
+                    pos = np.arange(start, start + n, dtype=np.uint32)
+                    pos[pos >= self.size] -= self.size
+                    self._advance(n)
+                    return Bulk(descs["id"].astype(np.uint32), pos, addrs, lens, (fl & _WRITE) != 0,
+                                r.gpa, r.mv)
+        self._parse(out, start, flags, bodies)
+        return None
+
+    def _parse(self, out: list[Chain], start: int, flags: list[int], bodies: bytes) -> None:
+        """Build the chains of a scanned run."""
+        q = self.size
+        n = len(flags)
         unpack = PACKED_DESC.unpack_from
         translate = self.mem.translate
         payload = self.payload
@@ -294,7 +334,7 @@ class PackedRing:
 
     # -- publish ---------------------------------------------------------------------
 
-    def publish(self, items: list[tuple[Chain, int]]) -> bool:
+    def publish(self, items: list[tuple[Chain, int]] | list[tuple[Chain | Bulk, object]]) -> bool:
         """One 8-byte len|id|flags store per used list, fence, one event read."""
         q = self.size
         u = old = self.next_used
@@ -302,13 +342,28 @@ class PackedRing:
         store64 = self.desc.store64
         used_flags = _BOTH if wrap else 0
         freed = 0
-        for chain, written in items:
-            fl = used_flags | _WRITE if chain.writable_len else used_flags
-            if _WEAK:
-                _fence.release()  # payload (and earlier used entries) before this flags word
-            store64(u * DESC_SIZE + 8, written | (chain.id << 32) | (fl << 48))
-            u += chain.slots
-            freed += chain.slots
+        for obj, written in items:
+            if type(obj) is Bulk:
+                n = obj.n
+                slots = np.arange(u, u + n, dtype=np.int64)
+                past = slots >= q
+                slots[past] -= q
+                fl = np.where(past != wrap, _BOTH, 0).astype(np.uint64)
+                fl |= np.where(obj.writable & (obj.lens > 0), _WRITE, 0).astype(np.uint64)
+                vals = (np.asarray(written, np.uint64) | (obj.ids.astype(np.uint64) << np.uint64(32))
+                        | (fl << np.uint64(48)))
+                if _WEAK:
+                    _fence.release()
+                self.desc.np_scatter64(slots * 2 + 1, vals)
+                u += n
+                freed += n
+            else:
+                fl = used_flags | _WRITE if obj.writable_len else used_flags  # type: ignore[union-attr]
+                if _WEAK:
+                    _fence.release()  # payload (and earlier used entries) before this flags word
+                store64(u * DESC_SIZE + 8, written | (obj.id << 32) | (fl << 48))  # type: ignore[operator]
+                u += obj.slots  # type: ignore[union-attr]
+                freed += obj.slots  # type: ignore[union-attr]
             if u >= q:
                 u -= q
                 wrap = not wrap

@@ -1,0 +1,1 @@
+"""Virtio devices served over vhost-user."""

@@ -1,0 +1,902 @@
+"""virtio-net over vhost-user, with TAP, sink, loopback and generator ports.
+
+Queue layout (virtio 1.2 5.1.2): receiveq i = 2i, transmitq i = 2i+1, and
+with MQ the control queue after the last pair (QEMU and DPDK's virtio-user
+serve the control queue themselves; another front-end may hand it to us).
+
+Every frame on a ring carries a virtio-net header: 12 bytes whenever
+VERSION_1 or MRG_RXBUF is negotiated (`num_buffers` last), else the legacy
+10. Ports:
+
+- `tap:NAME`: a Linux TAP with IFF_VNET_HDR, so the header passes through
+  in both directions: tx is one `os.writev` of the chain's readable views,
+  rx one `os.readv` straight into the guest's writable views (mergeable rx
+  buffers gathered across chains), offloads set with TUNSETOFFLOAD from what
+  the guest acked. More than one pair opens an IFF_MULTI_QUEUE TAP.
+- `sink`: counts tx frames (lengths only, no copy) and drops them.
+- `loopback`: each pair's tx frames come back on its rx queue.
+- `gen[:SIZE]`: rx queues are filled with SIZE-byte frames as fast as the
+  driver posts buffers (an rx benchmark); tx is counted and dropped.
+
+The per-queue loops are the hot path and are written for speed: whole
+batches per step, lengths summed without touching payload, no per-packet
+allocation beyond the queue engine's own.
+"""
+
+from __future__ import annotations
+
+import enum
+import fcntl
+import logging
+import os
+import random
+import struct
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from pyvirtio.queue import Chain
+from pyvirtio.spec import Feature, features_str
+from pyvirtio.vhost_user.backend import QueueCounters, QueueHandle, QueueWorker, VirtioDevice
+from pyvirtio.vhost_user.protocol import ProtocolFeature
+
+log = logging.getLogger(__name__)
+
+
+class NetFeature(enum.IntFlag):
+    """virtio-net device feature bits (virtio 1.2 5.1.3)."""
+
+    CSUM = 1 << 0
+    GUEST_CSUM = 1 << 1
+    CTRL_GUEST_OFFLOADS = 1 << 2
+    MTU = 1 << 3
+    MAC = 1 << 5
+    GUEST_TSO4 = 1 << 7
+    GUEST_TSO6 = 1 << 8
+    GUEST_ECN = 1 << 9
+    GUEST_UFO = 1 << 10
+    HOST_TSO4 = 1 << 11
+    HOST_TSO6 = 1 << 12
+    HOST_ECN = 1 << 13
+    HOST_UFO = 1 << 14
+    MRG_RXBUF = 1 << 15
+    STATUS = 1 << 16
+    CTRL_VQ = 1 << 17
+    CTRL_RX = 1 << 18
+    CTRL_VLAN = 1 << 19
+    GUEST_ANNOUNCE = 1 << 21
+    MQ = 1 << 22
+    CTRL_MAC_ADDR = 1 << 23
+
+
+class _AllFeatures(enum.IntFlag):
+    """For `features_str`: ring and net bits together."""
+
+    CSUM = NetFeature.CSUM
+    GUEST_CSUM = NetFeature.GUEST_CSUM
+    MTU = NetFeature.MTU
+    MAC = NetFeature.MAC
+    GUEST_TSO4 = NetFeature.GUEST_TSO4
+    GUEST_TSO6 = NetFeature.GUEST_TSO6
+    GUEST_ECN = NetFeature.GUEST_ECN
+    GUEST_UFO = NetFeature.GUEST_UFO
+    HOST_TSO4 = NetFeature.HOST_TSO4
+    HOST_TSO6 = NetFeature.HOST_TSO6
+    HOST_ECN = NetFeature.HOST_ECN
+    HOST_UFO = NetFeature.HOST_UFO
+    MRG_RXBUF = NetFeature.MRG_RXBUF
+    STATUS = NetFeature.STATUS
+    CTRL_VQ = NetFeature.CTRL_VQ
+    MQ = NetFeature.MQ
+    ANY_LAYOUT = Feature.ANY_LAYOUT
+    INDIRECT_DESC = Feature.RING_INDIRECT_DESC
+    EVENT_IDX = Feature.RING_EVENT_IDX
+    PROTOCOL_FEATURES = 1 << 30
+    VERSION_1 = Feature.VERSION_1
+    RING_PACKED = Feature.RING_PACKED
+
+
+#: virtio_net_hdr: flags u8, gso_type u8, hdr_len u16, gso_size u16,
+#: csum_start u16, csum_offset u16, num_buffers u16 (12-byte form)
+NET_HDR = struct.Struct("<BBHHHHH")
+NET_HDR_SIZE = 12
+LEGACY_NET_HDR_SIZE = 10
+HDR_F_NEEDS_CSUM = 1
+HDR_F_DATA_VALID = 2
+GSO_NONE = 0
+GSO_TCPV4 = 1
+GSO_UDP = 3
+GSO_TCPV6 = 4
+GSO_ECN = 0x80
+_U16 = struct.Struct("<H")
+
+# control queue (5.1.6.5)
+CTRL_RX = 0
+CTRL_MAC = 1
+CTRL_VLAN = 2
+CTRL_ANNOUNCE = 3
+CTRL_MQ = 4
+CTRL_GUEST_OFFLOADS = 5
+CTRL_MQ_VQ_PAIRS_SET = 0
+CTRL_OK = 0
+CTRL_ERR = 1
+
+STATUS_LINK_UP = 1
+#: config: mac[6], status u16, max_virtqueue_pairs u16, mtu u16
+NET_CONFIG = struct.Struct("<6sHHH")
+
+#: the largest frame a guest may hand over with TSO/UFO (64 KiB + Ethernet header)
+MAX_GSO_FRAME = 65536 + 14 + 4
+
+# TAP ioctls (linux/if_tun.h)
+TUNSETIFF = 0x400454CA
+TUNSETOFFLOAD = 0x400454D0
+TUNSETVNETHDRSZ = 0x400454D8
+IFF_TAP = 0x0002
+IFF_MULTI_QUEUE = 0x0100
+IFF_NO_PI = 0x1000
+IFF_VNET_HDR = 0x4000
+TUN_F_CSUM = 0x01
+TUN_F_TSO4 = 0x02
+TUN_F_TSO6 = 0x04
+TUN_F_TSO_ECN = 0x08
+TUN_F_UFO = 0x10
+
+#: offloads every port handles on tx (frames go to a TAP, a counter, or back to rx)
+TX_OFFLOADS = (NetFeature.CSUM | NetFeature.HOST_TSO4 | NetFeature.HOST_TSO6 | NetFeature.HOST_ECN)
+RX_OFFLOADS = (NetFeature.GUEST_CSUM | NetFeature.GUEST_TSO4 | NetFeature.GUEST_TSO6 | NetFeature.GUEST_ECN)
+
+
+def _checksum(data: bytes | bytearray | memoryview) -> int:
+    """Internet checksum (RFC 1071) of `data`, complemented."""
+    if len(data) % 2:
+        data = bytes(data) + b"\0"
+    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return ~s & 0xFFFF
+
+
+# --- frame delivery into rx chains ----------------------------------------------------
+
+
+def deliver(held: deque[Chain], frame: bytes | bytearray | memoryview, hdr_len: int, mergeable: bool,
+            done: list[tuple[Chain, int]]) -> int:
+    """Copy one frame (header included) into the chains at the front of
+    `held`, appending (chain, written) to `done`. Returns the chains used
+    (0: not enough buffers held; nothing was taken). With `mergeable`, a
+    frame may span chains and `num_buffers` is set; otherwise one chain must
+    hold it all."""
+    c = held[0]
+    n = len(frame)
+    if n <= c.writable_len:
+        v = c.writable[0]
+        if len(v) >= n:
+            v[:n] = frame
+        else:
+            c.write(frame)
+        held.popleft()
+        done.append((c, n))
+        return 1
+    if not mergeable:
+        return 0
+    need = n
+    k = 0
+    for c in held:
+        k += 1
+        need -= c.writable_len
+        if need <= 0:
+            break
+    if need > 0:
+        return 0
+    mv = memoryview(frame)
+    pos = 0
+    for i in range(k):
+        c = held.popleft()
+        take = min(c.writable_len, n - pos)
+        c.write(mv[pos:pos + take])
+        done.append((c, take))
+        pos += take
+    first = done[-k][0]
+    first.write(_U16.pack(k), 10)
+    return k
+
+
+class RxSource:
+    """Where a pair's received frames come from. `fd`: poll it when empty."""
+
+    fd: int | None = None
+
+    def fill(self, held: deque[Chain], done: list[tuple[Chain, int]], c: QueueCounters,
+             more: Callable[[], list[Chain]]) -> bool:
+        """Deliver frames into `held` chains; return False when the source had
+        no frame ready (the worker then waits on `fd`)."""
+        raise NotImplementedError
+
+    def wait_ready(self, worker: QueueWorker) -> None:
+        if self.fd is not None:
+            worker.wait([self.fd])
+        else:
+            worker.wait([])
+
+
+# --- ports -------------------------------------------------------------------------------
+
+
+class Port:
+    """One kind of network behind the device (the `--backend`)."""
+
+    name = "port"
+    #: feature bits the port can offer on top of the device's base set
+    offloads: int = int(TX_OFFLOADS)
+
+    def configure(self, features: int, hdr_len: int) -> None:
+        """The guest acked `features`; frames carry `hdr_len`-byte headers."""
+        self.features = features
+        self.hdr_len = hdr_len
+
+    def tx(self, pair: int, chains: list[Chain], c: QueueCounters) -> None:
+        raise NotImplementedError
+
+    def rx_source(self, pair: int) -> RxSource | None:
+        return None
+
+    def reset(self) -> None:
+        """The front-end went away."""
+
+    def stats(self) -> dict[str, Any]:
+        return {}
+
+    def close(self) -> None:
+        pass
+
+
+class SinkPort(Port):
+    """Counts tx frames and drops them; never receives."""
+
+    name = "sink"
+    hdr_len = NET_HDR_SIZE
+
+    def tx(self, pair: int, chains: list[Chain], c: QueueCounters) -> None:
+        # Hot path: lengths only, the payload is never touched.
+        n = len(chains)
+        c.packets += n
+        c.bytes += sum([ch.readable_len for ch in chains]) - self.hdr_len * n
+
+
+class _GenSource(RxSource):
+    def __init__(self, port: GenPort) -> None:
+        self.port = port
+
+    def fill(self, held: deque[Chain], done: list[tuple[Chain, int]], c: QueueCounters,
+             more: Callable[[], list[Chain]]) -> bool:
+        # Hot path: one slice assignment per frame.
+        frame = self.port.frame
+        n = len(frame)
+        payload = n - self.port.hdr_len
+        hdr_len = self.port.hdr_len
+        mergeable = self.port.mergeable
+        delivered = 0
+        append = done.append
+        while held:
+            ch = held[0]
+            v = ch.writable[0] if ch.writable else None
+            if v is not None and len(v) >= n:
+                v[:n] = frame
+                held.popleft()
+                append((ch, n))
+            elif not deliver(held, frame, hdr_len, mergeable, done):
+                if not mergeable:  # a buffer too small for the frame: return it empty
+                    held.popleft()
+                    append((ch, 0))
+                    c.dropped += 1
+                    continue
+                extra = more()
+                if not extra:
+                    break
+                held.extend(extra)
+                continue
+            delivered += 1
+        c.packets += delivered
+        c.bytes += delivered * payload
+        return True
+
+
+class GenPort(SinkPort):
+    """rx: SIZE-byte frames as fast as buffers come; tx: counted and dropped."""
+
+    name = "gen"
+
+    def __init__(self, size: int = 64, mac: bytes = b"\x02\0\0\0\0\x01") -> None:
+        if not 14 <= size <= 65535:
+            raise ValueError(f"generated frame size {size} is not in 14..65535")
+        self.size = size
+        self.mac = mac
+        self.hdr_len = NET_HDR_SIZE
+        self.mergeable = False
+        self._build()
+
+    def _build(self) -> None:
+        hdr = bytearray(self.hdr_len)
+        if self.hdr_len == NET_HDR_SIZE:
+            hdr[10:12] = _U16.pack(1)
+        src = b"\x02\x00\x00\x00\x00\x02"
+        eth = self.mac + src + b"\x88\xb5"  # local experimental ethertype
+        body = bytes(i & 0xFF for i in range(self.size - len(eth)))
+        self.frame = bytes(hdr) + eth + body
+
+    def configure(self, features: int, hdr_len: int) -> None:
+        super().configure(features, hdr_len)
+        self.mergeable = bool(features & NetFeature.MRG_RXBUF)
+        self._build()
+
+    def rx_source(self, pair: int) -> RxSource | None:
+        return _GenSource(self)
+
+
+class _LoopQueue(RxSource):
+    """Frames a pair's tx queue sent, waiting for its rx queue."""
+
+    LIMIT = 4096
+
+    def __init__(self, port: LoopbackPort) -> None:
+        self.port = port
+        self.frames: deque[bytes] = deque()
+        self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.waiting = False
+
+    def push(self, frames: list[bytes], c: QueueCounters) -> None:
+        room = self.LIMIT - len(self.frames)
+        if room < len(frames):
+            c.dropped += len(frames) - max(room, 0)
+            frames = frames[: max(room, 0)]
+        self.frames.extend(frames)
+        if self.waiting:
+            try:
+                os.eventfd_write(self.fd, 1)
+            except OSError:
+                pass
+
+    def fill(self, held: deque[Chain], done: list[tuple[Chain, int]], c: QueueCounters,
+             more: Callable[[], list[Chain]]) -> bool:
+        frames = self.frames
+        if not frames:
+            return False
+        hdr_len = self.port.hdr_len
+        mergeable = self.port.mergeable
+        fix = self.port.fix_header
+        while frames and held:
+            frame = frames[0]
+            if frame[0] | frame[1]:  # offload flags or GSO: make them valid for this guest
+                fixed = fix(frame)
+                if fixed is None:
+                    frames.popleft()
+                    c.dropped += 1
+                    continue
+                frame = frames[0] = fixed
+            elif hdr_len == NET_HDR_SIZE and (frame[10] != 1 or frame[11]):
+                frame = frames[0] = frame[:10] + b"\x01\x00" + frame[12:]
+            if not deliver(held, frame, hdr_len, mergeable, done):
+                if not mergeable and held[0].writable_len < len(frame):
+                    frames.popleft()  # cannot ever fit one buffer: drop it, keep the buffer
+                    c.dropped += 1
+                    continue
+                got = more()
+                if not got:
+                    break
+                held.extend(got)
+                continue
+            frames.popleft()
+            c.packets += 1
+            c.bytes += len(frame) - hdr_len
+        return True
+
+    def wait_ready(self, worker: QueueWorker) -> None:
+        self.waiting = True
+        try:
+            if not self.frames:  # re-check after announcing: a push in between wakes us
+                worker.wait([self.fd])
+        finally:
+            self.waiting = False
+            try:
+                os.eventfd_read(self.fd)
+            except BlockingIOError:
+                pass
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class LoopbackPort(Port):
+    """Each pair's tx frames come back on its rx queue (header included)."""
+
+    name = "loopback"
+    offloads = int(TX_OFFLOADS | RX_OFFLOADS)
+
+    def __init__(self, pairs: int) -> None:
+        self.queues = [_LoopQueue(self) for _ in range(pairs)]
+        self.hdr_len = NET_HDR_SIZE
+        self.features = 0
+        self.mergeable = False
+
+    def configure(self, features: int, hdr_len: int) -> None:
+        super().configure(features, hdr_len)
+        self.mergeable = bool(features & NetFeature.MRG_RXBUF)
+
+    def tx(self, pair: int, chains: list[Chain], c: QueueCounters) -> None:
+        frames = [ch.readable[0].tobytes() if len(ch.readable) == 1 else b"".join(ch.readable)
+                  for ch in chains]
+        c.packets += len(frames)
+        c.bytes += sum(map(len, frames)) - self.hdr_len * len(frames)
+        self.queues[pair].push(frames, c)
+
+    def rx_source(self, pair: int) -> RxSource | None:
+        return self.queues[pair]
+
+    def fix_header(self, frame: bytes) -> bytes | None:
+        """A tx header made valid for rx: checksum in software if the guest
+        cannot take NEEDS_CSUM; None (drop) for GSO it did not ack."""
+        h = self.hdr_len
+        flags, gso, _hl, _gs, start, off = struct.unpack_from("<BBHHHH", frame)
+        f = self.features
+        gso_ok = {GSO_NONE: True, GSO_TCPV4: f & NetFeature.GUEST_TSO4, GSO_TCPV6: f & NetFeature.GUEST_TSO6,
+                  GSO_UDP: f & NetFeature.GUEST_UFO}.get(gso & ~GSO_ECN, False)
+        if not gso_ok or (gso & GSO_ECN and not f & NetFeature.GUEST_ECN):
+            return None
+        out = bytearray(frame)
+        if flags & HDR_F_NEEDS_CSUM and not f & NetFeature.GUEST_CSUM:
+            if gso != GSO_NONE:
+                return None
+            data = out[h:]
+            if start + off + 2 > len(data):
+                return None
+            csum = _checksum(data[start:])
+            out[h + start + off:h + start + off + 2] = struct.pack("!H", csum)
+            out[0] = flags & ~HDR_F_NEEDS_CSUM
+        if h == NET_HDR_SIZE:
+            out[10:12] = _U16.pack(1)
+        return bytes(out)
+
+    def reset(self) -> None:
+        for q in self.queues:
+            q.frames.clear()
+
+    def stats(self) -> dict[str, Any]:
+        return {"queued": [len(q.frames) for q in self.queues]}
+
+    def close(self) -> None:
+        for q in self.queues:
+            q.close()
+
+
+class _TapSource(RxSource):
+    def __init__(self, port: TapPort, fd: int) -> None:
+        self.port = port
+        self.fd = fd
+
+    def fill(self, held: deque[Chain], done: list[tuple[Chain, int]], c: QueueCounters,
+             more: Callable[[], list[Chain]]) -> bool:
+        port = self.port
+        fd = self.fd
+        hdr_len = port.hdr_len
+        mergeable = port.mergeable
+        want = port.rx_capacity
+        got_any = False
+        for _ in range(64):  # bounded work per call
+            if not held:
+                extra = more()
+                if not extra:
+                    break
+                held.extend(extra)
+            if mergeable:
+                # Gather buffers until a maximal frame fits, then one readv.
+                cap = 0
+                k = 0
+                for ch in held:
+                    cap += ch.writable_len
+                    k += 1
+                    if cap >= want:
+                        break
+                while cap < want:
+                    extra = more()
+                    if not extra:
+                        break
+                    held.extend(extra)
+                    for ch in extra:
+                        cap += ch.writable_len
+                        k += 1
+                        if cap >= want:
+                            break
+                views: list[memoryview] = []
+                for i in range(k):
+                    views.extend(held[i].writable)
+            else:
+                views = held[0].writable
+            try:
+                n = os.readv(fd, views)
+            except BlockingIOError:
+                return got_any
+            except OSError as e:
+                log.warning("tap %s: read failed: %s", port.ifname, e)
+                return got_any
+            got_any = True
+            if n < hdr_len:
+                c.dropped += 1
+                continue
+            if mergeable:
+                left = n
+                used = 0
+                while left > 0:
+                    ch = held.popleft()
+                    take = min(left, ch.writable_len)
+                    done.append((ch, take))
+                    left -= take
+                    used += 1
+                first = done[-used][0]
+                first.write(_U16.pack(used), 10)
+            else:
+                ch = held.popleft()
+                done.append((ch, n))
+                if hdr_len == NET_HDR_SIZE:
+                    ch.write(b"\x01\x00", 10)
+            c.packets += 1
+            c.bytes += n - hdr_len
+        return True
+
+
+class TapPort(Port):
+    """A Linux TAP interface with the virtio-net header passed through."""
+
+    name = "tap"
+
+    def __init__(self, ifname: str, pairs: int = 1) -> None:
+        if not ifname or len(ifname.encode()) > 15:
+            raise ValueError(f"TAP name {ifname!r} must be 1..15 bytes")
+        self.ifname = ifname
+        flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | (IFF_MULTI_QUEUE if pairs > 1 else 0)
+        self.fds: list[int] = []
+        try:
+            for _ in range(pairs):
+                fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+                self.fds.append(fd)
+                fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", ifname.encode(), flags))
+                fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", NET_HDR_SIZE))
+                os.set_blocking(fd, False)
+        except OSError:
+            self.close()
+            raise
+        self.hdr_len = NET_HDR_SIZE
+        self.mergeable = False
+        self.rx_capacity = 1514 + NET_HDR_SIZE
+        # What the TAP will accept as offloads decides what we offer.
+        offloads = int(TX_OFFLOADS | RX_OFFLOADS)
+        try:
+            fcntl.ioctl(self.fds[0], TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN)
+        except OSError:
+            offloads = int(NetFeature.CSUM | NetFeature.GUEST_CSUM)
+        try:
+            fcntl.ioctl(self.fds[0], TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_UFO)
+            offloads |= NetFeature.HOST_UFO | NetFeature.GUEST_UFO
+        except OSError:
+            pass
+        fcntl.ioctl(self.fds[0], TUNSETOFFLOAD, 0)
+        self.offloads = offloads
+        log.info("tap %s: %d queue(s), offloads %s", ifname, pairs, features_str(offloads, NetFeature))
+
+    def configure(self, features: int, hdr_len: int) -> None:
+        super().configure(features, hdr_len)
+        self.mergeable = bool(features & NetFeature.MRG_RXBUF)
+        off = 0
+        if features & NetFeature.GUEST_CSUM:
+            off |= TUN_F_CSUM
+            if features & NetFeature.GUEST_TSO4:
+                off |= TUN_F_TSO4
+            if features & NetFeature.GUEST_TSO6:
+                off |= TUN_F_TSO6
+            if features & NetFeature.GUEST_ECN and off & (TUN_F_TSO4 | TUN_F_TSO6):
+                off |= TUN_F_TSO_ECN
+            if features & NetFeature.GUEST_UFO:
+                off |= TUN_F_UFO
+        gso = off & (TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_UFO)
+        self.rx_capacity = (MAX_GSO_FRAME if gso else 1514 + 4) + hdr_len
+        for fd in self.fds:
+            fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", hdr_len))
+            fcntl.ioctl(fd, TUNSETOFFLOAD, off)
+        log.info("tap %s: header %d bytes, offloads to guest %#x", self.ifname, hdr_len, off)
+
+    def tx(self, pair: int, chains: list[Chain], c: QueueCounters) -> None:
+        fd = self.fds[pair]
+        writev = os.writev
+        hdr = self.hdr_len
+        sent = nbytes = 0
+        for ch in chains:
+            try:
+                writev(fd, ch.readable)
+            except BlockingIOError:
+                c.dropped += 1
+                continue
+            except OSError as e:  # e.g. EINVAL for a header the kernel refuses
+                log.debug("tap %s: write failed: %s", self.ifname, e)
+                c.dropped += 1
+                continue
+            sent += 1
+            nbytes += ch.readable_len - hdr
+        c.packets += sent
+        c.bytes += nbytes
+
+    def rx_source(self, pair: int) -> RxSource | None:
+        return _TapSource(self, self.fds[pair])
+
+    def close(self) -> None:
+        for fd in self.fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.fds = []
+
+
+def make_port(spec: str, pairs: int, mac: bytes) -> Port:
+    """`tap:NAME`, `sink`, `loopback`, `gen` or `gen:SIZE`."""
+    kind, _, arg = spec.partition(":")
+    if kind == "sink" and not arg:
+        return SinkPort()
+    if kind == "loopback" and not arg:
+        return LoopbackPort(pairs)
+    if kind == "gen":
+        return GenPort(int(arg) if arg else 64, mac)
+    if kind == "tap" and arg:
+        return TapPort(arg, pairs)
+    raise ValueError(f"unknown net backend {spec!r} (tap:NAME, sink, loopback, gen[:SIZE])")
+
+
+# --- queue workers --------------------------------------------------------------------
+
+
+class _TxWorker(QueueWorker):
+    def __init__(self, q: QueueHandle, port: Port, pair: int, batch: int) -> None:
+        super().__init__(q)
+        self.port = port
+        self.pair = pair
+        self.batch = batch
+
+    def run(self) -> None:
+        # Hot path: written for speed (locals; one pop, one tx, one flush per batch).
+        vq = self.vq
+        pop = vq.pop_batch
+        complete = vq.complete
+        flush = vq.flush
+        tx = self.port.tx
+        pair = self.pair
+        c = self.counters
+        batch = self.batch
+        call = self.q.call
+        while not self.stopping:
+            chains = pop(batch)
+            if chains:
+                if self.enabled:
+                    tx(pair, chains, c)
+                else:  # started but disabled: consume and drop (vhost-user 2.4)
+                    c.dropped += len(chains)
+                for ch in chains:
+                    complete(ch, 0)
+                if flush():
+                    call()
+                continue
+            self.sleep_for_kick()
+
+
+class _RxWorker(QueueWorker):
+    def __init__(self, q: QueueHandle, device: NetDevice, source: RxSource | None, pair: int,
+                 batch: int) -> None:
+        super().__init__(q)
+        self.device = device
+        self.source = source
+        self.pair = pair
+        self.batch = batch
+
+    def run(self) -> None:
+        vq = self.vq
+        src = self.source
+        held: deque[Chain] = deque()
+        done: list[tuple[Chain, int]] = []
+        c = self.counters
+        batch = self.batch
+        complete = vq.complete
+
+        def more() -> list[Chain]:
+            return vq.pop_batch(batch)
+
+        while not self.stopping:
+            if src is None or not self.enabled or self.pair >= self.device.active_pairs:
+                self.wait([])  # until enabled or stopped
+                continue
+            if not held:
+                chains = vq.pop_batch(batch)
+                if not chains:
+                    self.sleep_for_kick()
+                    continue
+                held.extend(chains)
+            ready = src.fill(held, done, c, more)
+            if done:
+                for ch, written in done:
+                    complete(ch, written)
+                done.clear()
+                if vq.flush():
+                    self.q.call()
+            if not ready:
+                src.wait_ready(self)
+        # Chains still held were never written: abandoned, offered again on restart.
+        held.clear()
+
+
+class _CtrlWorker(QueueWorker):
+    def __init__(self, q: QueueHandle, device: NetDevice) -> None:
+        super().__init__(q)
+        self.device = device
+
+    def run(self) -> None:
+        vq = self.vq
+        while not self.stopping:
+            chains = vq.pop_batch(16)
+            if not chains:
+                self.sleep_for_kick()
+                continue
+            for ch in chains:
+                data = ch.read()
+                ack = self.device.control(data) if len(data) >= 2 else CTRL_ERR
+                written = ch.write(bytes([ack])) if ch.writable_len else 0
+                self.counters.packets += 1
+                vq.complete(ch, written)
+            self.publish()
+
+
+# --- the device -----------------------------------------------------------------------
+
+
+class NetDevice(VirtioDevice):
+    """virtio-net with one `Port` behind it and `queue_pairs` queue pairs."""
+
+    name = "net"
+
+    def __init__(self, backend: str = "sink", *, queue_pairs: int = 1, mtu: int = 1500,
+                 mac: bytes | None = None, queue_size_max: int = 1024, batch: int = 256,
+                 port: Port | None = None) -> None:
+        if not 1 <= queue_pairs <= 127:
+            raise ValueError(f"queue pairs {queue_pairs} is not in 1..127")
+        if not 68 <= mtu <= 65535:
+            raise ValueError(f"MTU {mtu} is not in 68..65535")
+        self.mac = mac if mac is not None else bytes([0x02] + [random.randrange(256) for _ in range(5)])
+        if len(self.mac) != 6:
+            raise ValueError("a MAC address is 6 bytes")
+        self.backend_spec = backend
+        self.port = port if port is not None else make_port(backend, queue_pairs, self.mac)
+        self.pairs = queue_pairs
+        self.active_pairs = queue_pairs
+        self.mtu = mtu
+        self.batch = batch
+        self.queue_size_max = queue_size_max
+        self.num_queues = 2 * queue_pairs + (1 if queue_pairs > 1 else 0)
+        self.queue_num = queue_pairs
+        feats = (Feature.VERSION_1 | Feature.RING_EVENT_IDX | Feature.RING_PACKED | Feature.RING_INDIRECT_DESC
+                 | Feature.ANY_LAYOUT | NetFeature.MRG_RXBUF | NetFeature.MTU | NetFeature.MAC
+                 | NetFeature.STATUS)
+        feats |= self.port.offloads
+        if queue_pairs > 1:
+            feats |= NetFeature.MQ | NetFeature.CTRL_VQ
+        self.features = int(feats)
+        self.protocol_features = int(ProtocolFeature.MQ | ProtocolFeature.NET_MTU)
+        self.negotiated = 0
+        self.hdr_len = NET_HDR_SIZE
+        self.workers: dict[int, QueueWorker] = {}
+        self.status = 0
+
+    # -- VirtioDevice ---------------------------------------------------------------
+
+    def queue_role(self, index: int) -> str:
+        if index == 2 * self.pairs:
+            return "ctrl"
+        return f"{'tx' if index & 1 else 'rx'}{index // 2}"
+
+    def config(self) -> bytes:
+        return NET_CONFIG.pack(self.mac, STATUS_LINK_UP, self.pairs, self.mtu)
+
+    def set_features(self, features: int) -> None:
+        self.negotiated = features
+        self.hdr_len = NET_HDR_SIZE if features & (Feature.VERSION_1 | NetFeature.MRG_RXBUF) else LEGACY_NET_HDR_SIZE
+        self.port.configure(features, self.hdr_len)
+        log.info("net: features %s, header %d bytes", features_str(features, _AllFeatures), self.hdr_len)
+
+    def set_mtu(self, mtu: int) -> bool:
+        if not 68 <= mtu <= 65535:
+            return False
+        self.mtu = mtu
+        return True
+
+    def set_status(self, status: int) -> None:
+        self.status = status
+
+    def start_queue(self, q: QueueHandle) -> None:
+        i = q.index
+        worker: QueueWorker
+        if i == 2 * self.pairs:
+            worker = _CtrlWorker(q, self)
+        elif i & 1:
+            worker = _TxWorker(q, self.port, i // 2, self.batch)
+        else:
+            worker = _RxWorker(q, self, self.port.rx_source(i // 2), i // 2, self.batch)
+        self.workers[i] = worker
+        worker.start()
+
+    def stop_queue(self, index: int) -> None:
+        w = self.workers.pop(index, None)
+        if w is not None:
+            w.stop()
+
+    def enable_queue(self, index: int, enabled: bool) -> None:
+        w = self.workers.get(index)
+        if w is not None:
+            w.set_enabled(enabled)
+
+    def reset(self) -> None:
+        for i in list(self.workers):
+            self.stop_queue(i)
+        self.active_pairs = self.pairs
+        self.port.reset()
+        self.status = 0
+
+    def close(self) -> None:
+        self.reset()
+        self.port.close()
+
+    def stats(self) -> dict[str, Any]:
+        return {"backend": self.backend_spec, "queue_pairs": self.pairs, "active_pairs": self.active_pairs,
+                "mtu": self.mtu, "mac": self.mac.hex(":"), "header": self.hdr_len,
+                "negotiated": features_str(self.negotiated, _AllFeatures), **self.port.stats()}
+
+    # -- control queue ------------------------------------------------------------
+
+    def control(self, data: bytes) -> int:
+        """One control command (class, command, data); returns the ack byte."""
+        cls, cmd = data[0], data[1]
+        body = data[2:]
+        if cls == CTRL_MQ and cmd == CTRL_MQ_VQ_PAIRS_SET:
+            if len(body) < 2:
+                return CTRL_ERR
+            pairs = _U16.unpack_from(body)[0]
+            if not 1 <= pairs <= self.pairs:
+                log.warning("net: guest asked for %d queue pairs of %d", pairs, self.pairs)
+                return CTRL_ERR
+            self.active_pairs = pairs
+            for w in self.workers.values():
+                w.wake()
+            log.info("net: %d queue pair(s) active", pairs)
+            return CTRL_OK
+        if cls == CTRL_GUEST_OFFLOADS:
+            return CTRL_OK if len(body) >= 8 else CTRL_ERR
+        if cls in (CTRL_RX, CTRL_MAC, CTRL_VLAN, CTRL_ANNOUNCE):
+            return CTRL_OK  # no filtering: every frame is delivered
+        return CTRL_ERR
+
+
+def parse_mac(text: str) -> bytes:
+    parts = text.split(":")
+    if len(parts) != 6:
+        raise ValueError(f"{text!r} is not a MAC address")
+    return bytes(int(p, 16) for p in parts)
+
+
+__all__ = [
+    "NET_HDR",
+    "NET_HDR_SIZE",
+    "GenPort",
+    "LoopbackPort",
+    "NetDevice",
+    "NetFeature",
+    "Port",
+    "SinkPort",
+    "TapPort",
+    "deliver",
+    "make_port",
+    "parse_mac",
+]

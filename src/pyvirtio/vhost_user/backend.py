@@ -1,0 +1,1012 @@
+"""The device-independent vhost-user back-end: a state machine over decoded messages.
+
+`Backend.handle(message)` applies one front-end request (feature and
+protocol-feature negotiation, memory table, per-ring setup, status, config)
+and returns the reply to send, if the request calls for one. It never touches
+a socket: `pyvirtio.vhost_user.server` owns the connection and feeds it.
+
+A device plugs in as a `VirtioDevice`: it offers feature bits and a config
+space, and serves each virtqueue the back-end hands it (`start_queue` with a
+`QueueHandle`) until the back-end takes it back (`stop_queue`). `QueueWorker`
+is the thread most devices want for that: pop a batch, handle it, publish,
+and sleep on the kick eventfd only after arming.
+
+Ring life cycle (see `reference/vhost-user.md` 2.4). Each ring has two
+independent flags:
+
+- *started*: it has a size (SET_VRING_NUM), addresses (SET_VRING_ADDR), a
+  kick (SET_VRING_KICK, an eventfd or NOFD for polling) and guest memory; a
+  worker serves it. GET_VRING_BASE stops it again (and closes its kick fd).
+- *enabled*: SET_VRING_ENABLE. Once VHOST_USER_F_PROTOCOL_FEATURES (bit 30)
+  is acked, rings start disabled until SET_VRING_ENABLE 1; without it they
+  are enabled. A started but disabled ring is still served by its worker;
+  the device decides what "disabled" means (net: drop tx, deliver no rx).
+
+Split rings resume from SET_VRING_BASE's avail index and the used index read
+from guest memory; when they differ the buffers in between are offered again
+(last_avail := used->idx, as DPDK and libvhost-user do). GET_VRING_BASE
+answers the used position for the same reason: chains the device holds but
+never completed (rx buffers waiting for frames) are handed back, not lost.
+
+Whose fault: anything the front-end asked for that cannot be done (a ring
+address outside its memory, a feature it was never offered, a region past
+the end of its file) raises `FrontendProtocolError`, and the server drops
+the connection. A guest's broken ring (`QueueError`) only retires that ring.
+"""
+
+from __future__ import annotations
+
+import abc
+import gc
+import logging
+import os
+import select
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from pyvirtio.memory import CountingMemory, GuestMemory, GuestMemoryError, Region
+from pyvirtio.queue import Policy, QueueError, QueueState, Virtqueue, guest_used_idx
+from pyvirtio.queue.virtqueue import QueueStats
+from pyvirtio.spec import (
+    DESC_SIZE,
+    MAX_QUEUE_SIZE,
+    Feature,
+    avail_size,
+    is_power_of_two,
+    used_size,
+)
+from pyvirtio.vhost_user.codec import (
+    U64,
+    Config,
+    Decoder,
+    Features,
+    FrontendProtocolError,
+    InflightInfo,
+    MemoryRegion,
+    MemRegMsg,
+    Message,
+    SetMemTable,
+    Status,
+    VringAddr,
+    VringFd,
+    VringState,
+    encode_ack,
+    encode_inflight_reply,
+    encode_reply,
+    join_packed_vring_base,
+    needs_reply,
+    split_packed_vring_base,
+)
+from pyvirtio.vhost_user.protocol import (
+    MAX_CONFIG_SIZE,
+    VHOST_USER_F_PROTOCOL_FEATURES,
+    ProtocolFeature,
+    Request,
+)
+
+log = logging.getLogger(__name__)
+
+#: Protocol features the back-end itself implements for every device.
+BASE_PROTOCOL_FEATURES = (ProtocolFeature.REPLY_ACK | ProtocolFeature.STATUS
+                          | ProtocolFeature.CONFIGURE_MEM_SLOTS)
+#: Memory slots offered with CONFIGURE_MEM_SLOTS (libvhost-user's number).
+MAX_MEM_SLOTS = 32
+
+Reply = tuple[bytes, tuple[int, ...]]
+
+
+# --- counters ------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class QueueCounters:
+    """What one queue index did since the process started (all connections).
+
+    The worker thread updates these; readers see a consistent-enough
+    snapshot under the GIL.
+    """
+
+    packets: int = 0       # frames / requests handled
+    bytes: int = 0         # payload bytes (net: without the virtio-net header)
+    dropped: int = 0       # frames dropped (no buffer, ring disabled, backend refused)
+    kicks: int = 0         # wake-ups with a kick (eventfd reads that returned a count)
+    kick_count: int = 0    # sum of the eventfd counters (front-end notifications)
+    interrupts: int = 0    # call eventfd writes
+    sleeps: int = 0        # times the worker slept on its kick fd
+    errors: int = 0        # ring violations (QueueError) and worker failures
+    starts: int = 0        # times the ring was started
+
+    def as_dict(self) -> dict[str, int]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def _add_stats(total: QueueStats, s: QueueStats) -> None:
+    for f in fields(QueueStats):
+        setattr(total, f.name, getattr(total, f.name) + getattr(s, f.name))
+
+
+# --- what a device sees of a ring --------------------------------------------------
+
+
+class QueueHandle:
+    """One started ring as handed to the device.
+
+    `vq` is the engine queue, `kick_fd` the eventfd the front-end kicks (None:
+    polling, no kicks), `counters` the queue's counters. `call()` signals a
+    used-buffer notification on the ring's current call eventfd (the front-end
+    may replace it at any time); `fail(exc)` retires the ring after a guest
+    protocol violation (logs it, signals the error eventfd).
+    """
+
+    __slots__ = ("_on_fail", "_ring", "counters", "index", "kick_fd", "name", "vq")
+
+    def __init__(self, index: int, vq: Virtqueue, kick_fd: int | None, counters: QueueCounters,
+                 ring: _Ring, on_fail: Callable[[int, BaseException], None]) -> None:
+        self.index = index
+        self.vq = vq
+        self.kick_fd = kick_fd
+        self.counters = counters
+        self.name = vq.name
+        self._ring = ring
+        self._on_fail = on_fail
+
+    def call(self) -> None:
+        """Send a used-buffer notification (if the front-end gave a call fd)."""
+        fd = self._ring.call_fd
+        if fd is None:
+            return
+        try:
+            os.eventfd_write(fd, 1)
+        except OSError as e:  # closed by the front-end: the interrupt is lost, not fatal
+            log.warning("%s: call eventfd write failed: %s", self.name, e)
+            return
+        self.counters.interrupts += 1
+
+    def fail(self, exc: BaseException) -> None:
+        self._on_fail(self.index, exc)
+
+
+class VirtioDevice(abc.ABC):
+    """A virtio device served over vhost-user. Subclass and fill in.
+
+    Class-level facts the back-end reads:
+
+    - `name`: for logs and stats;
+    - `features`: the feature bits offered (device and transport bits; bit 30
+      is added by the back-end);
+    - `protocol_features`: device-specific protocol features to offer on top
+      of `BASE_PROTOCOL_FEATURES` (MQ, CONFIG, NET_MTU, ...);
+    - `num_queues`: virtqueues the front-end may use (indices 0..n-1);
+    - `queue_num`: the GET_QUEUE_NUM answer (net: queue pairs; blk: queues);
+    - `queue_size_max`: the largest ring accepted.
+
+    The back-end calls the methods below from its control thread.
+    """
+
+    name: str = "virtio"
+    features: int = int(Feature.VERSION_1)
+    protocol_features: int = 0
+    num_queues: int = 1
+    queue_num: int = 1
+    queue_size_max: int = MAX_QUEUE_SIZE
+
+    def config(self) -> bytes:
+        """The device config space (for GET_CONFIG)."""
+        return b""
+
+    def set_config(self, offset: int, data: bytes, flags: int) -> bool:
+        """SET_CONFIG; return False to refuse (most config is read-only)."""
+        return False
+
+    def set_features(self, features: int) -> None:
+        """The front-end acked `features` (bit 30 removed). No ring runs."""
+
+    def set_mtu(self, mtu: int) -> bool:
+        """NET_SET_MTU; return False to refuse."""
+        return False
+
+    def set_status(self, status: int) -> None:
+        """The driver's status byte changed (SET_STATUS)."""
+
+    @abc.abstractmethod
+    def start_queue(self, q: QueueHandle) -> None:
+        """Start serving ring `q.index` (usually: start a `QueueWorker`)."""
+
+    @abc.abstractmethod
+    def stop_queue(self, index: int) -> None:
+        """Stop serving ring `index` and return only when nothing touches it
+        any more. Every chain the device handled must be completed and
+        flushed; chains it holds untouched are abandoned (the back-end offers
+        them again on restart)."""
+
+    def enable_queue(self, index: int, enabled: bool) -> None:
+        """SET_VRING_ENABLE (effective value) for a started ring."""
+
+    def reset(self) -> None:
+        """The front-end is gone or reset the device; every ring is stopped."""
+
+    def stats(self) -> dict[str, Any]:
+        """Device-level facts for the stats JSON."""
+        return {}
+
+    def queue_role(self, index: int) -> str:
+        """A short name of ring `index` for stats (net: rx0, tx0, ctrl)."""
+        return f"q{index}"
+
+    def close(self) -> None:
+        """Release device resources (process exit)."""
+
+
+# --- a worker thread per queue ---------------------------------------------------------
+
+
+class QueueWorker:
+    """A thread serving one ring. Subclasses implement `run()`.
+
+    `run()` loops until `self.stopping`; `sleep_for_kick()` is the sleep
+    boundary (drain stale kicks, arm, re-check, then block on the kick fd and
+    the worker's own wake eventfd). `wait(fds)` blocks on other fds (a TAP,
+    a frame source). `stop()` wakes the thread and joins it.
+    """
+
+    #: how long a polling-mode worker (no kick fd) naps when idle
+    POLL_NAP = 0.0002
+
+    def __init__(self, q: QueueHandle) -> None:
+        self.q = q
+        self.vq = q.vq
+        self.counters = q.counters
+        self.stopping = False
+        self.enabled = False
+        self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.kick_fd = q.kick_fd
+        if self.kick_fd is not None:
+            os.set_blocking(self.kick_fd, False)
+        self._kick_poll = select.poll()
+        self._kick_poll.register(self.wake_fd, select.POLLIN)
+        if self.kick_fd is not None:
+            self._kick_poll.register(self.kick_fd, select.POLLIN)
+        self.thread = threading.Thread(target=self._main, name=q.name, daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def wake(self) -> None:
+        try:
+            os.eventfd_write(self.wake_fd, 1)
+        except OSError:
+            pass
+
+    def set_enabled(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.wake()
+
+    def stop(self) -> None:
+        self.stopping = True
+        self.wake()
+        if self.thread.is_alive() and self.thread is not threading.current_thread():
+            self.thread.join()
+        try:
+            os.close(self.wake_fd)
+        except OSError:
+            pass
+        self.wake_fd = -1
+
+    def _main(self) -> None:
+        try:
+            self.run()
+        except QueueError as e:
+            self.q.fail(e)
+        except Exception as e:  # a device bug or a host I/O failure: retire this ring only
+            log.exception("%s: worker failed", self.q.name)
+            self.q.fail(e)
+
+    @abc.abstractmethod
+    def run(self) -> None:
+        """Serve the ring until `self.stopping` (flush before returning)."""
+
+    # -- helpers for run() ---------------------------------------------------------
+
+    def _drain_wake(self) -> None:
+        try:
+            os.eventfd_read(self.wake_fd)
+        except BlockingIOError:
+            pass
+
+    def drain_kick(self) -> None:
+        if self.kick_fd is None:
+            return
+        try:
+            n = os.eventfd_read(self.kick_fd)
+        except BlockingIOError:
+            return
+        c = self.counters
+        c.kicks += 1
+        c.kick_count += n
+
+    def sleep_for_kick(self) -> None:
+        """Call when `pop_batch` found nothing: arm, re-check, sleep."""
+        # Kicks that came while we worked are stale: drain them before
+        # arming; any kick after this point stays readable.
+        self.drain_kick()
+        if self.vq.arm():
+            return
+        if self.kick_fd is None:
+            time.sleep(self.POLL_NAP)  # polling mode: the front-end never kicks
+            return
+        self.counters.sleeps += 1
+        for fd, _ in self._kick_poll.poll():
+            if fd == self.wake_fd:
+                self._drain_wake()
+
+    def wait(self, fds: list[int], timeout: float | None = None) -> list[int]:
+        """Block until one of `fds` (or the wake fd) is readable."""
+        p = select.poll()
+        p.register(self.wake_fd, select.POLLIN)
+        for fd in fds:
+            p.register(fd, select.POLLIN)
+        ready = [fd for fd, _ in p.poll(None if timeout is None else int(timeout * 1000))]
+        if self.wake_fd in ready:
+            self._drain_wake()
+        return ready
+
+    def publish(self) -> None:
+        """Flush completions; signal if the driver wants an interrupt."""
+        if self.vq.flush():
+            self.q.call()
+
+
+# --- per-ring back-end state --------------------------------------------------------
+
+
+class _Ring:
+    """The back-end's view of one vring (whether or not it runs)."""
+
+    __slots__ = (
+        "addr",
+        "base",
+        "call_fd",
+        "counters",
+        "enabled",
+        "err_fd",
+        "failed",
+        "handle",
+        "index",
+        "kick_fd",
+        "kick_set",
+        "mem",
+        "num",
+        "retired_fds",
+        "saved",
+        "totals",
+        "vq",
+    )
+
+    def __init__(self, index: int, mem: CountingMemory, counters: QueueCounters, totals: QueueStats) -> None:
+        self.index = index
+        self.mem = mem
+        self.counters = counters
+        self.totals = totals
+        self.num: int | None = None
+        self.addr: VringAddr | None = None
+        self.base = 0
+        self.kick_fd: int | None = None
+        self.kick_set = False
+        self.call_fd: int | None = None
+        self.err_fd: int | None = None
+        self.enabled = False
+        self.vq: Virtqueue | None = None
+        self.handle: QueueHandle | None = None
+        self.failed = False
+        self.retired_fds: list[int] = []
+        self.saved: QueueState | None = None  # state of a ring paused for a memory change
+
+    @property
+    def started(self) -> bool:
+        return self.vq is not None
+
+    def close_fds(self) -> None:
+        for fd in (self.kick_fd, self.call_fd, self.err_fd, *self.retired_fds):
+            if fd is not None:
+                _close(fd)
+        self.kick_fd = self.call_fd = self.err_fd = None
+        self.kick_set = False
+        self.retired_fds.clear()
+
+
+def _close(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        log.debug("closing fd %d failed", fd, exc_info=True)
+
+
+# --- the back-end ----------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Session:
+    """Per-connection negotiated state."""
+
+    features: int = 0
+    features_set: bool = False
+    protocol_features: int = 0
+    owner: bool = False
+    status: int = 0
+    slots: list[MemoryRegion] = field(default_factory=list)
+
+
+class Backend:
+    """vhost-user back-end state machine for one device.
+
+    Usage: for each connection, `decoder()` gives a fresh `Decoder`; feed it
+    and call `handle(msg)` for every message, sending back the returned reply
+    (bytes and fds) in one `sendmsg`. `disconnect()` when the connection
+    ends. Not thread-safe: one control thread drives it.
+    """
+
+    def __init__(self, device: VirtioDevice, *, policy: Policy = "lazy") -> None:
+        if policy not in ("lazy", "eager"):
+            raise ValueError(f"unknown policy {policy!r}")
+        self.device = device
+        self.policy = policy
+        self.mem = GuestMemory()
+        self.offered_features = int(device.features) | VHOST_USER_F_PROTOCOL_FEATURES
+        self.offered_protocol = int(BASE_PROTOCOL_FEATURES | device.protocol_features)
+        self.session = _Session()
+        self._rings = [_Ring(i, CountingMemory(self.mem), QueueCounters(), QueueStats())
+                       for i in range(device.num_queues)]
+        self._started_at = time.monotonic()
+        self.connections = 0
+        self._handlers: dict[int, Callable[[Message], Any]] = {
+            Request.GET_FEATURES: self._get_features,
+            Request.SET_FEATURES: self._set_features,
+            Request.GET_PROTOCOL_FEATURES: self._get_protocol_features,
+            Request.SET_PROTOCOL_FEATURES: self._set_protocol_features,
+            Request.SET_OWNER: self._set_owner,
+            Request.RESET_OWNER: self._reset_owner,
+            Request.RESET_DEVICE: self._reset_owner,
+            Request.GET_QUEUE_NUM: self._get_queue_num,
+            Request.SET_MEM_TABLE: self._set_mem_table,
+            Request.GET_MAX_MEM_SLOTS: self._get_max_mem_slots,
+            Request.ADD_MEM_REG: self._add_mem_reg,
+            Request.REM_MEM_REG: self._rem_mem_reg,
+            Request.SET_VRING_NUM: self._set_vring_num,
+            Request.SET_VRING_ADDR: self._set_vring_addr,
+            Request.SET_VRING_BASE: self._set_vring_base,
+            Request.GET_VRING_BASE: self._get_vring_base,
+            Request.SET_VRING_KICK: self._set_vring_kick,
+            Request.SET_VRING_CALL: self._set_vring_call,
+            Request.SET_VRING_ERR: self._set_vring_err,
+            Request.SET_VRING_ENABLE: self._set_vring_enable,
+            Request.GET_CONFIG: self._get_config,
+            Request.SET_CONFIG: self._set_config,
+            Request.SET_STATUS: self._set_status,
+            Request.GET_STATUS: self._get_status,
+            Request.NET_SET_MTU: self._net_set_mtu,
+            Request.GET_INFLIGHT_FD: self._get_inflight_fd,
+        }
+
+    # -- connection life cycle ------------------------------------------------------
+
+    def decoder(self) -> Decoder:
+        """A decoder for a new connection (vring indices checked against the device)."""
+        self.connections += 1
+        return Decoder(max_queues=self.device.num_queues)
+
+    def disconnect(self) -> None:
+        """The front-end is gone: stop every ring, close its fds, unmap its memory."""
+        for ring in self._rings:
+            self._stop_ring(ring)
+            ring.close_fds()
+            ring.num = None
+            ring.addr = None
+            ring.base = 0
+            ring.enabled = False
+            ring.failed = False
+            ring.saved = None
+        self.device.reset()
+        self._unmap_all()
+        self.session = _Session()
+
+    def close(self) -> None:
+        self.disconnect()
+        self.device.close()
+
+    # -- dispatch -------------------------------------------------------------------------
+
+    def handle(self, msg: Message) -> Reply | None:
+        """Apply one request; return the reply (bytes, fds) or None.
+
+        Raises `FrontendProtocolError` when the front-end asked for
+        something impossible; the caller must drop the connection (after
+        `disconnect()`). The message's fds are owned here from now on.
+        """
+        kind = needs_reply(msg.request, msg.flags, self.session.protocol_features)
+        handler = self._handlers.get(msg.request)
+        if handler is None:
+            msg.close_fds()
+            log.warning("frontend sent %s, which this back-end does not implement",
+                        _name(msg.request))
+            if kind == "ack":
+                return encode_ack(msg, ok=False), ()
+            if kind == "response":
+                raise FrontendProtocolError(f"{_name(msg.request)}: not offered, cannot answer it",
+                                            msg.request)
+            return None
+        result = handler(msg)
+        if kind == "response":
+            if isinstance(result, tuple):
+                return result
+            return encode_reply(msg, result), ()
+        ok = result is not False
+        if kind == "ack":
+            return encode_ack(msg, ok), ()
+        if not ok:
+            log.warning("%s failed (the frontend did not ask for an ack)", _name(msg.request))
+        return None
+
+    # -- features ----------------------------------------------------------------
+
+    def _get_features(self, msg: Message) -> int:
+        return self.offered_features
+
+    def _set_features(self, msg: Message) -> None:
+        assert isinstance(msg.body, Features)
+        value = msg.body.value
+        extra = value & ~self.offered_features
+        if extra:
+            raise FrontendProtocolError(f"SET_FEATURES acks bits {extra:#x} that were never offered",
+                                        msg.request)
+        s = self.session
+        device_bits = value & ~VHOST_USER_F_PROTOCOL_FEATURES
+        if any(r.started for r in self._rings) and device_bits != s.features & ~VHOST_USER_F_PROTOCOL_FEATURES:
+            raise FrontendProtocolError(
+                f"SET_FEATURES changes the features from {s.features:#x} to {value:#x} while rings run",
+                msg.request)
+        s.features = value
+        s.features_set = True
+        self.device.set_features(device_bits)
+        # Without bit 30 every ring is enabled; with it, enabled rings stay so.
+        for ring in self._rings:
+            if ring.started:
+                self.device.enable_queue(ring.index, self._effective_enabled(ring))
+
+    def _get_protocol_features(self, msg: Message) -> int:
+        return self.offered_protocol
+
+    def _set_protocol_features(self, msg: Message) -> None:
+        assert isinstance(msg.body, Features)
+        value = msg.body.value
+        extra = value & ~self.offered_protocol
+        if extra:
+            raise FrontendProtocolError(
+                f"SET_PROTOCOL_FEATURES acks bits {extra:#x} that were never offered", msg.request)
+        self.session.protocol_features = value
+
+    def _set_owner(self, msg: Message) -> None:
+        if self.session.owner:
+            log.debug("SET_OWNER again on the same connection")
+        self.session.owner = True
+
+    def _reset_owner(self, msg: Message) -> None:
+        for ring in self._rings:
+            self._stop_ring(ring)
+            ring.saved = None
+            ring.failed = False
+            ring.base = 0
+        self.device.reset()
+        self.session.features = 0
+        self.session.features_set = False
+        self.session.status = 0
+
+    def _get_queue_num(self, msg: Message) -> int:
+        return self.device.queue_num
+
+    # -- status and config --------------------------------------------------------
+
+    def _set_status(self, msg: Message) -> None:
+        assert isinstance(msg.body, Status)
+        self.session.status = msg.body.value
+        self.device.set_status(msg.body.value)
+
+    def _get_status(self, msg: Message) -> int:
+        return self.session.status
+
+    def _get_config(self, msg: Message) -> Config | None:
+        assert isinstance(msg.body, Config)
+        c = msg.body
+        space = self.device.config()
+        if c.offset + c.size > len(space) or c.size > MAX_CONFIG_SIZE:
+            log.warning("GET_CONFIG of %d bytes at %d: config space is %d bytes", c.size, c.offset, len(space))
+            return None  # an empty reply: the front-end sees a failed read
+        return Config(c.offset, c.size, c.flags, space[c.offset:c.offset + c.size])
+
+    def _set_config(self, msg: Message) -> bool:
+        assert isinstance(msg.body, Config)
+        c = msg.body
+        return self.device.set_config(c.offset, c.payload, c.flags)
+
+    def _net_set_mtu(self, msg: Message) -> bool:
+        assert isinstance(msg.body, U64)
+        return self.device.set_mtu(msg.body.value)
+
+    def _get_inflight_fd(self, msg: Message) -> Reply:
+        # INFLIGHT_SHMFD is never offered; answer "not supported".
+        assert isinstance(msg.body, InflightInfo)
+        b = msg.body
+        return encode_inflight_reply(msg, InflightInfo(0, 0, b.num_queues, b.queue_size))
+
+    # -- memory ------------------------------------------------------------------------
+
+    def _map(self, r: MemoryRegion, fd: int) -> Region:
+        try:
+            return Region.from_fd(fd, r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset)
+        except (GuestMemoryError, OSError, ValueError) as e:
+            raise FrontendProtocolError(
+                f"cannot map memory region gpa {r.guest_phys_addr:#x} size {r.memory_size:#x} "
+                f"offset {r.mmap_offset:#x}: {e}") from None
+
+    def _unmap_all(self) -> None:
+        self.mem.close()  # clears the region lists shared with every CountingMemory
+        self.session.slots = []
+        gc.collect()  # chains and ring windows of stopped queues hold views into the maps
+
+    def _pause_all(self) -> list[_Ring]:
+        paused = []
+        for ring in self._rings:
+            if ring.started:
+                ring.saved = self._stop_ring(ring)
+                paused.append(ring)
+        return paused
+
+    def _resume(self, rings: list[_Ring]) -> None:
+        for ring in rings:
+            self._maybe_start(ring)
+
+    def _set_mem_table(self, msg: Message) -> None:
+        assert isinstance(msg.body, SetMemTable)
+        table = msg.body
+        paused = self._pause_all()
+        try:
+            self._unmap_all()
+            regions = [self._map(r, fd) for r, fd in zip(table.regions, table.fds)]
+        finally:
+            msg.close_fds()  # the maps hold their own references to the files
+        try:
+            for region in regions:
+                self.mem.add(region)
+        except GuestMemoryError as e:
+            for region in regions:
+                region.close()
+            self._unmap_all()
+            raise FrontendProtocolError(f"SET_MEM_TABLE: {e}", msg.request) from None
+        self.session.slots = list(table.regions)
+        log.info("memory table: %s", ", ".join(
+            f"gpa {r.guest_phys_addr:#x}+{r.memory_size:#x} uva {r.userspace_addr:#x}" for r in table.regions))
+        self._resume(paused)
+
+    def _get_max_mem_slots(self, msg: Message) -> int:
+        return MAX_MEM_SLOTS
+
+    def _add_mem_reg(self, msg: Message) -> None:
+        assert isinstance(msg.body, MemRegMsg) and msg.body.fd is not None
+        r = msg.body.region
+        if len(self.session.slots) >= MAX_MEM_SLOTS:
+            msg.close_fds()
+            raise FrontendProtocolError(f"ADD_MEM_REG beyond the {MAX_MEM_SLOTS} slots offered", msg.request)
+        try:
+            region = self._map(r, msg.body.fd)
+        finally:
+            msg.close_fds()
+        paused = self._pause_all()
+        try:
+            self.mem.add(region)
+        except GuestMemoryError as e:
+            region.close()
+            raise FrontendProtocolError(f"ADD_MEM_REG: {e}", msg.request) from None
+        self.session.slots.append(r)
+        self._resume(paused)
+
+    def _rem_mem_reg(self, msg: Message) -> bool:
+        assert isinstance(msg.body, MemRegMsg)
+        r = msg.body.region
+        match = [s for s in self.session.slots if (s.guest_phys_addr, s.userspace_addr, s.memory_size)
+                 == (r.guest_phys_addr, r.userspace_addr, r.memory_size)]
+        if not match:
+            log.warning("REM_MEM_REG of gpa %#x size %#x: no such region", r.guest_phys_addr, r.memory_size)
+            return False
+        paused = self._pause_all()
+        region = self.mem.remove(r.guest_phys_addr, r.memory_size)
+        self.session.slots.remove(match[0])
+        del region
+        gc.collect()
+        self._resume(paused)
+        return True
+
+    # -- rings ----------------------------------------------------------------------
+
+    def _ring(self, msg: Message, index: int) -> _Ring:
+        # The decoder already refused indices >= num_queues.
+        return self._rings[index]
+
+    def _set_vring_num(self, msg: Message) -> None:
+        assert isinstance(msg.body, VringState)
+        ring = self._ring(msg, msg.body.index)
+        num = msg.body.num
+        if not 1 <= num <= min(self.device.queue_size_max, MAX_QUEUE_SIZE):
+            raise FrontendProtocolError(
+                f"SET_VRING_NUM: ring {ring.index} size {num} is not in 1..{self.device.queue_size_max}",
+                msg.request)
+        if ring.started:
+            raise FrontendProtocolError(f"SET_VRING_NUM: ring {ring.index} is running", msg.request)
+        ring.num = num
+        ring.saved = None
+
+    def _set_vring_base(self, msg: Message) -> None:
+        assert isinstance(msg.body, VringState)
+        ring = self._ring(msg, msg.body.index)
+        if ring.started:
+            raise FrontendProtocolError(f"SET_VRING_BASE: ring {ring.index} is running", msg.request)
+        ring.base = msg.body.num
+        ring.saved = None
+
+    def _set_vring_addr(self, msg: Message) -> None:
+        assert isinstance(msg.body, VringAddr)
+        ring = self._ring(msg, msg.body.index)
+        if ring.started:  # QEMU re-sends addresses to toggle used-ring logging
+            ring.saved = self._stop_ring(ring)
+            ring.addr = msg.body
+            self._maybe_start(ring)
+            return
+        ring.addr = msg.body
+        if self.mem.regions and ring.num is not None:
+            self._translate(ring, ring.num, bool(self.session.features & Feature.RING_PACKED))
+
+    def _get_vring_base(self, msg: Message) -> VringState:
+        assert isinstance(msg.body, VringState)
+        ring = self._ring(msg, msg.body.index)
+        state = self._stop_ring(ring) if ring.started else ring.saved
+        ring.saved = None
+        if state is not None:
+            # The used position: chains the device held untouched are offered again.
+            if state.packed:
+                ring.base = join_packed_vring_base(state.used_idx, state.used_wrap,
+                                                   state.used_idx, state.used_wrap)
+            else:
+                ring.base = state.used_idx
+        if ring.kick_fd is not None:
+            _close(ring.kick_fd)
+        ring.kick_fd = None
+        ring.kick_set = False
+        ring.failed = False
+        for fd in ring.retired_fds:
+            _close(fd)
+        ring.retired_fds.clear()
+        return VringState(ring.index, ring.base)
+
+    def _set_vring_kick(self, msg: Message) -> None:
+        assert isinstance(msg.body, VringFd)
+        ring = self._ring(msg, msg.body.index)
+        saved = self._stop_ring(ring) if ring.started else None
+        if ring.kick_fd is not None:
+            _close(ring.kick_fd)
+        ring.kick_fd = msg.body.fd
+        ring.kick_set = True
+        ring.failed = False
+        if saved is not None:
+            ring.saved = saved
+        self._maybe_start(ring)
+
+    def _set_vring_call(self, msg: Message) -> None:
+        assert isinstance(msg.body, VringFd)
+        ring = self._ring(msg, msg.body.index)
+        old, ring.call_fd = ring.call_fd, msg.body.fd
+        if old is not None:
+            if ring.started:
+                ring.retired_fds.append(old)  # the worker may be writing it right now
+            else:
+                _close(old)
+
+    def _set_vring_err(self, msg: Message) -> None:
+        assert isinstance(msg.body, VringFd)
+        ring = self._ring(msg, msg.body.index)
+        old, ring.err_fd = ring.err_fd, msg.body.fd
+        if old is not None:
+            if ring.started:
+                ring.retired_fds.append(old)
+            else:
+                _close(old)
+
+    def _set_vring_enable(self, msg: Message) -> None:
+        assert isinstance(msg.body, VringState)
+        ring = self._ring(msg, msg.body.index)
+        ring.enabled = bool(msg.body.num)
+        if ring.started:
+            self.device.enable_queue(ring.index, self._effective_enabled(ring))
+
+    def _effective_enabled(self, ring: _Ring) -> bool:
+        if not self.session.features & VHOST_USER_F_PROTOCOL_FEATURES:
+            return True
+        return ring.enabled
+
+    # -- starting and stopping rings -----------------------------------------------------
+
+    def _translate(self, ring: _Ring, num: int, packed: bool) -> tuple[int, int, int]:
+        """Ring addresses (front-end virtual) to guest-physical."""
+        a = ring.addr
+        assert a is not None
+        if packed:
+            sizes = (DESC_SIZE * num, 4, 4)
+        elif self.session.features & Feature.RING_EVENT_IDX:  # used_event / avail_event at the ends
+            sizes = (DESC_SIZE * num, avail_size(num), used_size(num))
+        else:
+            sizes = (DESC_SIZE * num, avail_size(num) - 2, used_size(num) - 2)
+        out = []
+        for what, uva, size in (("descriptor", a.desc, sizes[0]), ("driver", a.avail, sizes[1]),
+                                ("device", a.used, sizes[2])):
+            try:
+                out.append(self.mem.uva_to_gpa(uva, size))
+            except GuestMemoryError:
+                raise FrontendProtocolError(
+                    f"SET_VRING_ADDR: ring {ring.index} {what} area at {uva:#x} (+{size:#x}) is outside "
+                    f"the frontend's memory", Request.SET_VRING_ADDR) from None
+        return out[0], out[1], out[2]
+
+    def _maybe_start(self, ring: _Ring) -> None:
+        if (ring.started or ring.failed or ring.num is None or ring.addr is None
+                or not ring.kick_set or not self.mem.regions):
+            return
+        s = self.session
+        features = s.features & ~VHOST_USER_F_PROTOCOL_FEATURES
+        packed = bool(features & Feature.RING_PACKED)
+        num = ring.num
+        if not packed and not is_power_of_two(num):
+            raise FrontendProtocolError(f"ring {ring.index}: split ring size {num} is not a power of two",
+                                        Request.SET_VRING_NUM)
+        desc, driver, device = self._translate(ring, num, packed)
+        state = ring.saved
+        ring.saved = None
+        if state is not None and (state.size != num or state.packed != packed):
+            state = None
+        if state is None:
+            state = self._initial_state(ring, num, packed, device)
+        name = f"{self.device.name}.{self.device.queue_role(ring.index)}"
+        try:
+            vq = Virtqueue(ring.mem, num, desc, driver, device, features=features, policy=self.policy,
+                           state=state, name=name)
+        except QueueError as e:
+            raise FrontendProtocolError(f"ring {ring.index}: {e}", Request.SET_VRING_KICK) from None
+        ring.vq = vq
+        ring.counters.starts += 1
+        handle = QueueHandle(ring.index, vq, ring.kick_fd, ring.counters, ring, self._on_queue_fail)
+        ring.handle = handle
+        log.info("%s: started (%s ring of %d, kick %s, call %s, base %#x)", name,
+                 "packed" if packed else "split", num,
+                 "polling" if ring.kick_fd is None else f"fd {ring.kick_fd}",
+                 "none" if ring.call_fd is None else f"fd {ring.call_fd}", ring.base)
+        self.device.start_queue(handle)
+        self.device.enable_queue(ring.index, self._effective_enabled(ring))
+
+    def _initial_state(self, ring: _Ring, num: int, packed: bool, used_gpa: int) -> QueueState:
+        base = ring.base
+        if packed:
+            b = split_packed_vring_base(base)
+            if base >> 16 == 0:  # DPDK virtio-user sends only the avail half: used = avail
+                used, used_wrap = b.avail_idx, b.avail_wrap
+            else:
+                used, used_wrap = b.used_idx, b.used_wrap
+            for what, idx in (("avail", b.avail_idx), ("used", used)):
+                if idx >= num:
+                    raise FrontendProtocolError(
+                        f"SET_VRING_BASE: ring {ring.index} {what} index {idx} is beyond its {num} slots",
+                        Request.SET_VRING_BASE)
+            if (b.avail_idx, b.avail_wrap) != (used, used_wrap):
+                log.info("ring %d: avail %d/%d ahead of used %d/%d: offering those buffers again",
+                         ring.index, b.avail_idx, b.avail_wrap, used, used_wrap)
+            return QueueState(num, True, used, used_wrap, used, used_wrap)
+        try:
+            used = guest_used_idx(ring.mem, used_gpa)
+        except GuestMemoryError as e:
+            raise FrontendProtocolError(f"ring {ring.index}: used ring: {e}", Request.SET_VRING_ADDR) from None
+        last_avail = base & 0xFFFF
+        if last_avail != used:
+            log.info("ring %d: SET_VRING_BASE %d but used->idx is %d: resuming from %d",
+                     ring.index, last_avail, used, used)
+        return QueueState(num, False, used, True, used, True)
+
+    def _stop_ring(self, ring: _Ring) -> QueueState | None:
+        """Stop the worker; return the ring's state (None if it was not started)."""
+        vq = ring.vq
+        if vq is None:
+            return None
+        try:
+            self.device.stop_queue(ring.index)
+        finally:
+            ring.vq = None
+            ring.handle = None
+        _add_stats(ring.totals, vq.stats)
+        try:
+            vq.flush()  # a device that left completions unpublished: publish them now
+            state = vq.save()
+        except Exception:
+            log.exception("%s: could not save the ring state", vq.name)
+            state = None
+        for fd in ring.retired_fds:
+            _close(fd)
+        ring.retired_fds.clear()
+        return state
+
+    def _on_queue_fail(self, index: int, exc: BaseException) -> None:
+        """Called from a worker thread: the guest broke ring `index`."""
+        ring = self._rings[index]
+        ring.counters.errors += 1
+        ring.failed = True
+        if isinstance(exc, QueueError):
+            log.error("%s: guest ring error, ring retired: %s: %s", ring.handle.name if ring.handle else index,
+                      type(exc).__name__, exc)
+        fd = ring.err_fd
+        if fd is not None:
+            try:
+                os.eventfd_write(fd, 1)
+            except OSError as e:
+                log.warning("ring %d: error eventfd write failed: %s", index, e)
+
+    # -- stats -----------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """Counters of every queue, as plain data for JSON."""
+        queues = []
+        totals: dict[str, int] = {}
+        for ring in self._rings:
+            c = ring.counters
+            vqs = QueueStats()
+            _add_stats(vqs, ring.totals)
+            vq = ring.vq
+            if vq is not None:
+                _add_stats(vqs, vq.stats)
+            snap = ring.mem.snapshot()
+            accesses = int(snap["reads"]) + int(snap["writes"])  # type: ignore[call-overload]
+            meta = int(snap["metadata_reads"]) + int(snap["metadata_writes"])  # type: ignore[call-overload]
+            if not c.starts and not vqs.chains:
+                continue
+            n = c.packets or vqs.chains
+            q: dict[str, Any] = {"index": ring.index, "role": self.device.queue_role(ring.index),
+                                 "running": vq is not None, "enabled": ring.enabled, **c.as_dict()}
+            q["ring"] = {f.name: getattr(vqs, f.name) for f in fields(QueueStats)}
+            q["accesses"] = {"total": accesses, "metadata": meta, "fences": snap["fences"],
+                             "areas": {k: v["reads"] + v["writes"]  # type: ignore[index]
+                                       for k, v in snap["areas"].items()}}  # type: ignore[attr-defined]
+            if n:
+                q["per_packet"] = {"kicks": round(c.kick_count / n, 4),
+                                   "interrupts": round(c.interrupts / n, 4),
+                                   "accesses": round(accesses / n, 4),
+                                   "metadata_accesses": round(meta / n, 4)}
+            queues.append(q)
+            for k, v in c.as_dict().items():
+                totals[k] = totals.get(k, 0) + v
+        return {"device": self.device.name, "policy": self.policy,
+                "uptime_s": round(time.monotonic() - self._started_at, 3),
+                "connections": self.connections, "features": self.session.features,
+                "status": self.session.status, **self.device.stats(), "totals": totals, "queues": queues}
+
+
+def _name(request: int) -> str:
+    try:
+        return Request(request).name
+    except ValueError:
+        return f"request {request}"
+
+
+__all__ = [
+    "BASE_PROTOCOL_FEATURES",
+    "MAX_MEM_SLOTS",
+    "Backend",
+    "QueueCounters",
+    "QueueHandle",
+    "QueueWorker",
+    "VirtioDevice",
+]
