@@ -79,7 +79,7 @@ class DpdkBenchConfig:
     keep_logs: bool = False
 
 
-def testpmd_argv(cpu: int, prefix: str, vdev: str, fwd_mode: str, extra: list[str] | None = None) -> list[str]:
+def pmd_command(cpu: int, prefix: str, vdev: str, fwd_mode: str, extra: list[str] | None = None) -> list[str]:
     """A non-interactive testpmd on one CPU: runs until SIGTERM, printing
     port statistics every second."""
     return [TESTPMD, "--lcores", f"0@{cpu},1@{cpu}", "-d", PMD_DIR, "--no-pci", "--no-huge", "-m", "1024",
@@ -150,7 +150,7 @@ class _Run:
     def start_testpmd(self, name: str, cpu: int, vdev: str, fwd: str, extra: list[str]) -> ManagedProcess:
         prefix = f"{self.prefix}-{name}"
         self.prefixes.append(prefix)
-        p = ManagedProcess(testpmd_argv(cpu, prefix, vdev, fwd, extra), f"{self.label}-{name}", log_dir=self.workdir)
+        p = ManagedProcess(pmd_command(cpu, prefix, vdev, fwd, extra), f"{self.label}-{name}", log_dir=self.workdir)
         self.procs.append(p)
         return p
 

@@ -76,8 +76,9 @@ class ManagedProcess:
                 pass
 
     def output(self) -> str:
-        """Everything the child printed so far."""
-        self._out.flush()
+        """Everything the child printed so far (all of it once stopped)."""
+        if not self._out.closed:
+            self._out.flush()
         with open(self.log_path, errors="replace") as f:
             return f.read()
 

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import itertools
 
-from pyvirtio import fence as _fence
-from pyvirtio.memory import AreaKind, GuestMemory, GuestMemoryError
 import numpy as np
 
+from pyvirtio import fence as _fence
+from pyvirtio.memory import AreaKind, GuestMemory, GuestMemoryError
 from pyvirtio.queue.bulk import PACKED_DESC_DTYPE, Bulk
 from pyvirtio.queue.chain import Chain, build_chain
 from pyvirtio.queue.errors import (

@@ -25,9 +25,9 @@ import logging
 from dataclasses import dataclass
 from typing import Literal
 
-from pyvirtio.memory import GuestMemory
 import numpy as np
 
+from pyvirtio.memory import GuestMemory
 from pyvirtio.queue.bulk import Bulk
 from pyvirtio.queue.chain import Chain
 from pyvirtio.queue.errors import InvalidSavedState, QueueError
