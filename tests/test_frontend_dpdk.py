@@ -75,15 +75,18 @@ def macswap_fwd(tmp_path) -> Iterator[NetVhost]:
         t.cleanup()
 
 
-def exchange(fe: VhostUserFrontend, frames: list[bytes], timeout: float = 5.0) -> list[bytes]:
-    """Send `frames` in bursts that fit the ring and collect what comes back."""
+def exchange(fe: VhostUserFrontend, frames: list[bytes], burst: int = 32, timeout: float = 5.0) -> list[bytes]:
+    """Send `frames` in bursts, each collected before the next goes out (the
+    forwarding peer drops what finds no receive buffer), and return what
+    came back."""
     got: list[bytes] = []
-    for i in range(0, len(frames), 64):
-        assert fe.send(frames[i:i + 64]) == len(frames[i:i + 64])
-        got += fe.recv(0)
-    deadline = time.monotonic() + timeout
-    while len(got) < len(frames) and time.monotonic() < deadline:
-        got += fe.recv(0.2)
+    for i in range(0, len(frames), burst):
+        chunk = frames[i:i + burst]
+        assert fe.send(chunk) == len(chunk)
+        want = len(got) + len(chunk)
+        deadline = time.monotonic() + timeout
+        while len(got) < want and time.monotonic() < deadline:
+            got += fe.recv(0.2)
     return got
 
 

@@ -65,8 +65,7 @@ def _pid_alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    # A zombie is gone for our purposes, but Popen.wait() has reaped ours anyway.
-    return True
+    return True  # Guest.close() reaps QEMU (Popen.wait), so a stopped QEMU is not even a zombie
 
 
 def _link_exists(name: str) -> bool:

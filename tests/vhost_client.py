@@ -165,8 +165,8 @@ class NetFrontend:
                                                  UVA_BASE + drv, 0))
         c.send(Request.SET_VRING_CALL, VringFd(index, call, False))
         c.send(Request.SET_VRING_KICK, VringFd(index, kick, False))
-        if enable:
-            c.send(Request.SET_VRING_ENABLE, VringState(index, 1))
+        if enable:  # acked: the ring is enabled before we post buffers
+            assert c.call(Request.SET_VRING_ENABLE, VringState(index, 1), need_reply=True).body.value == 0  # type: ignore[union-attr]
         ring = Ring(driver, kick, call, (desc, drv, dev))
         self.rings[index] = ring
         return ring

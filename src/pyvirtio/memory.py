@@ -134,7 +134,7 @@ class Area:
 
     def np_write(self, off: int, arr: np.ndarray) -> None:
         """Write an array's bytes (one bulk write)."""
-        self.mv[off : off + arr.nbytes] = memoryview(arr).cast("B")
+        self.mv[off : off + arr.nbytes] = arr.tobytes()
 
     def read(self, off: int, length: int) -> bytes:
         return bytes(self.mv[off : off + length])
@@ -451,7 +451,7 @@ class CountingArea(Area):
         c = self.c
         c.writes += 1
         c.bytes_written += arr.nbytes
-        self.mv[off : off + arr.nbytes] = memoryview(arr).cast("B")
+        self.mv[off : off + arr.nbytes] = arr.tobytes()
 
     def read(self, off: int, length: int) -> bytes:
         c = self.c

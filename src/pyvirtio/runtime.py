@@ -88,13 +88,13 @@ class QueueRunner:
                 if notify:
                     self.signal()
             return
-        chains = []
-        for item in items:
-            if type(item[0]) is Bulk:
-                vq.complete_bulk(item[0], item[1])
+        chains: list[tuple[Chain, int]] = []
+        for obj, written in items:
+            if type(obj) is Bulk:
+                vq.complete_bulk(obj, written)
             else:
-                chains.append(item)
-        if vq.complete_batch(chains):  # type: ignore[arg-type]
+                chains.append((obj, written))  # type: ignore[arg-type]
+        if vq.complete_batch(chains):
             self.signal()
 
     def _drain_kick(self) -> None:
@@ -162,7 +162,7 @@ class QueueRunner:
                         done = await handler(chains)  # type: ignore[misc]
                     else:
                         done = handler(chains)
-                    self.complete(done)  # type: ignore[arg-type]
+                    self.complete(done)
                     await asyncio.sleep(0)  # bounded work per wake-up: let others run
                     continue
                 if kick is None:

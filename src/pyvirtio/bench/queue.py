@@ -147,7 +147,7 @@ def run_single(cfg: QueueBenchConfig) -> dict[str, Any]:
                     if vq.complete_bulk(chains, 0):
                         interrupts += 1
                 else:
-                    for c in chains:
+                    for c in chains:  # type: ignore[union-attr]
                         if vq.complete(c, 0):
                             interrupts += 1
                 if vq.flush():
@@ -196,7 +196,9 @@ def _driver_process(s: _Setup, cfg: QueueBenchConfig, kick_fd: int, call_fd: int
                 kicks += 1
                 os.eventfd_write(kick_fd, 1)
         got = drv.get_used()
-        for (req, slot), _ in got:
+        for tok, _ in got:
+            req: int = tok[0]  # type: ignore[index]
+            slot: int = tok[1]  # type: ignore[index]
             if seen[req]:
                 dupes += 1
             seen[req] = 1

@@ -14,6 +14,8 @@ Access discipline (each line is one guest-memory access):
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -334,7 +336,7 @@ class PackedRing:
 
     # -- publish ---------------------------------------------------------------------
 
-    def publish(self, items: list[tuple[Chain, int]] | list[tuple[Chain | Bulk, object]]) -> bool:
+    def publish(self, items: Sequence[tuple[Chain | Bulk, Any]]) -> bool:
         """One 8-byte len|id|flags store per used list, fence, one event read."""
         q = self.size
         u = old = self.next_used
@@ -358,12 +360,13 @@ class PackedRing:
                 u += n
                 freed += n
             else:
-                fl = used_flags | _WRITE if obj.writable_len else used_flags  # type: ignore[union-attr]
+                assert type(obj) is Chain
+                word = used_flags | _WRITE if obj.writable_len else used_flags
                 if _WEAK:
                     _fence.release()  # payload (and earlier used entries) before this flags word
-                store64(u * DESC_SIZE + 8, written | (obj.id << 32) | (fl << 48))  # type: ignore[operator]
-                u += obj.slots  # type: ignore[union-attr]
-                freed += obj.slots  # type: ignore[union-attr]
+                store64(u * DESC_SIZE + 8, written | (obj.id << 32) | (word << 48))
+                u += obj.slots
+                freed += obj.slots
             if u >= q:
                 u -= q
                 wrap = not wrap

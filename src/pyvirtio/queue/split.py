@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import itertools
 import struct
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -269,7 +271,8 @@ class SplitRing:
         # Hot path: written for speed. The common single-descriptor chain is
         # built inline, translating through the last region that matched.
         if descs is None:
-            descs = self.desc.unpack_many(SPLIT_DESC, [h << 4 for h in heads])
+            descs = self.desc.unpack_many(SPLIT_DESC, [h << 4 for h in heads])  # type: ignore[assignment]
+        assert descs is not None
         mem = self.mem
         payload = self.payload
         append = out.append
@@ -381,7 +384,7 @@ class SplitRing:
 
     # -- publish ---------------------------------------------------------------------
 
-    def publish(self, items: list[tuple[Chain, int]] | list[tuple[Chain | Bulk, object]]) -> bool:
+    def publish(self, items: Sequence[tuple[Chain | Bulk, Any]]) -> bool:
         """Write the used elements, one used.idx store, fence, decide once.
 
         Returns True when the driver wants an interrupt.
@@ -404,7 +407,7 @@ class SplitRing:
             flat: list[int] = []
             for chain, written in items:
                 flat.append(chain.id)  # type: ignore[union-attr]
-                flat.append(written)  # type: ignore[arg-type]
+                flat.append(written)
             if start + k <= q:
                 used.write(USED_RING + 8 * start, _used_struct(k).pack(*flat))
             else:
@@ -427,7 +430,7 @@ class SplitRing:
         return not self.avail.load16(AVAIL_FLAGS) & _NO_INTERRUPT
 
 
-def _used_array(items: list[tuple[Chain | Bulk, object]]) -> np.ndarray:
+def _used_array(items: Sequence[tuple[Chain | Bulk, Any]]) -> np.ndarray:
     """Used elements (id, len pairs) of chains and bulks, in order, as u32."""
     parts = []
     flat: list[int] = []
@@ -442,7 +445,7 @@ def _used_array(items: list[tuple[Chain | Bulk, object]]) -> np.ndarray:
             parts.append(a)
         else:
             flat.append(obj.id)  # type: ignore[union-attr]
-            flat.append(written)  # type: ignore[arg-type]
+            flat.append(written)
     if flat:
         parts.append(np.array(flat, np.uint32))
     return parts[0] if len(parts) == 1 else np.concatenate(parts)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
@@ -185,7 +186,7 @@ class Virtqueue:
         if (np.asarray(written) < 0).any() or (w > limit).any():
             raise ValueError(f"{self.name}: written bytes exceed a buffer's writable length")
         try:
-            del self.inflight[bulk]  # type: ignore[arg-type]
+            del self.inflight[bulk]
         except KeyError:
             raise ValueError(f"{self.name}: {bulk!r} is not in flight (completed twice?)") from None
         self.stats.completed += bulk.n
@@ -283,7 +284,7 @@ class Virtqueue:
         self._pending.append((chain, written))
         return False
 
-    def complete_batch(self, items: list[tuple[Chain, int]]) -> bool:
+    def complete_batch(self, items: Sequence[tuple[Chain, int]]) -> bool:
         """`complete` for many chains; with the lazy policy also `flush`.
         Returns True when the driver wants an interrupt."""
         if self.eager:
@@ -331,7 +332,7 @@ class Virtqueue:
             return self._restored  # nothing was taken since the restore
         last, awrap, used, uwrap = self.ring.cursor()
         chains: list[Chain] = []
-        for item in list(self.inflight) + self._redeliver:
+        for item in [*self.inflight, *self._redeliver]:
             if type(item) is Bulk:
                 for i, (pos, cid, addr, ln, w) in enumerate(zip(
                         item.pos.tolist(), item.ids.tolist(), item.addrs.tolist(),
@@ -340,6 +341,7 @@ class Virtqueue:
                     c.segments = ((addr, ln, bool(w)),)
                     chains.append(c)
             else:
+                assert type(item) is Chain
                 chains.append(item)
         lists = tuple((c.slots, c.segments) for c in chains) if self.packed else ()
         return QueueState(self.size, self.packed, last, awrap, used, uwrap,
