@@ -16,7 +16,7 @@ import os
 import select
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from pyvirtio.driver import BufferPool, PackedDriver, SplitDriver, ring_layout
 from pyvirtio.memory import CountingMemory, GuestMemory
@@ -197,12 +197,11 @@ def _driver_process(s: _Setup, cfg: QueueBenchConfig, kick_fd: int, call_fd: int
                 os.eventfd_write(kick_fd, 1)
         got = drv.get_used()
         for tok, _ in got:
-            req: int = tok[0]  # type: ignore[index]
-            slot: int = tok[1]  # type: ignore[index]
-            if seen[req]:
+            rid, rslot = cast("tuple[int, int]", tok)
+            if seen[rid]:
                 dupes += 1
-            seen[req] = 1
-            free.append(slot)
+            seen[rid] = 1
+            free.append(rslot)
         done += len(got)
         if not got and (not free or posted == cfg.requests):
             # nothing to post and nothing back: sleep until an interrupt
