@@ -115,9 +115,11 @@ class PackedRing:
         return (f & _BOTH) == (_AVAIL if wrap else _USED)
 
     def peek(self) -> bool:
-        if self.in_flight_slots >= self.size:
+        if not self._slot_available(self.next_avail, self.avail_wrap):
             return False
-        return self._slot_available(self.next_avail, self.avail_wrap)
+        if self.in_flight_slots >= self.size:
+            raise TooManyInFlight(f"slot {self.next_avail} made available while every slot is in flight")
+        return True
 
     def unconsumed(self) -> bool:
         return False
@@ -161,15 +163,18 @@ class PackedRing:
         budget = q - self.in_flight_slots
         start = slot = self.next_avail
         flags: list[int] = []
-        if budget <= 0:
-            return start, flags, b""
         want = _AVAIL if self.avail_wrap else _USED
         load16 = self.desc.load16
         lists = 0
-        while lists < limit and len(flags) < budget:
+        while lists < limit:
             f = load16(slot * DESC_SIZE + PACKED_FLAGS)
             if f & _BOTH != want:
                 break
+            if len(flags) >= budget:
+                # every slot is already ours: this one was re-stamped in flight
+                if flags:
+                    break  # hand out what came before it; the next scan reports it
+                raise TooManyInFlight(f"slot {slot} made available while every slot is in flight")
             flags.append(f)
             if not f & _NEXT:
                 lists += 1
@@ -320,10 +325,19 @@ class PackedRing:
             segments.append((a, ln, bool(fl & _WRITE)))
 
     def fetch_one_eager(self) -> Chain | None:
-        """Pre-seed behaviour: flags check then a separate body read per list."""
-        if not self.peek():
+        """Pre-seed behaviour: flags check then a separate body read per list
+        (the head's flags are taken from the first read only)."""
+        slot = self.next_avail
+        f = self.desc.load16(slot * DESC_SIZE + PACKED_FLAGS)
+        if (f & _BOTH) != (_AVAIL if self.avail_wrap else _USED):
             return None
-        chain, _ = self._walk_list(self.next_avail, [], b"", 0, 0, self.size - self.in_flight_slots)
+        budget = self.size - self.in_flight_slots
+        if budget <= 0:
+            raise TooManyInFlight(f"slot {slot} made available while every slot is in flight")
+        if _WEAK:
+            _fence.acquire()
+        body = self.desc.read(slot * DESC_SIZE, DESC_SIZE)
+        chain, _ = self._walk_list(slot, [f], body, 0, 1, budget)
         self._advance(chain.slots)
         return chain
 

@@ -137,6 +137,8 @@ class SplitRing:
         if n > self.size:
             raise AvailIndexJump(
                 f"avail.idx jumped from {self.last_avail} to {idx} on a ring of {self.size}")
+        if ((idx - self.shadow) & 0xFFFF) > self.size:
+            raise AvailIndexJump(f"avail.idx moved back from {self.shadow} to {idx}")
         if n and ((idx - self.used_idx) & 0xFFFF) > self.size:
             raise TooManyInFlight(
                 f"avail.idx {idx} is {(idx - self.used_idx) & 0xFFFF} ahead of used.idx "

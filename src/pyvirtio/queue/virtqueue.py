@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 Policy = Literal["lazy", "eager"]
 DEFAULT_BATCH = 64
+U32_MAX = (1 << 32) - 1
 
 
 @dataclass(slots=True)
@@ -242,6 +243,11 @@ class Virtqueue:
             return False  # the empty check that preceded this already armed
         if ring.unconsumed():
             return True
+        if self.armed:
+            # Still armed since the last sleep (a spurious or stale wake-up):
+            # the driver will kick for anything new, and the caller's empty
+            # check has just looked. No write, no fence.
+            return False
         ring.enable_kicks()
         self.armed = True
         self.stats.arms += 1
@@ -278,6 +284,8 @@ class Virtqueue:
             del self.inflight[chain]
         except KeyError:
             raise ValueError(f"{self.name}: {chain!r} is not in flight (completed twice?)") from None
+        if written > U32_MAX:
+            written = U32_MAX  # a used length is a u32; a device may underestimate
         self.stats.completed += 1
         if self.eager:
             return self._publish([(chain, written)])
@@ -302,6 +310,8 @@ class Virtqueue:
                 del inflight[chain]
             except KeyError:
                 raise ValueError(f"{self.name}: {chain!r} is not in flight (completed twice?)") from None
+            if written > U32_MAX:
+                item = (chain, U32_MAX)  # a used length is a u32; a device may underestimate
             pending.append(item)
         self.stats.completed += len(items)
         return self.flush()
