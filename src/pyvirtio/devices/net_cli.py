@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import logging
 import os
+import signal
 import sys
 from typing import Any, TextIO
 
@@ -89,6 +91,7 @@ def _run(args: argparse.Namespace) -> int:
         backend.close()
         return 1
     server.install_signal_handlers()
+    faulthandler.register(signal.SIGUSR2, all_threads=True)  # thread dump for debugging a stall
     log.info("net device on %s, backend %s, %d queue pair(s), pid %d",
              args.socket_path or f"fd {args.fd}", args.backend, args.queues, os.getpid())
     try:

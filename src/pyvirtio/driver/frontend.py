@@ -685,7 +685,7 @@ class VhostUserFrontend:
         mrg = self.mrg_rxbuf
         frames = 0
         for tok, ln in used:
-            o = bufs[tok] - base  # type: ignore[index]
+            o = bufs[tok] - base  # type: ignore[call-overload]
             if self._rx_partial_left:
                 if out is not None:
                     self._rx_partial.append(bytes(mv[o:o + ln]))
@@ -708,7 +708,7 @@ class VhostUserFrontend:
                     frames += 1
                     if out is not None:
                         out.append(bytes(mv[o + NET_HDR_SIZE:o + ln]))
-            add((), ((bufs[tok], size),), tok)  # type: ignore[index]
+            add((), ((bufs[tok], size),), tok)  # type: ignore[call-overload]
         self.stats["rx_buffers"] += len(used)
         self.stats["rx_frames"] += frames
         if rx.publish():

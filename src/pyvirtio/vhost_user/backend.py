@@ -254,6 +254,8 @@ class QueueWorker:
 
     #: how long a polling-mode worker (no kick fd) naps when idle
     POLL_NAP = 0.0002
+    #: how long `stop()` waits for the thread
+    STOP_TIMEOUT = 10.0
 
     def __init__(self, q: QueueHandle) -> None:
         self.q = q
@@ -288,7 +290,9 @@ class QueueWorker:
         self.stopping = True
         self.wake()
         if self.thread.is_alive() and self.thread is not threading.current_thread():
-            self.thread.join()
+            self.thread.join(self.STOP_TIMEOUT)
+            if self.thread.is_alive():  # a device bug: do not hang the control socket forever
+                log.error("%s: worker did not stop within %gs; abandoning it", self.q.name, self.STOP_TIMEOUT)
         try:
             os.close(self.wake_fd)
         except OSError:
@@ -296,6 +300,18 @@ class QueueWorker:
         self.wake_fd = -1
 
     def _main(self) -> None:
+        prof_dir = os.environ.get("PYVIRTIO_PROFILE_DIR")
+        if prof_dir:  # developer aid: one cProfile dump per worker run
+            import cProfile
+            prof = cProfile.Profile()
+            try:
+                prof.runcall(self._serve)
+            finally:
+                prof.dump_stats(os.path.join(prof_dir, f"{self.q.name}.{os.getpid()}.{id(self):x}.prof"))
+        else:
+            self._serve()
+
+    def _serve(self) -> None:
         try:
             self.run()
         except QueueError as e:
@@ -977,9 +993,9 @@ class Backend:
             q: dict[str, Any] = {"index": ring.index, "role": self.device.queue_role(ring.index),
                                  "running": vq is not None, "enabled": ring.enabled, **c.as_dict()}
             q["ring"] = {f.name: getattr(vqs, f.name) for f in fields(QueueStats)}
+            areas: dict[str, dict[str, int]] = snap["areas"]  # type: ignore[assignment]
             q["accesses"] = {"total": accesses, "metadata": meta, "fences": snap["fences"],
-                             "areas": {k: v["reads"] + v["writes"]  # type: ignore[index]
-                                       for k, v in snap["areas"].items()}}  # type: ignore[attr-defined]
+                             "areas": {k: v["reads"] + v["writes"] for k, v in areas.items()}}
             if n:
                 q["per_packet"] = {"kicks": round(c.kick_count / n, 4),
                                    "interrupts": round(c.interrupts / n, 4),

@@ -1,0 +1,320 @@
+"""virtio-net device: frame delivery, header fix-ups, ports, and DPDK's
+virtio-user PMD (testpmd) as a real front-end (`-m dpdk`)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+import uuid
+from collections import deque
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pyvirtio.devices.net import (
+    GSO_TCPV4,
+    HDR_F_NEEDS_CSUM,
+    LoopbackPort,
+    NetDevice,
+    NetFeature,
+    TapPort,
+    _checksum,
+    deliver,
+    make_port,
+)
+from pyvirtio.queue import Chain
+from test_vhost_user_backend import queue_stats, running, wait_for
+from vhost_client import HDR, NetFrontend
+
+# --- device pieces --------------------------------------------------------------------
+
+
+def _rx_chain(size: int, i: int = 0) -> tuple[Chain, bytearray]:
+    buf = bytearray(size)
+    return Chain(i, i, 1, [], [memoryview(buf)], 0, size), buf
+
+
+def test_mergeable_frame_spans_buffers_and_sets_num_buffers():
+    chains = [_rx_chain(32, i) for i in range(4)]
+    held = deque(c for c, _ in chains)
+    frame = bytes(HDR) + bytes(range(70))
+    done: list[tuple[Chain, int]] = []
+    assert deliver(held, frame, HDR, True, done) == 3
+    assert [w for _, w in done] == [32, 32, 18]
+    data = b"".join(bytes(b) for _, b in chains)[:len(frame)]
+    assert struct.unpack_from("<H", data, 10)[0] == 3
+    assert data[HDR:] == frame[HDR:]
+    assert len(held) == 1
+
+
+def test_frame_too_big_without_mergeable_takes_no_buffer():
+    held = deque([_rx_chain(32)[0]])
+    done: list[tuple[Chain, int]] = []
+    assert deliver(held, bytes(100), HDR, False, done) == 0
+    assert not done and len(held) == 1
+
+
+def test_loopback_checksums_in_software_when_guest_lacks_guest_csum():
+    port = LoopbackPort(1)
+    port.configure(int(NetFeature.CSUM), HDR)  # the guest offloads tx csum but cannot take it on rx
+    payload = bytearray(os.urandom(41))
+    start, off = 20, 6
+    payload[start + off:start + off + 2] = b"\0\0"  # no pseudo-header sum: the region then sums to zero
+    hdr = struct.pack("<BBHHHHH", HDR_F_NEEDS_CSUM, 0, 0, 0, start, off, 0)
+    fixed = port.fix_header(hdr + bytes(payload))
+    assert fixed is not None
+    assert fixed[0] & HDR_F_NEEDS_CSUM == 0
+    assert _checksum(fixed[HDR + start:]) == 0  # a correct checksum sums to zero
+    gso = struct.pack("<BBHHHHH", 0, GSO_TCPV4, 54, 1448, 0, 0, 0)
+    assert port.fix_header(gso + bytes(100)) is None  # no GUEST_TSO4: dropped, not mangled
+
+
+def test_make_port_rejects_unknown_backends():
+    for bad in ("tap:", "bogus", "sink:1", "gen:5"):
+        with pytest.raises(ValueError):
+            make_port(bad, 1, b"\x02" * 6)
+
+
+def test_gen_fills_rx_buffers_with_frames_of_the_asked_size(tmp_path):
+    with running(tmp_path, "gen:100") as (path, be):
+        fe = NetFrontend(path)
+        fe.negotiate()
+        fe.setup_ring(0)
+        fe.post_rx(0, 40, size=256)
+        got = fe.reap(0, 40)
+        assert [n for _, n in got] == [HDR + 100] * 40
+        assert queue_stats(be, "rx0")["bytes"] == 4000
+        fe.close()
+
+
+def test_features_offered_follow_the_port_and_queue_pairs():
+    d = NetDevice("sink", queue_pairs=1)
+    assert not d.features & NetFeature.MQ and d.num_queues == 2
+    d2 = NetDevice("loopback", queue_pairs=3)
+    assert d2.features & NetFeature.MQ and d2.features & NetFeature.CTRL_VQ and d2.num_queues == 7
+    assert d2.features & NetFeature.GUEST_CSUM and d2.features & NetFeature.MRG_RXBUF
+    assert d2.queue_role(6) == "ctrl" and d2.queue_role(3) == "tx1"
+    d2.close()
+    d.close()
+
+
+def _tap_available() -> bool:
+    try:
+        p = TapPort("pvprobe0")
+    except OSError:
+        return False
+    p.close()
+    return True
+
+
+@pytest.mark.skipif(not _tap_available(), reason="no /dev/net/tun or no CAP_NET_ADMIN")
+@pytest.mark.parametrize("mergeable", [False, True], ids=["plain", "mrg_rxbuf"])
+def test_tap_passes_frames_both_ways(tmp_path, mergeable):
+    """Guest tx comes out of the TAP's host side; frames sent on the host
+    side arrive on guest rx, zero-copy through the 12-byte header."""
+    name = f"pvt{uuid.uuid4().hex[:8]}"
+    with running(tmp_path, f"tap:{name}") as (path, be):
+        subprocess.run(["ip", "link", "set", name, "up"], check=True, capture_output=True)
+        host = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
+        host.bind((name, 0))
+        host.settimeout(5)
+        fe = NetFrontend(path)
+        fe.negotiate(extra=int(NetFeature.MRG_RXBUF) if mergeable else 0)
+        fe.setup_ring(0)
+        fe.setup_ring(1)
+        fe.post_rx(0, 32, size=1024 if mergeable else 2048)
+        sent = [b"\xff" * 6 + b"\x02\0\0\0\0\x09" + b"\x88\xb5" + os.urandom(n) for n in (50, 1400)]
+        fe.send_frames(1, sent)
+        assert len(fe.reap(1, 2)) == 2
+        seen = []
+        while len(seen) < 2:
+            f = host.recv(4096)
+            if f[12:14] == b"\x88\xb5":
+                seen.append(f)
+        assert seen == sent
+        for f in sent:
+            host.send(f)
+        got: list[bytes] = []
+        used: list[bytes] = []
+        deadline = time.monotonic() + 5
+        while len(got) < 2 and time.monotonic() < deadline:
+            used += [fe.mem.mem.read(gpa, n) for gpa, n in fe.reap(0, 1, timeout=0.2)]  # type: ignore[arg-type]
+            while used:
+                nbuf = struct.unpack_from("<H", used[0], 10)[0]
+                assert nbuf >= 1
+                if len(used) < nbuf:
+                    break  # the rest of a merged frame is not reaped yet
+                data = b"".join(used[:nbuf])
+                del used[:nbuf]
+                if data[HDR + 12:HDR + 14] == b"\x88\xb5":
+                    got.append(data[HDR:])
+        assert got == sent
+        assert queue_stats(be, "tx0")["dropped"] == 0
+        host.close()
+        fe.close()
+
+
+# --- DPDK testpmd with the virtio-user PMD ------------------------------------------------
+
+PMD_DIR = "/usr/lib/x86_64-linux-gnu/dpdk/pmds-23.0"
+dpdk = pytest.mark.dpdk
+
+
+def _cpus() -> tuple[int, int]:
+    cpus = sorted(os.sched_getaffinity(0))
+    return (cpus[0], cpus[1]) if len(cpus) > 1 else (cpus[0], cpus[0])
+
+
+@contextlib.contextmanager
+def pyvirtio_net(tmp_path: Path, *args: str) -> Iterator[tuple[str, Path, subprocess.Popen]]:
+    sock = str(tmp_path / f"net-{uuid.uuid4().hex[:6]}.sock")
+    stats = tmp_path / "stats.jsonl"
+    cpu = _cpus()[0]
+    cmd = [sys.executable, "-m", "pyvirtio", "net", "--socket-path", sock, "--stats-file", str(stats), *args]
+    if shutil.which("taskset"):
+        cmd = ["taskset", "-c", str(cpu), *cmd]
+    log = open(tmp_path / "backend.log", "w")  # noqa: SIM115 - closed in the finally below
+    p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        assert wait_for(lambda: os.path.exists(sock), 20), "back-end did not create its socket"
+        yield sock, stats, p
+    finally:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        log.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(sock)
+
+
+def run_testpmd(tmp_path: Path, sock: str, packed: bool, mode: str, seconds: float, *extra: str) -> dict[str, int]:
+    """Run testpmd's virtio-user against `sock` for `seconds`; return its
+    final port counters."""
+    cpu = _cpus()[1]
+    prefix = f"pv{uuid.uuid4().hex[:8]}"
+    cmd = ["dpdk-testpmd", "--lcores", f"0@{cpu},1@{cpu}", "-d", PMD_DIR, "--no-pci", "--no-huge", "-m", "1024",
+           "--file-prefix", prefix,
+           "--vdev", f"net_virtio_user0,path={sock},queues=1,packed_vq={int(packed)}",
+           "--", "--total-num-mbufs=16384", "--stats-period=1", "--disable-link-check",
+           f"--forward-mode={mode}", *extra]
+    out_path = tmp_path / f"testpmd-{prefix}.log"
+    with open(out_path, "w") as out:
+        p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            time.sleep(seconds)
+            assert p.poll() is None, f"testpmd exited early:\n{out_path.read_text()[-3000:]}"
+        finally:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                try:
+                    p.wait(20)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+            shutil.rmtree(f"/var/run/dpdk/{prefix}", ignore_errors=True)
+    text = out_path.read_text()
+    counts = {}
+    # the forward statistics printed at exit: final totals
+    for key, nxt in (("RX-packets", "RX-dropped"), ("TX-packets", "TX-dropped")):
+        found = re.findall(rf"{key}:\s+(\d+)\s+{nxt}", text)
+        counts[key] = int(found[-1]) if found else 0
+    # the last periodic NIC statistics: packets and bytes of the same moment
+    for d, mid in (("RX", "RX-missed"), ("TX", "TX-errors")):
+        found = re.findall(rf"{d}-packets:\s+(\d+)\s+{mid}:\s+\d+\s+{d}-bytes:\s+(\d+)", text)
+        counts[f"nic_{d}_packets"], counts[f"nic_{d}_bytes"] = map(int, found[-1]) if found else (0, 0)
+    return counts
+
+
+def last_stats(stats: Path) -> dict:
+    lines = stats.read_text().splitlines()
+    return json.loads(lines[-1])
+
+
+def _by_role(s: dict) -> dict[str, dict]:
+    return {q["role"]: q for q in s["queues"]}
+
+
+needs_testpmd = pytest.mark.skipif(shutil.which("dpdk-testpmd") is None, reason="dpdk-testpmd not installed")
+
+
+@dpdk
+@needs_testpmd
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+def test_dpdk_txonly_into_sink_counts_what_testpmd_sent(tmp_path, packed):
+    with pyvirtio_net(tmp_path, "--backend", "sink") as (sock, stats, p):
+        tp = run_testpmd(tmp_path, sock, packed, "txonly", 5)
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(15) == 0
+    s = _by_role(last_stats(stats))
+    tx = s["tx0"]
+    assert tp["TX-packets"] > 10_000
+    # every frame testpmd put on the ring was consumed: counted, or dropped
+    # while testpmd disabled the ring at shutdown (at most a ring's worth)
+    assert abs(tx["packets"] + tx["dropped"] - tp["TX-packets"]) <= 256
+    assert tx["packets"] >= tp["TX-packets"] - 256
+    assert tx["bytes"] == tx["packets"] * 64  # testpmd's default 64-byte frames
+    assert tx["errors"] == 0
+    # polling front-end: NO_INTERRUPT honoured, kicks suppressed while busy
+    assert tx["interrupts"] <= 2
+    assert tx["per_packet"]["kicks"] < 0.2
+
+
+@dpdk
+@needs_testpmd
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+@pytest.mark.parametrize("mode", ["io", "macswap"])
+def test_dpdk_forwarding_through_loopback_returns_intact_frames(tmp_path, packed, mode):
+    with pyvirtio_net(tmp_path, "--backend", "loopback") as (sock, stats, p):
+        tp = run_testpmd(tmp_path, sock, packed, mode, 5, "--tx-first")
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(15) == 0
+    s = _by_role(last_stats(stats))
+    assert tp["RX-packets"] > 10_000
+    # the frames keep circulating: what testpmd sent comes back, same size
+    assert tp["TX-packets"] - tp["RX-packets"] <= 512
+    assert tp["nic_RX_bytes"] == tp["nic_RX_packets"] * 64
+    assert s["rx0"]["packets"] >= tp["RX-packets"]
+    assert s["rx0"]["bytes"] == s["rx0"]["packets"] * 64
+    assert s["tx0"]["dropped"] <= 512 and s["rx0"]["errors"] == s["tx0"]["errors"] == 0
+
+
+@dpdk
+@needs_testpmd
+def test_dpdk_rxonly_from_gen(tmp_path):
+    with pyvirtio_net(tmp_path, "--backend", "gen:64") as (sock, stats, p):
+        tp = run_testpmd(tmp_path, sock, False, "rxonly", 4)
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(15) == 0
+    s = _by_role(last_stats(stats))
+    assert tp["RX-packets"] > 10_000
+    assert tp["nic_RX_bytes"] == tp["nic_RX_packets"] * 64
+    assert s["rx0"]["packets"] >= tp["RX-packets"]
+
+
+@dpdk
+@needs_testpmd
+def test_dpdk_reconnect_after_testpmd_restarts(tmp_path):
+    with pyvirtio_net(tmp_path, "--backend", "sink") as (sock, stats, p):
+        first = run_testpmd(tmp_path, sock, False, "txonly", 3)
+        second = run_testpmd(tmp_path, sock, False, "txonly", 3)
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(15) == 0
+    s = last_stats(stats)
+    assert s["connections"] == 2
+    tx = _by_role(s)["tx0"]
+    assert first["TX-packets"] > 10_000 and second["TX-packets"] > 10_000
+    assert abs(tx["packets"] + tx["dropped"] - first["TX-packets"] - second["TX-packets"]) <= 512
