@@ -22,8 +22,8 @@ before sleeping and must not sleep if it returns True.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -284,8 +284,7 @@ class Virtqueue:
             del self.inflight[chain]
         except KeyError:
             raise ValueError(f"{self.name}: {chain!r} is not in flight (completed twice?)") from None
-        if written > U32_MAX:
-            written = U32_MAX  # a used length is a u32; a device may underestimate
+        written = min(written, U32_MAX)  # a used length is a u32; a device may underestimate
         self.stats.completed += 1
         if self.eager:
             return self._publish([(chain, written)])
