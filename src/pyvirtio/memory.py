@@ -76,7 +76,7 @@ class Area:
         self._h = mv[: n & ~1].cast("H")
         self._i = mv[: n & ~3].cast("I")
         self._q = mv[: n & ~7].cast("Q")
-        self._np: dict[object, np.ndarray] = {}
+        self._np: dict[int, np.ndarray] = {}
 
     def load16(self, off: int) -> int:
         return self._h[off >> 1]
@@ -113,9 +113,11 @@ class Area:
     # numpy batch forms: the same accesses, without a Python loop per element
 
     def _table(self, dtype: np.dtype) -> np.ndarray:
-        t = self._np.get(dtype)
+        # keyed by identity: the dtypes used are module constants or numpy's
+        # builtin singletons, and hashing a dtype is slow
+        t = self._np.get(id(dtype))
         if t is None:
-            t = self._np[dtype] = np.frombuffer(self.mv, dtype, self.size // dtype.itemsize)
+            t = self._np[id(dtype)] = np.frombuffer(self.mv, dtype, self.size // dtype.itemsize)
         return t
 
     def np_load16s(self, off: int, count: int) -> np.ndarray:
@@ -133,8 +135,10 @@ class Area:
         self._table(_U64)[word_index] = values
 
     def np_write(self, off: int, arr: np.ndarray) -> None:
-        """Write an array's bytes (one bulk write)."""
-        self.mv[off : off + arr.nbytes] = arr.tobytes()
+        """Write an array at `off`, which must be aligned to its item size
+        (one bulk write)."""
+        i = off // arr.itemsize
+        self._table(arr.dtype)[i : i + len(arr)] = arr
 
     def read(self, off: int, length: int) -> bytes:
         return bytes(self.mv[off : off + length])
@@ -451,7 +455,8 @@ class CountingArea(Area):
         c = self.c
         c.writes += 1
         c.bytes_written += arr.nbytes
-        self.mv[off : off + arr.nbytes] = arr.tobytes()
+        i = off // arr.itemsize
+        self._table(arr.dtype)[i : i + len(arr)] = arr
 
     def read(self, off: int, length: int) -> bytes:
         c = self.c

@@ -19,6 +19,8 @@ import numpy as np
 
 from pyvirtio.queue.chain import Chain
 
+WRITE_FLAG = 0x2  # VIRTQ_DESC_F_WRITE, the same bit in both formats
+
 #: a split or packed descriptor as a numpy record (both are 16 bytes; the
 #: last two fields are flags/next for split and id/flags for packed)
 SPLIT_DESC_DTYPE = np.dtype([("addr", "<u8"), ("len", "<u4"), ("flags", "<u2"), ("next", "<u2")])
@@ -35,18 +37,29 @@ class Bulk:
     - all buffers lie in one memory region, `region_gpa`/`region_mv`
     """
 
-    __slots__ = ("addrs", "ids", "lens", "n", "pos", "region_gpa", "region_mv", "writable")
+    __slots__ = ("_pos0", "_ring", "addrs", "flags", "ids", "lens", "n", "region_gpa", "region_mv")
 
-    def __init__(self, ids: np.ndarray, pos: np.ndarray, addrs: np.ndarray, lens: np.ndarray,
-                 writable: np.ndarray, region_gpa: int, region_mv: memoryview) -> None:
+    def __init__(self, ids: np.ndarray, pos0: int, ring: int, addrs: np.ndarray, lens: np.ndarray,
+                 flags: np.ndarray, region_gpa: int, region_mv: memoryview) -> None:
         self.ids = ids
-        self.pos = pos
+        self._pos0 = pos0
+        self._ring = ring  # positions wrap here (2^16 for split indices, Q for packed slots)
         self.addrs = addrs
         self.lens = lens
-        self.writable = writable
+        self.flags = flags
         self.region_gpa = region_gpa
         self.region_mv = region_mv
         self.n = len(ids)
+
+    # computed on demand: the hot path never needs them for device-readable runs
+
+    @property
+    def pos(self) -> np.ndarray:
+        return (np.arange(self._pos0, self._pos0 + self.n, dtype=np.int64) % self._ring).astype(np.uint32)
+
+    @property
+    def writable(self) -> np.ndarray:
+        return (self.flags & WRITE_FLAG) != 0
 
     def __len__(self) -> int:
         return self.n

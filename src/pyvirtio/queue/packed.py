@@ -281,14 +281,10 @@ class PackedRing:
             lens = descs["len"]
             r = self.mem.region_at(int(addrs[0]))
             if r is not None:
-                g = np.uint64(r.gpa)
-                end = np.uint64(r.gpa + r.size)
-                if ((lens == 0) | ((addrs >= g) & (addrs <= end) & (lens <= end - addrs))).all():
-                    pos = np.arange(start, start + n, dtype=np.uint32)
-                    pos[pos >= self.size] -= self.size
+                g, end = r.gpa, r.gpa + r.size
+                if int(addrs.min()) >= g and int(addrs.max()) <= end and int((addrs + lens).max()) <= end:
                     self._advance(n)
-                    return Bulk(descs["id"].astype(np.uint32), pos, addrs, lens, (fl & _WRITE) != 0,
-                                r.gpa, r.mv)
+                    return Bulk(descs["id"], start, q, addrs, lens, fl, g, r.mv)
         self._parse(out, start, flags if flags is not None else fl.tolist(), bodies)
         return None
 

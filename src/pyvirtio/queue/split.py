@@ -257,12 +257,12 @@ class SplitRing:
         lens = descs["len"]
         r = self.mem.region_at(int(addrs[0]))
         if r is not None and not (flags & (_NEXT | _INDIRECT)).any():
-            g = np.uint64(r.gpa)
-            end = np.uint64(r.gpa + r.size)
-            if ((lens == 0) | ((addrs >= g) & (addrs <= end) & (lens <= end - addrs))).all():
+            g, end = r.gpa, r.gpa + r.size
+            # every buffer inside the region (addrs <= end first, so that
+            # addr + len cannot wrap); anything else takes the chain path
+            if int(addrs.min()) >= g and int(addrs.max()) <= end and int((addrs + lens).max()) <= end:
                 self.last_avail = (last + n) & 0xFFFF
-                pos = (np.arange(last, last + n, dtype=np.uint32) & 0xFFFF)
-                return Bulk(heads.astype(np.uint32), pos, addrs, lens, (flags & _WRITE) != 0, r.gpa, r.mv)
+                return Bulk(heads, last, 0x10000, addrs, lens, flags, g, r.mv)
         self._consume(out, heads.tolist(), last, descs.tolist())
         return None
 
@@ -395,7 +395,7 @@ class SplitRing:
         old = self.used_idx
         start = old & (q - 1)
         used = self.used
-        if any(type(obj) is Bulk for obj, _ in items):
+        if len(items) == 1 and type(items[0][0]) is Bulk or any(type(obj) is Bulk for obj, _ in items):
             elems = _used_array(items)
             k = len(elems) >> 1
             if start + k <= q:

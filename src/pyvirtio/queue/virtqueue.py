@@ -182,10 +182,13 @@ class Virtqueue:
     def complete_bulk(self, bulk: Bulk, written: int | np.ndarray = 0) -> bool:
         """Complete every chain of `bulk`, `written` bytes each (an int, or an
         array in bulk order). Lazy: queued until `flush()`, returns False."""
-        w = np.asarray(written, np.uint32)
-        limit = np.where(bulk.writable, bulk.lens, 0)
-        if (np.asarray(written) < 0).any() or (w > limit).any():
-            raise ValueError(f"{self.name}: written bytes exceed a buffer's writable length")
+        if type(written) is int and written == 0:
+            w: int | np.ndarray = 0
+        else:
+            w = np.asarray(written, np.int64)
+            if (w < 0).any() or (w > np.where(bulk.writable, bulk.lens, 0)).any():
+                raise ValueError(f"{self.name}: written bytes exceed a buffer's writable length")
+            w = w.astype(np.uint32)
         try:
             del self.inflight[bulk]
         except KeyError:
