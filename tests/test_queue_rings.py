@@ -227,7 +227,6 @@ def test_restore_rejects_states_that_cannot_exist():
         QueueState(8, False, last_avail=1, used_idx=0, in_flight=((0, 9),)),  # head >= size
         QueueState(8, True, last_avail=9, used_idx=0),                    # cursor beyond ring
         QueueState(6, False),                                             # split size not 2^n
-        QueueState(8, False, last_avail=2, used_idx=0, in_flight=((0, 1), (0, 2))),  # same position
     ]
     pair = QueuePair("split", 8)
     for st in bad:

@@ -324,8 +324,9 @@ class Virtqueue:
         pending = self._pending
         if not pending:
             return False
+        notify = self._publish(pending)
         self._pending = []
-        return self._publish(pending)
+        return notify
 
     def _publish(self, items: list[tuple[Chain, int]]) -> bool:
         notify = self.ring.publish(items)
