@@ -33,6 +33,7 @@ if sys.byteorder != "little":  # pragma: no cover
 
 U64_MAX = (1 << 64) - 1
 _U64 = np.dtype(np.uint64)
+_U16 = np.dtype(np.uint16)
 
 
 class GuestMemoryError(Exception):
@@ -133,6 +134,15 @@ class Area:
         """Store u64 `values[k]` at 8-byte word `word_index[k]`, one aligned
         8-byte store each, in order."""
         self._table(_U64)[word_index] = values
+
+    def np_load16_strided(self, first: int, step: int, count: int) -> np.ndarray:
+        """u16 words first, first+step, ... (`count` 2-byte reads), as a copy."""
+        return self._table(_U16)[first : first + step * count : step].copy()
+
+    def np_store64_strided(self, first: int, step: int, values: np.ndarray) -> None:
+        """Store `values` at u64 words first, first+step, ... (one aligned
+        8-byte store each, in order)."""
+        self._table(_U64)[first : first + step * len(values) : step] = values
 
     def np_write(self, off: int, arr: np.ndarray) -> None:
         """Write an array at `off`, which must be aligned to its item size
@@ -450,6 +460,18 @@ class CountingArea(Area):
         c.writes += len(word_index)
         c.bytes_written += 8 * len(word_index)
         self._table(_U64)[word_index] = values
+
+    def np_load16_strided(self, first: int, step: int, count: int) -> np.ndarray:
+        c = self.c
+        c.reads += count
+        c.bytes_read += 2 * count
+        return self._table(_U16)[first : first + step * count : step].copy()
+
+    def np_store64_strided(self, first: int, step: int, values: np.ndarray) -> None:
+        c = self.c
+        c.writes += len(values)
+        c.bytes_written += 8 * len(values)
+        self._table(_U64)[first : first + step * len(values) : step] = values
 
     def np_write(self, off: int, arr: np.ndarray) -> None:
         c = self.c

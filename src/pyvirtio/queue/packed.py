@@ -232,21 +232,24 @@ class PackedRing:
             slot = 0
             want ^= _BOTH
         chunk = min(self._run_guess, limit)
+        count_lists = limit < budget  # otherwise the list limit cannot bind
+        load = self.desc.np_load16_strided
         while lists < limit and total <= budget:
             k = min(chunk, q - slot, budget - total + 1)
-            fl = self.desc.np_gather(_U16, _FLAGS_WORD + 8 * np.arange(slot, slot + k))
-            ok = (fl & _BOTH) == want
-            m = k if ok.all() else int(ok.argmin())
+            fl = load(slot * 8 + _FLAGS_WORD, 8, k)
+            bad = np.flatnonzero((fl & _BOTH) != want)
+            m = int(bad[0]) if len(bad) else k
             if total + m > budget:
                 m = budget - total  # past the budget: a re-stamped in-flight slot; stop before it
             fl = fl[:m]
-            ends = np.flatnonzero((fl & _NEXT) == 0)
-            if len(ends) and lists + len(ends) >= limit:
-                fl = fl[: int(ends[limit - lists - 1]) + 1]
-                parts.append(fl)
-                total += len(fl)
-                break
-            lists += len(ends)
+            if count_lists:
+                ends = np.flatnonzero((fl & _NEXT) == 0)
+                if len(ends) and lists + len(ends) >= limit:
+                    fl = fl[: int(ends[limit - lists - 1]) + 1]
+                    parts.append(fl)
+                    total += len(fl)
+                    break
+                lists += len(ends)
             parts.append(fl)
             total += m
             if m < k:
@@ -423,17 +426,18 @@ class PackedRing:
         for obj, written in items:
             if type(obj) is Bulk:
                 n = obj.n
-                slots = np.arange(u, u + n, dtype=np.int64)
-                past = slots >= q
-                slots[past] -= q
-                fl = np.where(past != wrap, _BOTH, 0).astype(np.uint64)
-                fl |= np.where(obj.writable & (obj.lens > 0), _WRITE, 0).astype(np.uint64)
-                vals = (np.asarray(written, np.uint64) | (obj.ids.astype(np.uint64) << np.uint64(32))
-                        | (fl << np.uint64(48)))
+                vals = (obj.ids.astype(np.uint64) << np.uint64(32)) | np.asarray(written, np.uint64)
+                wmask = obj.flags & _WRITE
+                if wmask.any():  # WRITE on the used descriptor only where data was writable
+                    vals |= (np.where(obj.lens > 0, wmask, 0).astype(np.uint64) << np.uint64(48))
+                first = min(n, q - u)
                 if _WEAK:
                     _fence.release()
-                self.desc.np_scatter64(slots * 2 + 1, vals)
-                u += n
+                # one aligned 8-byte len|id|flags store per used descriptor
+                self.desc.np_store64_strided(2 * u + 1, 2, vals[:first] | np.uint64(used_flags << 48))
+                if first < n:  # the batch passes the ring end: the rest uses the other wrap
+                    self.desc.np_store64_strided(1, 2, vals[first:] | np.uint64((used_flags ^ _BOTH) << 48))
+                u += n  # the wrap toggle below applies once
                 freed += n
             else:
                 assert type(obj) is Chain
