@@ -61,7 +61,8 @@ def _bench_dpdk(args: argparse.Namespace) -> int:
 
     cfg = DpdkBenchConfig(mode=args.mode, ring=args.ring, seconds=args.seconds, policies=tuple(args.policy),
                           size=args.size, cpus=args.cpus, targets=tuple(args.against),
-                          in_order=args.in_order, mrg_rxbuf=args.mrg_rxbuf, keep_logs=args.keep_logs)
+                          in_order=args.in_order, mrg_rxbuf=args.mrg_rxbuf, keep_logs=args.keep_logs,
+                          queue_size=args.queue_size)
     progress = None if args.json else (lambda msg: print(f"# {msg}", file=sys.stderr, flush=True))
     results = run(cfg, progress=progress)
     print(json.dumps(results, indent=1) if args.json else format_results(results))
@@ -108,6 +109,8 @@ def register(sub: Any, bench_sub: Any) -> None:
     d.add_argument("--against", type=_csv(["pyvirtio", "dpdk"]), default=["pyvirtio", "dpdk"],
                    help="back-ends to run (default both)")
     d.add_argument("--in-order", type=int, choices=[0, 1], default=None, help="virtio-user in_order devarg")
+    d.add_argument("--queue-size", type=int, default=None,
+                   help="virtio-user queue_size devarg (default: the PMD's, 256), same for both back-ends")
     d.add_argument("--mrg-rxbuf", type=int, choices=[0, 1], default=None, help="virtio-user mrg_rxbuf devarg")
     d.add_argument("--keep-logs", action="store_true", help="keep the processes' output files")
     d.add_argument("--json", action="store_true", help="one JSON object")
