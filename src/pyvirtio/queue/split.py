@@ -67,6 +67,7 @@ _NO_INTERRUPT = int(AvailFlags.NO_INTERRUPT)
 _NO_NOTIFY = int(UsedFlags.NO_NOTIFY)
 _WEAK = _fence.WEAK_ORDERING
 _USED_STRUCTS: dict[int, struct.Struct] = {}
+_SEQ = np.arange(MAX_QUEUE_SIZE + 1, dtype=np.uint16)  # 0, 1, 2, ...: sequential `next` fields
 
 
 def _used_struct(k: int) -> struct.Struct:
@@ -368,6 +369,15 @@ class SplitRing:
             table = self.mem.read(addr, length, AreaKind.INDIRECT)  # one snapshot of the table
         except GuestMemoryError as e:
             raise BadBufferAddress(f"chain {head}: indirect table: {e}") from None
+        if entries > 1 and direct + entries <= q:
+            # Fast path for the table every driver writes: entry i links to
+            # i+1, the last one ends the chain, no INDIRECT inside.
+            t = np.frombuffer(table, SPLIT_DESC_DTYPE)
+            fl = t["flags"]
+            if (not (fl & _INDIRECT).any() and (fl[:-1] & _NEXT).all() and not fl[-1] & _NEXT
+                    and (t["next"][:-1] == _SEQ[1:entries]).all()):
+                segments.extend(zip(t["addr"].tolist(), t["len"].tolist(), ((fl & _WRITE) != 0).tolist()))
+                return
         i = 0
         count = 0
         while True:
