@@ -40,7 +40,8 @@ def _bench_queue(args: argparse.Namespace) -> int:
     return 1 if any(r["lost"] for r in results) else 0
 
 
-_COMMAND_MODULES: list[str] = ["pyvirtio.driver.frontend_cli", "pyvirtio.devices.net_cli"]
+_COMMAND_MODULES: list[str] = ["pyvirtio.driver.frontend_cli", "pyvirtio.devices.net_cli", "pyvirtio.devices.blk_cli",
+                                 "pyvirtio.bench.guest_cli"]
 
 
 def build_parser() -> argparse.ArgumentParser:

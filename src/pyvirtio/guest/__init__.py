@@ -9,12 +9,25 @@ Three parts, usable together or alone:
   `*_args` helpers build the devices: QEMU's built-in virtio-net/virtio-blk,
   or the same device types served by a vhost-user backend;
 * `NetNamespace` (netns.py): a private namespace with the TAP the guest's NIC
-  attaches to, and the place to run host-side peers such as `iperf3 -s`.
+  attaches to, and the place to run host-side peers such as `iperf3 -s`;
+* `PyvirtioNetBackend` (backend.py): our vhost-user-net back-end as a child
+  process inside that namespace, serving its TAP, with its counters on demand;
+* `IperfServer`, `run_iperf` (iperf.py): iperf3 between guest and namespace;
+* `GuestNetwork` (network.py): all of the above for one `NetVariant`
+  (back-end lazy/eager/builtin, ring, EVENT_IDX, ...), as tests and
+  `pyvirtio bench guest` use it.
 
 Everything here needs root, QEMU, a guest kernel in /boot, busybox-static
 and iperf3 (`scripts/setup.sh --peers`).
 """
 
+from pyvirtio.guest.backend import (
+    BackendError,
+    PyvirtioNetBackend,
+    queue_counters,
+    queue_deltas,
+    ring_errors,
+)
 from pyvirtio.guest.initramfs import (
     DEFAULT_CACHE_DIR,
     DEFAULT_MODULES,
@@ -24,6 +37,14 @@ from pyvirtio.guest.initramfs import (
     extract_vmlinux,
     find_kernel,
 )
+from pyvirtio.guest.iperf import (
+    TESTS,
+    IperfError,
+    IperfResult,
+    IperfServer,
+    parse_iperf_json,
+    run_iperf,
+)
 from pyvirtio.guest.netns import (
     NetNamespace,
     NetNamespaceError,
@@ -31,6 +52,7 @@ from pyvirtio.guest.netns import (
     remove_stale_namespaces,
     wrap_command,
 )
+from pyvirtio.guest.network import BACKENDS, RINGS, GuestNetwork, NetVariant, feature_bit
 from pyvirtio.guest.qemu import (
     Guest,
     GuestError,
@@ -45,24 +67,40 @@ from pyvirtio.guest.qemu import (
 )
 
 __all__ = [
+    "BACKENDS",
     "DEFAULT_CACHE_DIR",
     "DEFAULT_MODULES",
+    "RINGS",
+    "TESTS",
+    "BackendError",
     "Guest",
     "GuestError",
     "GuestExited",
+    "GuestNetwork",
     "GuestTimeout",
     "InitramfsError",
+    "IperfError",
+    "IperfResult",
+    "IperfServer",
     "KernelInfo",
     "NetNamespace",
     "NetNamespaceError",
+    "NetVariant",
+    "PyvirtioNetBackend",
     "build_initramfs",
     "builtin_blk_args",
     "builtin_net_args",
     "extract_vmlinux",
+    "feature_bit",
     "find_kernel",
     "netns_exists",
+    "parse_iperf_json",
     "qemu_escape",
+    "queue_counters",
+    "queue_deltas",
     "remove_stale_namespaces",
+    "ring_errors",
+    "run_iperf",
     "vhost_user_blk_args",
     "vhost_user_net_args",
     "virtio_net_device_args",

@@ -1,6 +1,11 @@
 """Build the tiny initramfs the test guest boots: busybox, iperf3, the virtio
 modules and an /init that serves shell commands over the serial console.
 
+/init loads the modules of `DEFAULT_MODULES` (virtio_pci, virtio_net,
+virtio_blk and their dependencies) at boot; they sit under
+/lib/modules/<version>/ with a modules.dep, so `rmmod virtio_net` and
+`modprobe virtio_net` work in the guest (driver reload tests).
+
 The image is a gzip'd cpio "newc" archive written by Python (no `cpio`,
 `gzip` or `depmod` needed on the host). It is built once and cached under
 `~/.cache/pyvirtio/`, keyed by the kernel version and a hash of everything
@@ -67,6 +72,9 @@ DEFAULT_BINARIES: tuple[str, ...] = ("iperf3",)
 BUSYBOX_CANDIDATES: tuple[str, ...] = ("/bin/busybox", "/usr/bin/busybox")
 
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "pyvirtio"
+
+#: Bumped when `_write_image` lays the image out differently (part of the cache key).
+IMAGE_LAYOUT = 2
 
 INIT_SCRIPT = r"""#!/bin/sh
 # pyvirtio test guest init: mount, load virtio modules, configure eth0, then
@@ -299,14 +307,8 @@ def resolve_modules(modules_dir: Path, names: Iterable[str]) -> list[str]:
     Names use either '-' or '_' (the kernel treats them alike). Raises
     `InitramfsError` for a module the kernel does not ship as a module.
     """
-    deps: dict[str, list[str]] = {}
-    by_name: dict[str, str] = {}
-    for line in (modules_dir / "modules.dep").read_text().splitlines():
-        if ":" not in line:
-            continue
-        path, _, rest = line.partition(":")
-        deps[path] = rest.split()
-        by_name[_module_name(path)] = path
+    deps = read_modules_dep(modules_dir)
+    by_name = {_module_name(path): path for path in deps}
     order: list[str] = []
     seen: set[str] = set()
 
@@ -324,6 +326,25 @@ def resolve_modules(modules_dir: Path, names: Iterable[str]) -> list[str]:
             raise InitramfsError(f"module {name!r} not in {modules_dir}/modules.dep (built in, or missing?)")
         visit(by_name[key])
     return order
+
+
+def read_modules_dep(modules_dir: Path) -> dict[str, list[str]]:
+    """Parse `modules_dir/modules.dep`: module path -> the paths it depends on."""
+    deps: dict[str, list[str]] = {}
+    for line in (modules_dir / "modules.dep").read_text().splitlines():
+        if ":" not in line:
+            continue
+        path, _, rest = line.partition(":")
+        deps[path] = rest.split()
+    return deps
+
+
+def _uncompressed_path(path: str) -> str:
+    """A modules.dep path with any compression suffix removed (the image holds plain .ko files)."""
+    for suffix in (".xz", ".gz", ".zst"):
+        if path.endswith(suffix):
+            return path[: -len(suffix)]
+    return path
 
 
 def _module_name(path: str) -> str:
@@ -401,6 +422,7 @@ class _Plan:
 
     def digest(self) -> str:
         h = hashlib.sha256()
+        h.update(f"layout {IMAGE_LAYOUT}\0".encode())
         h.update(self.init_script.encode())
         h.update(self.kernel.version.encode())
         for mod in self.modules:
@@ -460,12 +482,23 @@ def _write_image(plan: _Plan, out: io.BufferedIOBase) -> None:
         cpio.directories(str(Path(guest_path).parent))
         # Follow host symlinks (merged /usr, versioned sonames): the guest gets a regular file.
         cpio.file(guest_path, host.read_bytes(), 0o755)
+    # Modules live where busybox modprobe looks for them (/lib/modules/<version>/<path>, with a
+    # modules.dep for the subset), so `rmmod virtio_net; modprobe virtio_net` works in the guest;
+    # /lib/modules/<name>.ko links to each for /init's insmod loop.
     names: list[str] = []
+    version_dir = f"lib/modules/{plan.kernel.version}"
+    all_deps = read_modules_dep(plan.kernel.modules_dir)
+    dep_lines: list[str] = []
     for mod in plan.modules:
         data = read_module(plan.kernel.modules_dir / mod)
+        rel = _uncompressed_path(mod)
+        cpio.directories(str(Path(version_dir, rel).parent))
+        cpio.file(f"{version_dir}/{rel}", data)
         name = _module_name(mod) + ".ko"
-        cpio.file(f"lib/modules/{name}", data)
+        cpio.symlink(f"lib/modules/{name}", f"/{version_dir}/{rel}")
         names.append(name)
+        dep_lines.append(f"{rel}: {' '.join(_uncompressed_path(d) for d in all_deps.get(mod, []))}".rstrip())
+    cpio.file(f"{version_dir}/modules.dep", ("\n".join(dep_lines) + "\n").encode())
     cpio.file("etc/pyvirtio/modules", ("\n".join(names) + "\n").encode())
     cpio.file("init", plan.init_script.encode(), 0o755)
     cpio.finish()

@@ -418,7 +418,7 @@ class Guest:
         # fmt: off
         argv = [
             self.qemu_binary,
-            "-name", "pyvirtio-guest",
+            "-name", "pyvirtio-guest,debug-threads=on",  # vCPU threads named "CPU n/TCG" (CPU accounting)
             "-accel", self.accel,
             "-machine", f"{self.machine},memory-backend=mem",
             "-cpu", self.cpu,

@@ -68,7 +68,14 @@ class Chain:
         if limit is None:
             data = views[0].tobytes() if len(views) == 1 else b"".join(views)
         else:
-            data = b"".join(views)[:limit] if len(views) != 1 else views[0][:limit].tobytes()
+            parts = []
+            left = limit
+            for v in views:  # never copy more than `limit` bytes
+                if left <= 0:
+                    break
+                parts.append(v[:left])
+                left -= len(parts[-1])
+            data = b"".join(parts)
         if c is not None:
             c.bytes_read += len(data)
         return data

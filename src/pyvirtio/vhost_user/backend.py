@@ -80,6 +80,7 @@ from pyvirtio.vhost_user.codec import (
     needs_reply,
     split_packed_vring_base,
 )
+from pyvirtio.vhost_user.inflight import InflightRegion, TrackedVirtqueue
 from pyvirtio.vhost_user.protocol import (
     MAX_CONFIG_SIZE,
     VHOST_USER_F_PROTOCOL_FEATURES,
@@ -96,6 +97,15 @@ BASE_PROTOCOL_FEATURES = (ProtocolFeature.REPLY_ACK | ProtocolFeature.STATUS
 MAX_MEM_SLOTS = 32
 
 Reply = tuple[bytes, tuple[int, ...]]
+
+#: requests a front-end may send only after negotiating a protocol feature
+_NEEDS_PROTOCOL_FEATURE = {
+    Request.ADD_MEM_REG: ProtocolFeature.CONFIGURE_MEM_SLOTS,
+    Request.REM_MEM_REG: ProtocolFeature.CONFIGURE_MEM_SLOTS,
+    Request.SET_STATUS: ProtocolFeature.STATUS,
+    Request.GET_STATUS: ProtocolFeature.STATUS,
+    Request.SET_INFLIGHT_FD: ProtocolFeature.INFLIGHT_SHMFD,
+}
 
 
 # --- counters ------------------------------------------------------------------
@@ -332,23 +342,32 @@ class QueueWorker:
         except BlockingIOError:
             pass
 
-    def drain_kick(self) -> None:
+    def drain_kick(self) -> bool:
+        """Consume pending kicks; return whether there were any."""
         if self.kick_fd is None:
-            return
+            return False
         try:
             n = os.eventfd_read(self.kick_fd)
         except BlockingIOError:
-            return
+            return False
         c = self.counters
         c.kicks += 1
         c.kick_count += n
+        return True
 
     def sleep_for_kick(self) -> None:
         """Call when `pop_batch` found nothing: arm, re-check, sleep."""
         # Kicks that came while we worked are stale: drain them before
         # arming; any kick after this point stays readable.
-        self.drain_kick()
+        drained = self.drain_kick()
         if self.vq.arm():
+            return
+        # arm() re-checks only when it enables kicks itself. If they were
+        # already enabled (eager: the empty check armed them; lazy: still
+        # armed from the last sleep), the kick just drained may announce work
+        # published after the caller's empty check: look once more
+        # (read-only) or that kick is lost and the ring stalls.
+        if drained and self.vq.has_work():
             return
         if self.kick_fd is None:
             time.sleep(self.POLL_NAP)  # polling mode: the front-end never kicks
@@ -433,6 +452,11 @@ class _Ring:
         self.retired_fds.clear()
 
 
+def _same_region(a: MemoryRegion, b: MemoryRegion) -> bool:
+    return (a.guest_phys_addr, a.memory_size, a.userspace_addr, a.mmap_offset) == (
+        b.guest_phys_addr, b.memory_size, b.userspace_addr, b.mmap_offset)
+
+
 def _close(fd: int) -> None:
     try:
         os.close(fd)
@@ -477,6 +501,7 @@ class Backend:
                        for i in range(device.num_queues)]
         self._started_at = time.monotonic()
         self.connections = 0
+        self._inflight: InflightRegion | None = None  # GET/SET_INFLIGHT_FD buffer (INFLIGHT_SHMFD)
         self._handlers: dict[int, Callable[[Message], Any]] = {
             Request.GET_FEATURES: self._get_features,
             Request.SET_FEATURES: self._set_features,
@@ -504,6 +529,7 @@ class Backend:
             Request.GET_STATUS: self._get_status,
             Request.NET_SET_MTU: self._net_set_mtu,
             Request.GET_INFLIGHT_FD: self._get_inflight_fd,
+            Request.SET_INFLIGHT_FD: self._set_inflight_fd,
         }
 
     # -- connection life cycle ------------------------------------------------------
@@ -526,6 +552,7 @@ class Backend:
             ring.saved = None
         self.device.reset()
         self._unmap_all()
+        self._replace_inflight(None)
         self.session = _Session()
 
     def close(self) -> None:
@@ -542,6 +569,11 @@ class Backend:
         `disconnect()`). The message's fds are owned here from now on.
         """
         kind = needs_reply(msg.request, msg.flags, self.session.protocol_features)
+        needed = _NEEDS_PROTOCOL_FEATURE.get(msg.request)
+        if needed is not None and not self.session.protocol_features & needed:
+            msg.close_fds()
+            raise FrontendProtocolError(f"{_name(msg.request)} without the negotiated {needed.name} "
+                                        "protocol feature", msg.request)
         handler = self._handlers.get(msg.request)
         if handler is None:
             msg.close_fds()
@@ -651,10 +683,41 @@ class Backend:
         return self.device.set_mtu(msg.body.value)
 
     def _get_inflight_fd(self, msg: Message) -> Reply:
-        # INFLIGHT_SHMFD is never offered; answer "not supported".
         assert isinstance(msg.body, InflightInfo)
         b = msg.body
-        return encode_inflight_reply(msg, InflightInfo(0, 0, b.num_queues, b.queue_size))
+        if not self.session.protocol_features & ProtocolFeature.INFLIGHT_SHMFD:
+            return encode_inflight_reply(msg, InflightInfo(0, 0, b.num_queues, b.queue_size))  # "not supported"
+        if b.num_queues > self.device.num_queues:
+            raise FrontendProtocolError(f"GET_INFLIGHT_FD for {b.num_queues} queues; the device has "
+                                        f"{self.device.num_queues}", msg.request)
+        try:
+            region = InflightRegion.allocate(b.num_queues, b.queue_size,
+                                             bool(self.session.features & Feature.RING_PACKED))
+        except ValueError as e:
+            raise FrontendProtocolError(f"GET_INFLIGHT_FD: {e}", msg.request) from None
+        self._replace_inflight(region)
+        return encode_inflight_reply(msg, InflightInfo(region.mmap_size, 0, b.num_queues, b.queue_size, region.fd))
+
+    def _set_inflight_fd(self, msg: Message) -> None:
+        assert isinstance(msg.body, InflightInfo)
+        b = msg.body
+        assert b.fd is not None  # the decoder requires one
+        try:
+            fd = os.dup(b.fd)
+        finally:
+            msg.close_fds()
+        try:
+            region = InflightRegion(fd, b.mmap_size, b.mmap_offset, b.num_queues, b.queue_size,
+                                    bool(self.session.features & Feature.RING_PACKED))
+        except (ValueError, OSError) as e:
+            os.close(fd)  # InflightRegion did not take it
+            raise FrontendProtocolError(f"SET_INFLIGHT_FD: {e}", msg.request) from None
+        self._replace_inflight(region)
+
+    def _replace_inflight(self, region: InflightRegion | None) -> None:
+        old, self._inflight = self._inflight, region
+        if old is not None:
+            old.close()  # running rings keep their views of the old map alive
 
     # -- memory ------------------------------------------------------------------------
 
@@ -711,7 +774,13 @@ class Backend:
     def _add_mem_reg(self, msg: Message) -> None:
         assert isinstance(msg.body, MemRegMsg) and msg.body.fd is not None
         r = msg.body.region
-        if len(self.session.slots) >= MAX_MEM_SLOTS:
+        if any(_same_region(s, r) for s in self.session.slots):
+            # QEMU 7.2 sends every region once per vhost_dev, i.e. once per net queue pair
+            # (ADD_MEM_REG is not one of its "one time" requests): the same mapping, counted.
+            msg.close_fds()
+            self.session.slots.append(r)
+            return
+        if len({(s.guest_phys_addr, s.memory_size) for s in self.session.slots}) >= MAX_MEM_SLOTS:
             msg.close_fds()
             raise FrontendProtocolError(f"ADD_MEM_REG beyond the {MAX_MEM_SLOTS} slots offered", msg.request)
         try:
@@ -735,6 +804,9 @@ class Backend:
         if not match:
             log.warning("REM_MEM_REG of gpa %#x size %#x: no such region", r.guest_phys_addr, r.memory_size)
             return False
+        if len(match) > 1:  # added by several vhost_devs (queue pairs): still in use
+            self.session.slots.remove(match[0])
+            return True
         paused = self._pause_all()
         region = self.mem.remove(r.guest_phys_addr, r.memory_size)
         self.session.slots.remove(match[0])
@@ -877,6 +949,9 @@ class Backend:
                 or not ring.kick_set or not self.mem.regions):
             return
         s = self.session
+        if not s.features_set:  # the ring layout depends on the features (VERSION_1, RING_PACKED)
+            raise FrontendProtocolError(f"ring {ring.index} would start before SET_FEATURES",
+                                        Request.SET_VRING_KICK)
         features = s.features & ~VHOST_USER_F_PROTOCOL_FEATURES
         packed = bool(features & Feature.RING_PACKED)
         num = ring.num
@@ -888,12 +963,20 @@ class Backend:
         ring.saved = None
         if state is not None and (state.size != num or state.packed != packed):
             state = None
-        if state is None:
+        tracker = None if self._inflight is None else self._inflight.tracker(ring.index, num, packed, ring.mem,
+                                                                             desc)
+        if state is None or tracker is not None:  # with inflight tracking the buffer is the truth
             state = self._initial_state(ring, num, packed, device)
+            if tracker is not None:
+                state = tracker.resume(state)
         name = f"{self.device.name}.{self.device.queue_role(ring.index)}"
         try:
-            vq = Virtqueue(ring.mem, num, desc, driver, device, features=features, policy=self.policy,
-                           state=state, name=name)
+            if tracker is None:
+                vq = Virtqueue(ring.mem, num, desc, driver, device, features=features, policy=self.policy,
+                               state=state, name=name)
+            else:
+                vq = TrackedVirtqueue(ring.mem, num, desc, driver, device, features=features,
+                                      policy=self.policy, state=state, name=name, tracker=tracker)
         except QueueError as e:
             raise FrontendProtocolError(f"ring {ring.index}: {e}", Request.SET_VRING_KICK) from None
         ring.vq = vq
@@ -906,6 +989,8 @@ class Backend:
                  "none" if ring.call_fd is None else f"fd {ring.call_fd}", ring.base)
         self.device.start_queue(handle)
         self.device.enable_queue(ring.index, self._effective_enabled(ring))
+        if tracker is not None and tracker.reconnected:
+            handle.call()  # an interrupt lost with the previous back-end would stall the driver
 
     def _initial_state(self, ring: _Ring, num: int, packed: bool, used_gpa: int) -> QueueState:
         base = ring.base

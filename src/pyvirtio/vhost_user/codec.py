@@ -42,6 +42,7 @@ from typing import Literal, NoReturn, TypeAlias
 from pyvirtio.vhost_user.protocol import (
     HEADER_SIZE,
     MAX_CONFIG_SIZE,
+    MAX_FDS,
     MAX_PAYLOAD_SIZE,
     PACKED_AVAIL_IDX_MASK,
     PACKED_AVAIL_WRAP,
@@ -757,6 +758,17 @@ class _FrameDecoder:
         self._pos += len(self._buf)
         self._buf.clear()
 
+    def _check_pending_fds(self, request: int | None) -> None:
+        # Called when no complete message is buffered: every fd still held
+        # belongs to the one message in progress. Without this bound a peer
+        # trickling a long payload a byte at a time, with fds on every byte,
+        # would make us hold thousands of fds (the whole fd table) until the
+        # message completes and is refused.
+        if self.pending_fds > MAX_FDS:
+            name = "a message" if request is None else _request_name(request)
+            raise self._error(f"{name}: carries more than {MAX_FDS} file descriptors "
+                              f"({self.pending_fds} so far, before it is complete)", request)
+
     def _check_header(self, request: int, flags: int, size: int) -> None:
         raise NotImplementedError
 
@@ -769,6 +781,7 @@ class _FrameDecoder:
         fds: list[int] = []
         try:
             if len(self._buf) < HEADER_SIZE:
+                self._check_pending_fds(None)
                 return None
             request, flags, size = HEADER.unpack_from(self._buf)
             # Judge the header before its payload arrives: a bad size must not
@@ -776,6 +789,7 @@ class _FrameDecoder:
             self._check_header(request, flags, size)
             total = HEADER_SIZE + size
             if len(self._buf) < total:
+                self._check_pending_fds(request)
                 return None
             payload = bytes(self._buf[HEADER_SIZE:total])
             del self._buf[:total]
@@ -806,7 +820,8 @@ class Decoder(_FrameDecoder):
     `next_message()` until it returns None (more bytes needed). Raises
     `FrontendProtocolError` for anything the front-end got wrong: the header
     version, a REPLY flag, a payload above `MAX_PAYLOAD_SIZE` or not the size
-    the request requires, the wrong number of fds, more than 8 memory regions,
+    the request requires, the wrong number of fds (more than `MAX_FDS` is
+    refused as soon as they arrive, before the message is complete), more than 8 memory regions,
     empty, wrapping or overlapping regions, undefined flag bits, a vring index
     at or above `max_queues`. The error is fatal (see the module docstring).
 

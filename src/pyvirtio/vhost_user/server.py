@@ -34,6 +34,9 @@ from pyvirtio.vhost_user.protocol import MAX_FDS, MAX_MESSAGE_SIZE, Request
 
 log = logging.getLogger(__name__)
 
+#: seconds a reply may wait for the front-end to make room in its socket
+REPLY_TIMEOUT = 1.0
+
 _FD_SIZE = array.array("i").itemsize
 #: room for one more fd than a conforming message carries, so that an
 #: oversupply is seen (and refused) rather than silently truncated
@@ -236,7 +239,9 @@ class Server:
         self._attach(conn)
 
     def _attach(self, conn: socket.socket) -> None:
-        conn.setblocking(True)
+        # A reply that cannot be sent within REPLY_TIMEOUT means the front-end
+        # stopped reading: drop it rather than block the server (and SIGTERM).
+        conn.settimeout(REPLY_TIMEOUT)
         self.conn = conn
         self._decoder = self.backend.decoder()
         self.connections += 1
@@ -296,6 +301,9 @@ class Server:
                     break
                 self._dispatch(conn, msg)
         except (ProtocolError, _FrontendFault) as e:
+            # Keep the message, not the frames: a chained error's traceback
+            # would keep a half-built ring's views of guest memory alive.
+            e.__traceback__ = e.__context__ = e.__cause__ = None
             self.last_error = e if isinstance(e, ProtocolError) else None
             log.error("frontend protocol error, closing the connection: %s", e)
             self._detach()
@@ -312,13 +320,15 @@ class Server:
         if reply is None:
             return
         data, fds = reply
+        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+        view = memoryview(data)
         try:
-            if fds:
-                conn.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
-            else:
-                conn.sendmsg([data])
-        except OSError as e:
-            log.warning("sending the reply to %s failed: %s", _name(msg.request), e)
+            while view:  # one sendmsg normally; a send with a timeout may be partial
+                n = conn.sendmsg([view], anc)
+                view, anc = view[n:], []
+        except OSError as e:  # TimeoutError included: the front-end is not reading its replies
+            log.warning("sending the reply to %s failed (is the front-end reading its replies?): %s",
+                        _name(msg.request), e)
             self._detach()
 
 

@@ -1,0 +1,220 @@
+"""Guest block benchmark: the same Linux 6.1 guest (QEMU 7.2, TCG) and the
+same image file behind each disk, one after the other in one run:
+
+- `pyvirtio-lazy`, `pyvirtio-eager`: our back-end (`pyvirtio blk`) with the
+  two notification policies, through `vhost-user-blk-pci`;
+- `qsd`: `qemu-storage-daemon --export vhost-user-blk`, the reference
+  vhost-user-blk back-end, through `vhost-user-blk-pci`;
+- `builtin`: QEMU's own virtio-blk (`virtio-blk-pci`, `aio=threads`).
+
+Every disk uses the host page cache (ours without --direct, qsd
+`cache.direct=off`, built-in `cache=writeback`), one queue of
+`queue_size` entries, `vectors=0` (INTx). In the guest, with `dd`:
+sequential write (`oflag=direct`, 1 MiB blocks; the closing `sync` is not timed),
+sequential read (`iflag=direct`, 1 MiB), and 4 KiB direct reads one at a
+time (the per-request cost). Times come from the guest's /proc/uptime
+around each `dd`. With `rounds` > 1 the targets are cycled that many times
+and the best of each metric is kept (the machine is shared and noisy).
+
+`run(cfg)` returns one result per target; `format_table` prints them with
+ratios to qemu-storage-daemon.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+TARGETS = ("pyvirtio-lazy", "pyvirtio-eager", "builtin", "qsd")
+MiB = 1 << 20
+
+
+@dataclasses.dataclass(slots=True)
+class BlkBenchConfig:
+    targets: tuple[str, ...] = TARGETS
+    image_mib: int = 512
+    write_mib: int = 256
+    read_mib: int = 512
+    read4k_count: int = 4000
+    rounds: int = 1
+    queue_size: int = 128
+    ring: str = "split"
+    io_threads: int = 4
+    smp: int = 1
+    memory_mib: int = 512
+    work_dir: Path | None = None
+    #: extra arguments for our back-end (e.g. ["--direct"])
+    pyvirtio_args: tuple[str, ...] = ()
+
+
+class BenchError(RuntimeError):
+    """A target could not be measured (back-end or guest failed)."""
+
+
+def _wait_socket(proc: subprocess.Popen[bytes], path: Path, what: str, log_path: Path,
+                 timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if proc.poll() is not None:
+            raise BenchError(f"{what} exited with {proc.returncode}: {log_path.read_text()[-1500:]}")
+        if time.monotonic() > deadline:
+            raise BenchError(f"{what} did not create {path}")
+        time.sleep(0.02)
+
+
+def _stop(proc: subprocess.Popen[bytes] | None) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+
+
+@contextlib.contextmanager
+def _disk(target: str, cfg: BlkBenchConfig, image: Path, work: Path) -> Iterator[list[str]]:
+    """Start the target's back-end (if it has one); yield QEMU's device arguments."""
+    from pyvirtio.guest import builtin_blk_args, vhost_user_blk_args
+
+    qs = cfg.queue_size
+    packed = cfg.ring == "packed"
+    if target == "builtin":
+        yield builtin_blk_args(image, cache="writeback", aio="threads", queue_size=qs, packed=packed)
+        return
+    sock = work / f"{target}.sock"
+    log_path = work / f"{target}.log"
+    if target.startswith("pyvirtio-"):
+        policy = target.removeprefix("pyvirtio-")
+        argv = [sys.executable, "-m", "pyvirtio", "blk", "--socket-path", str(sock), "--blk-file", str(image),
+                "--policy", policy, "--queues", str(max(1, cfg.smp)), "--io-threads", str(cfg.io_threads),
+                "--seg-max", str(qs - 2), *cfg.pyvirtio_args]
+    elif target == "qsd":
+        qsd = shutil.which("qemu-storage-daemon")
+        if qsd is None:
+            raise BenchError("qemu-storage-daemon is not installed (Debian package qemu-system-x86 / qemu-utils)")
+        argv = [qsd, "--blockdev", f"driver=file,node-name=f,filename={image},cache.direct=off",
+                "--export", (f"type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path={sock},"
+                             f"writable=on,num-queues={max(1, cfg.smp)}")]
+    else:
+        raise ValueError(f"unknown target {target!r} (one of {', '.join(TARGETS)})")
+    sock.unlink(missing_ok=True)
+    with open(log_path, "wb") as f:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT)
+    try:
+        _wait_socket(proc, sock, target, log_path)
+        yield vhost_user_blk_args(sock, num_queues=max(1, cfg.smp), queue_size=qs, reconnect=None,
+                                  extra={"packed": True} if packed else None)
+    finally:
+        _stop(proc)
+        sock.unlink(missing_ok=True)
+
+
+def _timed(guest: Any, cmd: str, timeout: float) -> float:
+    """Seconds `cmd` took in the guest (its /proc/uptime around it)."""
+    out = guest.check(f"a=$(cut -d' ' -f1 /proc/uptime); {cmd} || exit 1; b=$(cut -d' ' -f1 /proc/uptime); "
+                      "echo $a $b", timeout=timeout)
+    a, b = out.split()[-2:]
+    return max(0.01, float(b) - float(a))
+
+
+def _measure(target: str, cfg: BlkBenchConfig, image: Path, work: Path) -> dict[str, Any]:
+    from pyvirtio.guest import Guest
+
+    with (_disk(target, cfg, image, work) as device_args,
+          Guest(device_args=device_args, smp=cfg.smp, memory_mib=cfg.memory_mib, log_dir=work / target) as g):
+        max_seg = int(g.check("cat /sys/block/vda/queue/max_segments"))
+        max_kb = int(g.check("cat /sys/block/vda/queue/max_sectors_kb"))
+        tw = _timed(g, f"dd if=/dev/zero of=/dev/vda bs=1M count={cfg.write_mib} oflag=direct 2>/dev/null", 600)
+        g.check("sync", timeout=600)  # the FLUSH (host fdatasync) is not part of the device's speed
+        tr = _timed(g, f"dd if=/dev/vda of=/dev/null bs=1M count={cfg.read_mib} iflag=direct 2>/dev/null", 600)
+        t4 = _timed(g, f"dd if=/dev/vda of=/dev/null bs=4k count={cfg.read4k_count} iflag=direct 2>/dev/null",
+                    600)
+    return {"target": target, "write_MBps": cfg.write_mib * MiB / tw / 1e6,
+            "read_MBps": cfg.read_mib * MiB / tr / 1e6, "read4k_iops": cfg.read4k_count / t4,
+            "write_s": tw, "read_s": tr, "read4k_s": t4, "max_segments": max_seg, "max_sectors_kb": max_kb}
+
+
+def run(cfg: BlkBenchConfig, progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """Measure every target `cfg.rounds` times; best of each metric per target."""
+    work = Path(tempfile.mkdtemp(prefix="pyvirtio-blkbench-", dir=cfg.work_dir))
+    image = work / "disk.img"
+    try:
+        with open(image, "wb") as f:
+            f.truncate(cfg.image_mib * MiB)
+        # data everywhere the reads go, so no target reads holes
+        with open(image, "r+b") as f:
+            chunk = os.urandom(MiB)
+            f.writelines(chunk for _ in range(max(cfg.read_mib, cfg.write_mib)))
+        samples: dict[str, list[dict[str, Any]]] = {t: [] for t in cfg.targets}
+        for rnd in range(cfg.rounds):
+            for t in cfg.targets:
+                if progress:
+                    progress(f"round {rnd + 1}/{cfg.rounds}: {t}")
+                os.sync()  # every target starts with a clean host page cache
+                samples[t].append(_measure(t, cfg, image, work))
+        results = []
+        for t in cfg.targets:
+            s = samples[t]
+            best = {"target": t, "rounds": len(s),
+                    "write_MBps": max(x["write_MBps"] for x in s), "read_MBps": max(x["read_MBps"] for x in s),
+                    "read4k_iops": max(x["read4k_iops"] for x in s), "max_segments": s[0]["max_segments"],
+                    "max_sectors_kb": s[0]["max_sectors_kb"], "samples": s}
+            results.append(best)
+        return results
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def format_table(results: list[dict[str, Any]], reference: str = "qsd") -> str:
+    ref = next((r for r in results if r["target"] == reference), None)
+    head = f"{'target':>15} {'write MB/s':>11} {'read MB/s':>10} {'4k read IOPS':>13} {'max_seg':>8}"
+    if ref:
+        head += f"  {'x' + reference + ' (w/r/4k)':>22}"
+    lines = [head]
+    for r in results:
+        line = (f"{r['target']:>15} {r['write_MBps']:>11.1f} {r['read_MBps']:>10.1f} {r['read4k_iops']:>13.0f} "
+                f"{r['max_segments']:>8}")
+        if ref:
+            line += "  " + f"{r['write_MBps'] / ref['write_MBps']:.2f}/{r['read_MBps'] / ref['read_MBps']:.2f}/" \
+                           f"{r['read4k_iops'] / ref['read4k_iops']:.2f}".rjust(22)
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def main_from_guest_args(args: Any) -> int:
+    """`pyvirtio bench guest --device blk`: the guest bench's options mapped
+    here (`--backends` lazy/eager/builtin, qemu-storage-daemon always added
+    as the reference; `--repeat` rounds; `--ring`; `--queues` vCPUs and
+    queues; `--json`)."""
+    import json
+
+    names = {"lazy": "pyvirtio-lazy", "eager": "pyvirtio-eager", "builtin": "builtin"}
+    targets = tuple(names[b] for b in getattr(args, "backends", ["lazy", "eager", "builtin"]) if b in names)
+    cfg = BlkBenchConfig(targets=(*targets, "qsd"), rounds=max(1, getattr(args, "repeat", 1)),
+                         ring=getattr(args, "ring", "split"), smp=max(1, getattr(args, "queues", 1)))
+    as_json = bool(getattr(args, "json", False))
+    try:
+        results = run(cfg, progress=None if as_json else lambda m: print(f"# {m}", file=sys.stderr, flush=True))
+    except BenchError as e:
+        print(f"pyvirtio bench guest --device blk: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(results, indent=1) if as_json else format_table(results))
+    return 0
+
+
+__all__ = ["TARGETS", "BenchError", "BlkBenchConfig", "format_table", "main_from_guest_args", "run"]

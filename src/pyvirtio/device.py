@@ -1,0 +1,203 @@
+"""The public device API: a virtio device as one small class, served with
+`serve()` (or `serve_async()` from asyncio).
+
+    class Echo(pyvirtio.Device):
+        device_id = "echo"
+        def handle(self, queue: int, chain: pyvirtio.Chain) -> int:
+            return chain.write(chain.read())      # bytes written into the chain
+
+    pyvirtio.serve(Echo(), socket_path="/tmp/echo.sock")
+
+A `Device` says what it offers (`features`, `num_queues`, `config()`) and
+answers requests: `handle(queue, chain)` reads the chain's device-readable
+buffers (`chain.readable`, zero-copy memoryviews into guest memory, or
+`chain.read()`), writes its device-writable ones (`chain.writable`,
+`chain.write(data, offset)`) and returns how many bytes it wrote. pyvirtio
+does the rest: the vhost-user protocol, guest memory, the rings (split and
+packed, indirect descriptors, event index), one thread per queue that takes
+requests in batches, publishes their completions as one batch and sleeps on
+the kick only after arming it, multiqueue, and a guest that breaks the ring
+protocol (that queue retires, nothing else does).
+
+A handler that raises is logged and its request completed with 0 bytes, so
+one bug does not stop the queue. Devices that need more (requests that
+complete later, their own threads, inflight tracking) implement
+`pyvirtio.vhost_user.backend.VirtioDevice` directly, as
+`pyvirtio.devices.blk` does; `serve()` accepts those too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from pyvirtio.queue import Chain, Policy
+from pyvirtio.spec import Feature
+from pyvirtio.vhost_user.backend import Backend, QueueHandle, QueueWorker, VirtioDevice
+from pyvirtio.vhost_user.protocol import ProtocolFeature
+from pyvirtio.vhost_user.server import Server
+
+log = logging.getLogger(__name__)
+
+#: The ring features pyvirtio implements for every device.
+RING_FEATURES = int(Feature.VERSION_1 | Feature.RING_EVENT_IDX | Feature.RING_INDIRECT_DESC
+                    | Feature.RING_PACKED)
+
+
+class Device:
+    """Subclass and override `handle` (and `config` if the device has a config space).
+
+    Class attributes:
+
+    - `device_id`: a short name for logs and stats;
+    - `features`: feature bits offered (ring bits and the device's own);
+    - `num_queues`: virtqueues served (QEMU's vhost-user-blk-pci asks one
+      per vCPU unless told `num-queues=`);
+    - `protocol_features`: extra vhost-user protocol features (MQ, and
+      CONFIG when `config()` is not empty, are offered for you).
+    """
+
+    device_id: str = "device"
+    features: int = RING_FEATURES
+    num_queues: int = 1
+    protocol_features: int = 0
+
+    def config(self) -> bytes:
+        """The device configuration space (answered to GET_CONFIG)."""
+        return b""
+
+    def set_config(self, offset: int, data: bytes) -> bool:
+        """The driver wrote `data` at `offset` of the config space; False refuses."""
+        return False
+
+    def set_features(self, features: int) -> None:
+        """The driver acked `features` (called before any queue runs)."""
+
+    def handle(self, queue: int, chain: Chain) -> int:
+        """Serve one request from virtqueue `queue`; return the bytes written into it."""
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        """The driver reset the device or the front-end went away."""
+
+
+class _Worker(QueueWorker):
+    def __init__(self, q: QueueHandle, device: Device) -> None:
+        super().__init__(q)
+        self.device = device
+
+    def run(self) -> None:
+        vq = self.vq
+        handle = self.device.handle
+        index = self.q.index
+        c = self.counters
+        while not self.stopping:
+            if not self.enabled:
+                self.wait([])  # until enabled or stopped
+                continue
+            chains = vq.pop_batch(64)
+            if not chains:
+                self.sleep_for_kick()
+                continue
+            done = []
+            for ch in chains:
+                try:
+                    n = handle(index, ch)
+                except Exception:
+                    log.exception("%s: handler failed; request completed with 0 bytes", self.q.name)
+                    n = 0
+                done.append((ch, max(0, min(int(n or 0), ch.writable_len))))
+            c.packets += len(chains)
+            if vq.complete_batch(done):
+                self.q.call()
+
+
+class _Adapter(VirtioDevice):
+    """A `Device` as the back-end sees devices."""
+
+    def __init__(self, device: Device) -> None:
+        self.device = device
+        self.name = device.device_id
+        self.features = int(device.features)
+        self.num_queues = self.queue_num = device.num_queues
+        proto = int(ProtocolFeature.MQ) | int(device.protocol_features)
+        if device.config():
+            proto |= ProtocolFeature.CONFIG
+        self.protocol_features = proto
+        self.workers: dict[int, _Worker] = {}
+
+    def config(self) -> bytes:
+        return self.device.config()
+
+    def set_config(self, offset: int, data: bytes, flags: int) -> bool:
+        return self.device.set_config(offset, data)
+
+    def set_features(self, features: int) -> None:
+        self.device.set_features(features)
+
+    def start_queue(self, q: QueueHandle) -> None:
+        w = self.workers[q.index] = _Worker(q, self.device)
+        w.start()
+
+    def stop_queue(self, index: int) -> None:
+        w = self.workers.pop(index, None)
+        if w is not None:
+            w.stop()
+
+    def enable_queue(self, index: int, enabled: bool) -> None:
+        w = self.workers.get(index)
+        if w is not None:
+            w.set_enabled(enabled)
+
+    def reset(self) -> None:
+        for i in list(self.workers):
+            self.stop_queue(i)
+        self.device.reset()
+
+
+def _server(device: Device | VirtioDevice, socket_path: str | None, fd: int | None,
+            policy: Policy) -> tuple[Server, Backend]:
+    vdev = device if isinstance(device, VirtioDevice) else _Adapter(device)
+    backend = Backend(vdev, policy=policy)
+    try:
+        return Server(backend, socket_path=socket_path, fd=fd), backend
+    except BaseException:
+        backend.close()
+        raise
+
+
+def serve(device: Device | VirtioDevice, *, socket_path: str | None = None, fd: int | None = None,
+          policy: Policy = "lazy", handle_signals: bool = True) -> None:
+    """Serve `device` over vhost-user until SIGTERM/SIGINT (or, with `fd` a
+    connected socket, until the front-end hangs up).
+
+    `socket_path`: create and listen on this unix socket (QEMU connects);
+    `fd`: an inherited socket, listening or connected (QEMU's `--fd`).
+    `handle_signals=False` when not called from the main thread.
+    """
+    server, backend = _server(device, socket_path, fd, policy)
+    if handle_signals:
+        server.install_signal_handlers()
+    try:
+        server.serve_forever()
+    finally:
+        backend.close()
+
+
+async def serve_async(device: Device | VirtioDevice, *, socket_path: str | None = None, fd: int | None = None,
+                      policy: Policy = "lazy") -> None:
+    """`serve` for asyncio programs: runs until cancelled (then stops cleanly)."""
+    server, backend = _server(device, socket_path, fd, policy)
+    loop = asyncio.get_running_loop()
+    fut = loop.run_in_executor(None, server.serve_forever)
+    try:
+        await asyncio.shield(fut)
+    except asyncio.CancelledError:
+        server.stop()
+        await fut
+        raise
+    finally:
+        backend.close()
+
+
+__all__ = ["RING_FEATURES", "Chain", "Device", "serve", "serve_async"]
