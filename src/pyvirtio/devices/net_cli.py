@@ -34,8 +34,8 @@ def register(sub: Any, bench_sub: Any) -> None:
                    help="notification policy (eager: the pre-optimisation baseline)")
     p.add_argument("--queue-size-max", type=int, default=1024, metavar="N",
                    help="largest ring accepted (default 1024)")
-    p.add_argument("--batch", type=int, default=256, metavar="N",
-                   help="chains taken per ring step (default 256)")
+    p.add_argument("--batch", type=int, default=1024, metavar="N",
+                   help="chains taken per ring step, at most (default 1024)")
     p.add_argument("--mtu", type=int, default=1500)
     p.add_argument("--mac", help="device MAC address (default: random, locally administered)")
     p.add_argument("--socket-mode", type=lambda s: int(s, 8), default=0o600, metavar="OCTAL",
