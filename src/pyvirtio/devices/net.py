@@ -810,12 +810,11 @@ class _RxWorker(QueueWorker):
                 held.extend(got)
             ready = src.fill(held, done, c, more)
             if done:
-                for ch, written in done:
-                    if complete(ch, written):  # eager only: published at once, interrupt now
-                        self.q.call()
-                done.clear()
-                if vq.flush():
+                # one publication for everything filled: a mergeable frame's
+                # buffers must become used together (virtio 1.2 5.1.6.4)
+                if vq.complete_batch(done):
                     self.q.call()
+                done.clear()
             if not ready:
                 src.wait_ready(self)
         # Chains still held were never written: abandoned, offered again on restart.

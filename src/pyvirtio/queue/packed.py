@@ -416,13 +416,20 @@ class PackedRing:
     # -- publish ---------------------------------------------------------------------
 
     def publish(self, items: Sequence[tuple[Chain | Bulk, Any]]) -> bool:
-        """One 8-byte len|id|flags store per used list, fence, one event read."""
+        """One 8-byte len|id|flags store per used list, the batch's first one
+        last; a fence; one event read.
+
+        The driver polls the first slot of the batch: storing it last (after a
+        release barrier) makes the whole batch visible at once, so the buffers
+        of one mergeable frame become used together (virtio 1.2 5.1.6.4).
+        """
         q = self.size
         u = old = self.next_used
         wrap = self.used_wrap
         store64 = self.desc.store64
         used_flags = _BOTH if wrap else 0
         freed = 0
+        head: tuple[int, int] | None = None  # (byte offset, value) of the batch's first store
         for obj, written in items:
             if type(obj) is Bulk:
                 n = obj.n
@@ -431,10 +438,14 @@ class PackedRing:
                 if wmask.any():  # WRITE on the used descriptor only where data was writable
                     vals |= (np.where(obj.lens > 0, wmask, 0).astype(np.uint64) << np.uint64(48))
                 first = min(n, q - u)
-                if _WEAK:
-                    _fence.release()
+                seg = vals[:first] | np.uint64(used_flags << 48)
+                skip = 0
+                if head is None:
+                    head = (u * DESC_SIZE + 8, int(seg[0]))
+                    skip = 1
                 # one aligned 8-byte len|id|flags store per used descriptor
-                self.desc.np_store64_strided(2 * u + 1, 2, vals[:first] | np.uint64(used_flags << 48))
+                if first > skip:
+                    self.desc.np_store64_strided(2 * (u + skip) + 1, 2, seg[skip:])
                 if first < n:  # the batch passes the ring end: the rest uses the other wrap
                     self.desc.np_store64_strided(1, 2, vals[first:] | np.uint64((used_flags ^ _BOTH) << 48))
                 u += n  # the wrap toggle below applies once
@@ -442,15 +453,21 @@ class PackedRing:
             else:
                 assert type(obj) is Chain
                 word = used_flags | _WRITE if obj.writable_len else used_flags
-                if _WEAK:
-                    _fence.release()  # payload (and earlier used entries) before this flags word
-                store64(u * DESC_SIZE + 8, written | (obj.id << 32) | (word << 48))
+                value = written | (obj.id << 32) | (word << 48)
+                if head is None:
+                    head = (u * DESC_SIZE + 8, value)
+                else:
+                    store64(u * DESC_SIZE + 8, value)
                 u += obj.slots
                 freed += obj.slots
             if u >= q:
                 u -= q
                 wrap = not wrap
                 used_flags = _BOTH if wrap else 0
+        if head is not None:
+            if _WEAK:
+                _fence.release()  # payload and the other used descriptors before the first one
+            store64(*head)
         self.next_used = u
         self.used_wrap = wrap
         self.in_flight_slots -= freed

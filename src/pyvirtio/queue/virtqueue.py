@@ -242,15 +242,18 @@ class Virtqueue:
         if self._restored is not None or self._redeliver:
             return True
         ring = self.ring
-        if self.eager:
-            return False  # the empty check that preceded this already armed
         if ring.unconsumed():
             return True
-        if self.armed:
-            # Still armed since the last sleep (a spurious or stale wake-up):
-            # the driver will kick for anything new, and the caller's empty
-            # check has just looked. No write, no fence.
-            return False
+        if self.armed or self.eager:
+            # Still armed since the last sleep (a spurious or stale wake-up;
+            # eager arms at every empty check): the driver kicks for anything
+            # new, so no write and no fence, but look once, read-only, in case
+            # the caller consumed that kick after its own empty check.
+            try:
+                return ring.peek()
+            except QueueError as e:
+                self._fail(e)
+                return True
         ring.enable_kicks()
         self.armed = True
         self.stats.arms += 1
@@ -295,13 +298,10 @@ class Virtqueue:
         return False
 
     def complete_batch(self, items: Sequence[tuple[Chain, int]]) -> bool:
-        """`complete` for many chains; with the lazy policy also `flush`.
-        Returns True when the driver wants an interrupt."""
-        if self.eager:
-            notify = False
-            for chain, written in items:
-                notify |= self.complete(chain, written)
-            return notify
+        """Complete many chains and publish them as one batch (with anything
+        already pending), so that they become used together (the buffers of
+        one mergeable frame must). Returns True when the driver wants an
+        interrupt. The eager baseline publishes these together too."""
         inflight = self.inflight
         pending = self._pending
         for item in items:
