@@ -783,7 +783,6 @@ class _RxWorker(QueueWorker):
         done: list[tuple[Chain, int]] = []
         c = self.counters
         batch = self.batch
-        complete = vq.complete
 
         def more() -> list[Chain]:
             return vq.pop_batch(batch)

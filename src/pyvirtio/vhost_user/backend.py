@@ -569,7 +569,7 @@ class Backend:
         `disconnect()`). The message's fds are owned here from now on.
         """
         kind = needs_reply(msg.request, msg.flags, self.session.protocol_features)
-        needed = _NEEDS_PROTOCOL_FEATURE.get(msg.request)
+        needed = _NEEDS_PROTOCOL_FEATURE.get(Request(msg.request)) if msg.request in _NEEDS_PROTOCOL_FEATURE else None
         if needed is not None and not self.session.protocol_features & needed:
             msg.close_fds()
             raise FrontendProtocolError(f"{_name(msg.request)} without the negotiated {needed.name} "
