@@ -65,17 +65,30 @@ def _listen_on_path(path: str, mode: int) -> socket.socket:
             raise SocketInUse(errno.EADDRINUSE, f"{path}: another back-end is listening there")
         finally:
             probe.close()
+    # Bind and listen under a temporary name, then rename: the path appears
+    # only once it accepts connections (a front-end that waits for the file
+    # and connects at once is never refused).
+    d, base = os.path.split(path)
+    tmp = os.path.join(d, f".{base}.{os.getpid()}.tmp")
+    if len(os.fsencode(tmp)) >= 108:  # sun_path limit: bind in place
+        tmp = path
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old = os.umask(0o777 & ~mode)  # no window in which the socket is more open than `mode`
     try:
-        sock.bind(path)
+        if tmp != path and os.path.lexists(tmp):
+            os.unlink(tmp)
+        sock.bind(tmp)
+        os.chmod(tmp, mode)
+        sock.listen(1)
+        if tmp != path:
+            os.rename(tmp, path)
     except BaseException:
         sock.close()
+        if tmp != path and os.path.lexists(tmp):
+            os.unlink(tmp)
         raise
     finally:
         os.umask(old)
-    os.chmod(path, mode)
-    sock.listen(1)
     return sock
 
 
