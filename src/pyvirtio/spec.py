@@ -32,6 +32,54 @@ class Feature(enum.IntFlag):
 
 MAX_QUEUE_SIZE = 32768
 
+
+class DeviceStatus(enum.IntFlag):
+    """The virtio device status byte (virtio 1.2 section 2.1)."""
+
+    ACKNOWLEDGE = 1
+    DRIVER = 2
+    DRIVER_OK = 4
+    FEATURES_OK = 8
+    DEVICE_NEEDS_RESET = 64
+    FAILED = 128
+
+
+class NetFeature(enum.IntFlag):
+    """virtio-net device feature bits (virtio 1.2 section 5.1.3)."""
+
+    CSUM = 1 << 0
+    GUEST_CSUM = 1 << 1
+    CTRL_GUEST_OFFLOADS = 1 << 2
+    MTU = 1 << 3
+    MAC = 1 << 5
+    GSO = 1 << 6
+    GUEST_TSO4 = 1 << 7
+    GUEST_TSO6 = 1 << 8
+    GUEST_ECN = 1 << 9
+    GUEST_UFO = 1 << 10
+    HOST_TSO4 = 1 << 11
+    HOST_TSO6 = 1 << 12
+    HOST_ECN = 1 << 13
+    HOST_UFO = 1 << 14
+    MRG_RXBUF = 1 << 15
+    STATUS = 1 << 16
+    CTRL_VQ = 1 << 17
+    CTRL_RX = 1 << 18
+    CTRL_VLAN = 1 << 19
+    CTRL_RX_EXTRA = 1 << 20
+    GUEST_ANNOUNCE = 1 << 21
+    MQ = 1 << 22
+    CTRL_MAC_ADDR = 1 << 23
+    GUEST_USO4 = 1 << 54
+    GUEST_USO6 = 1 << 55
+    HOST_USO = 1 << 56
+    HASH_REPORT = 1 << 57
+    GUEST_HDRLEN = 1 << 59
+    RSS = 1 << 60
+    RSC_EXT = 1 << 61
+    STANDBY = 1 << 62
+    SPEED_DUPLEX = 1 << 63
+
 # --- split ring --------------------------------------------------------------
 
 

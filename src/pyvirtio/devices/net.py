@@ -38,37 +38,11 @@ from typing import Any
 import numpy as np
 
 from pyvirtio.queue import Chain
-from pyvirtio.spec import Feature, features_str
+from pyvirtio.spec import Feature, NetFeature, features_str
 from pyvirtio.vhost_user.backend import QueueCounters, QueueHandle, QueueWorker, VirtioDevice
 from pyvirtio.vhost_user.protocol import ProtocolFeature
 
 log = logging.getLogger(__name__)
-
-
-class NetFeature(enum.IntFlag):
-    """virtio-net device feature bits (virtio 1.2 5.1.3)."""
-
-    CSUM = 1 << 0
-    GUEST_CSUM = 1 << 1
-    CTRL_GUEST_OFFLOADS = 1 << 2
-    MTU = 1 << 3
-    MAC = 1 << 5
-    GUEST_TSO4 = 1 << 7
-    GUEST_TSO6 = 1 << 8
-    GUEST_ECN = 1 << 9
-    GUEST_UFO = 1 << 10
-    HOST_TSO4 = 1 << 11
-    HOST_TSO6 = 1 << 12
-    HOST_ECN = 1 << 13
-    HOST_UFO = 1 << 14
-    MRG_RXBUF = 1 << 15
-    STATUS = 1 << 16
-    CTRL_VQ = 1 << 17
-    CTRL_RX = 1 << 18
-    CTRL_VLAN = 1 << 19
-    GUEST_ANNOUNCE = 1 << 21
-    MQ = 1 << 22
-    CTRL_MAC_ADDR = 1 << 23
 
 
 class _AllFeatures(enum.IntFlag):

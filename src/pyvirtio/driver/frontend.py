@@ -35,7 +35,6 @@ Not thread-safe; one thread drives a frontend.
 from __future__ import annotations
 
 import ctypes
-import enum
 import errno
 import logging
 import os
@@ -59,6 +58,7 @@ from pyvirtio.driver.common import (
 from pyvirtio.driver.packed import PackedDriver
 from pyvirtio.driver.split import SplitDriver
 from pyvirtio.memory import GuestMemory, Region
+from pyvirtio.spec import DeviceStatus, NetFeature
 from pyvirtio.vhost_user import (
     MAX_FDS,
     U64,
@@ -94,54 +94,6 @@ _NUM_BUFFERS_OFF = 10
 #: Largest frame `send` accepts: an untagged Ethernet frame without FCS plus
 #: a VLAN tag (no TSO is negotiated, so nothing larger can be sent or received).
 MAX_FRAME = 1518
-
-
-class NetFeature(enum.IntFlag):
-    """virtio-net device feature bits (virtio 1.2 section 5.1.3), for naming."""
-
-    CSUM = 1 << 0
-    GUEST_CSUM = 1 << 1
-    CTRL_GUEST_OFFLOADS = 1 << 2
-    MTU = 1 << 3
-    MAC = 1 << 5
-    GSO = 1 << 6
-    GUEST_TSO4 = 1 << 7
-    GUEST_TSO6 = 1 << 8
-    GUEST_ECN = 1 << 9
-    GUEST_UFO = 1 << 10
-    HOST_TSO4 = 1 << 11
-    HOST_TSO6 = 1 << 12
-    HOST_ECN = 1 << 13
-    HOST_UFO = 1 << 14
-    MRG_RXBUF = 1 << 15
-    STATUS = 1 << 16
-    CTRL_VQ = 1 << 17
-    CTRL_RX = 1 << 18
-    CTRL_VLAN = 1 << 19
-    CTRL_RX_EXTRA = 1 << 20
-    GUEST_ANNOUNCE = 1 << 21
-    MQ = 1 << 22
-    CTRL_MAC_ADDR = 1 << 23
-    GUEST_USO4 = 1 << 54
-    GUEST_USO6 = 1 << 55
-    HOST_USO = 1 << 56
-    HASH_REPORT = 1 << 57
-    GUEST_HDRLEN = 1 << 59
-    RSS = 1 << 60
-    RSC_EXT = 1 << 61
-    STANDBY = 1 << 62
-    SPEED_DUPLEX = 1 << 63
-
-
-class DeviceStatus(enum.IntFlag):
-    """The virtio device status byte (virtio 1.2 section 2.1)."""
-
-    ACKNOWLEDGE = 1
-    DRIVER = 2
-    DRIVER_OK = 4
-    FEATURES_OK = 8
-    DEVICE_NEEDS_RESET = 64
-    FAILED = 128
 
 
 def feature_names(bits: int) -> list[str]:
