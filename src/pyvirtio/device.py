@@ -124,7 +124,7 @@ class _Adapter(VirtioDevice):
         if device.config():
             proto |= ProtocolFeature.CONFIG
         self.protocol_features = proto
-        self.workers: dict[int, _Worker] = {}
+        self.workers: dict[int, QueueWorker] = {}
 
     def config(self) -> bytes:
         return self.device.config()
@@ -139,19 +139,8 @@ class _Adapter(VirtioDevice):
         w = self.workers[q.index] = _Worker(q, self.device)
         w.start()
 
-    def stop_queue(self, index: int) -> None:
-        w = self.workers.pop(index, None)
-        if w is not None:
-            w.stop()
-
-    def enable_queue(self, index: int, enabled: bool) -> None:
-        w = self.workers.get(index)
-        if w is not None:
-            w.set_enabled(enabled)
-
     def reset(self) -> None:
-        for i in list(self.workers):
-            self.stop_queue(i)
+        self.stop_queues()
         self.device.reset()
 
 

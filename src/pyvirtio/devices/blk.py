@@ -483,7 +483,7 @@ class BlkDevice(VirtioDevice):
         self.wce = 1
         self.writethrough = False
         self.counts = BlkStats()
-        self.workers: dict[int, _BlkWorker] = {}
+        self.workers: dict[int, QueueWorker] = {}
         self.pool: IOPool | None = IOPool(io_threads, self) if io_threads else None
         self._io_errors_logged = 0
 
@@ -531,19 +531,8 @@ class BlkDevice(VirtioDevice):
         self.workers[q.index] = w
         w.start()
 
-    def stop_queue(self, index: int) -> None:
-        w = self.workers.pop(index, None)
-        if w is not None:
-            w.stop()
-
-    def enable_queue(self, index: int, enabled: bool) -> None:
-        w = self.workers.get(index)
-        if w is not None:
-            w.set_enabled(enabled)
-
     def reset(self) -> None:
-        for i in list(self.workers):
-            self.stop_queue(i)
+        self.stop_queues()
         self.wce = 1
         self.negotiated = 0
         self._update_cache_mode()

@@ -893,19 +893,8 @@ class NetDevice(VirtioDevice):
         self.workers[i] = worker
         worker.start()
 
-    def stop_queue(self, index: int) -> None:
-        w = self.workers.pop(index, None)
-        if w is not None:
-            w.stop()
-
-    def enable_queue(self, index: int, enabled: bool) -> None:
-        w = self.workers.get(index)
-        if w is not None:
-            w.set_enabled(enabled)
-
     def reset(self) -> None:
-        for i in list(self.workers):
-            self.stop_queue(i)
+        self.stop_queues()
         self.active_pairs = self.pairs
         self.port.reset()
         self.status = 0

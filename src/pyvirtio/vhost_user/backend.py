@@ -225,15 +225,30 @@ class VirtioDevice(abc.ABC):
     def start_queue(self, q: QueueHandle) -> None:
         """Start serving ring `q.index` (usually: start a `QueueWorker`)."""
 
-    @abc.abstractmethod
+    #: ring index -> its worker, for devices that run one `QueueWorker` per
+    #: ring (set it in __init__); the defaults below manage it
+    workers: dict[int, QueueWorker]
+
     def stop_queue(self, index: int) -> None:
         """Stop serving ring `index` and return only when nothing touches it
         any more. Every chain the device handled must be completed and
         flushed; chains it holds untouched are abandoned (the back-end offers
-        them again on restart)."""
+        them again on restart). Default: stop its worker."""
+        w = self.workers.pop(index, None)
+        if w is not None:
+            w.stop()
+
+    def stop_queues(self) -> None:
+        """Stop every ring's worker (for `reset`)."""
+        for i in list(self.workers):
+            self.stop_queue(i)
 
     def enable_queue(self, index: int, enabled: bool) -> None:
-        """SET_VRING_ENABLE (effective value) for a started ring."""
+        """SET_VRING_ENABLE (effective value) for a started ring.
+        Default: tell its worker."""
+        w = self.workers.get(index)
+        if w is not None:
+            w.set_enabled(enabled)
 
     def reset(self) -> None:
         """The front-end is gone or reset the device; every ring is stopped."""
