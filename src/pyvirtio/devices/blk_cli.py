@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import faulthandler
 import json
 import logging
 import os
-import signal
 import sys
-from typing import Any, TextIO
+from typing import Any
+
+from pyvirtio.devices._cli_common import serve_device
 
 log = logging.getLogger(__name__)
 
@@ -93,21 +93,6 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
-class _StatsWriter:
-    def __init__(self, backend: Any, path: str | None) -> None:
-        self.backend = backend
-        self.path = path
-
-    def __call__(self, event: str = "interval") -> None:
-        line = json.dumps({"event": event, **self.backend.stats()}, separators=(",", ":"))
-        if self.path is None:
-            out: TextIO = sys.stderr
-            print(line, file=out, flush=True)
-        else:
-            with open(self.path, "a") as f:
-                f.write(line + "\n")
-
-
 def _run(args: argparse.Namespace) -> int:
     if args.print_capabilities:
         print(json.dumps(CAPABILITIES))
@@ -120,8 +105,6 @@ def _run(args: argparse.Namespace) -> int:
         return 2
 
     from pyvirtio.devices.blk import BlkDevice
-    from pyvirtio.vhost_user.backend import Backend
-    from pyvirtio.vhost_user.server import Server
 
     try:
         device = BlkDevice(args.blk_file, read_only=args.read_only, num_queues=args.queues, direct=args.direct,
@@ -130,23 +113,7 @@ def _run(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as e:
         print(f"pyvirtio blk: {e}", file=sys.stderr)
         return 1
-    backend = Backend(device, policy=args.policy)
-    stats = _StatsWriter(backend, args.stats_file)
-    try:
-        server = Server(backend, socket_path=args.socket_path, fd=args.fd, mode=args.socket_mode,
-                        on_tick=stats, tick_interval=args.stats_interval, on_usr1=lambda: stats("signal"))
-    except (OSError, ValueError) as e:
-        print(f"pyvirtio blk: {e}", file=sys.stderr)
-        backend.close()
-        return 1
-    server.install_signal_handlers()
-    faulthandler.register(signal.SIGUSR2, all_threads=True)  # thread dump for debugging a stall
-    log.info("blk device %s (%d sectors%s) on %s, %d queue(s), pid %d", args.blk_file, device.capacity,
-             ", read-only" if args.read_only else "", args.socket_path or f"fd {args.fd}", args.queues,
-             os.getpid())
-    try:
-        server.serve_forever()
-    finally:
-        backend.close()
-        stats("exit")
-    return 0
+    where = args.socket_path or f"fd {args.fd}"
+    ro = ", read-only" if args.read_only else ""
+    return serve_device("blk", device, args, f"blk device {args.blk_file} ({device.capacity} sectors{ro}) on "
+                                             f"{where}, {args.queues} queue(s), pid {os.getpid()}")

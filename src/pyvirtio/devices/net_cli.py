@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import faulthandler
 import json
 import logging
 import os
-import signal
 import sys
-from typing import Any, TextIO
+from typing import Any
+
+from pyvirtio.devices._cli_common import serve_device
 
 log = logging.getLogger(__name__)
 
@@ -45,22 +45,6 @@ def register(sub: Any, bench_sub: Any) -> None:
     p.set_defaults(func=_run)
 
 
-class _StatsWriter:
-    def __init__(self, backend: Any, path: str | None) -> None:
-        self.backend = backend
-        self.path = path
-
-    def __call__(self, event: str = "interval") -> None:
-        data = {"event": event, **self.backend.stats()}
-        line = json.dumps(data, separators=(",", ":"))
-        if self.path is None:
-            out: TextIO = sys.stderr
-            print(line, file=out, flush=True)
-        else:
-            with open(self.path, "a") as f:
-                f.write(line + "\n")
-
-
 def _run(args: argparse.Namespace) -> int:
     if args.print_capabilities:
         print(json.dumps(CAPABILITIES))
@@ -70,8 +54,6 @@ def _run(args: argparse.Namespace) -> int:
         return 2
 
     from pyvirtio.devices.net import NetDevice, parse_mac
-    from pyvirtio.vhost_user.backend import Backend
-    from pyvirtio.vhost_user.server import Server
 
     try:
         device = NetDevice(args.backend, queue_pairs=args.queues, mtu=args.mtu,
@@ -80,23 +62,6 @@ def _run(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as e:
         print(f"pyvirtio net: {e}", file=sys.stderr)
         return 1
-    backend = Backend(device, policy=args.policy)
-    stats = _StatsWriter(backend, args.stats_file)
-    try:
-        server = Server(backend, socket_path=args.socket_path, fd=args.fd, mode=args.socket_mode,
-                        on_tick=stats, tick_interval=args.stats_interval,
-                        on_usr1=lambda: stats("signal"))
-    except (OSError, ValueError) as e:
-        print(f"pyvirtio net: {e}", file=sys.stderr)
-        backend.close()
-        return 1
-    server.install_signal_handlers()
-    faulthandler.register(signal.SIGUSR2, all_threads=True)  # thread dump for debugging a stall
-    log.info("net device on %s, backend %s, %d queue pair(s), pid %d",
-             args.socket_path or f"fd {args.fd}", args.backend, args.queues, os.getpid())
-    try:
-        server.serve_forever()
-    finally:
-        backend.close()
-        stats("exit")
-    return 0
+    where = args.socket_path or f"fd {args.fd}"
+    return serve_device("net", device, args, f"net device on {where}, backend {args.backend}, "
+                                             f"{args.queues} queue pair(s), pid {os.getpid()}")
