@@ -176,6 +176,17 @@ class Region:
     uva: int
     mv: memoryview
     _mmap: mmap.mmap | None = None
+    _host: int = -1
+
+    @property
+    def host_addr(self) -> int:
+        """This process's address of the region's first byte (for iovecs
+        handed to the kernel; valid while a view of `mv` is alive)."""
+        if self._host < 0:
+            a = np.frombuffer(self.mv, np.uint8)
+            self._host = a.ctypes.data
+            del a
+        return self._host
 
     @classmethod
     def from_fd(cls, fd: int, gpa: int, size: int, uva: int = 0, mmap_offset: int = 0) -> Region:

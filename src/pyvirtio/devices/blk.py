@@ -56,6 +56,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from pyvirtio.queue import Chain, QueueError
+from pyvirtio.queue.chain import IovChain
 from pyvirtio.spec import Feature, features_str
 from pyvirtio.vhost_user.backend import QueueHandle, QueueWorker, VirtioDevice
 from pyvirtio.vhost_user.protocol import ProtocolFeature
@@ -153,6 +154,45 @@ _fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int6
 _fallocate.restype = ctypes.c_int
 
 
+_preadv = _libc.preadv
+_preadv.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64)
+_preadv.restype = ctypes.c_ssize_t
+_preadv2 = _libc.preadv2
+_preadv2.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int)
+_preadv2.restype = ctypes.c_ssize_t
+RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 8)
+_pwritev2 = _libc.pwritev2
+_pwritev2.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int)
+_pwritev2.restype = ctypes.c_ssize_t
+#: struct iovec: base, length
+IOVEC = struct.Struct("<QQ")
+
+
+def _iov_transfer(write: bool, fd: int, iov: bytes, offset: int, total: int, flags: int = 0) -> None:
+    """preadv(2)/pwritev2(2) of `iov` (a `struct iovec[]` as bytes, see
+    `IovChain`); resumes short transfers; EIO if the file ends early. ctypes
+    releases the GIL for the call."""
+    while True:
+        cnt = len(iov) >> 4
+        got = _pwritev2(fd, iov, cnt, offset, flags) if write else _preadv(fd, iov, cnt, offset)
+        if got == total:
+            return
+        if got < 0:
+            e = ctypes.get_errno()
+            raise OSError(e, os.strerror(e))
+        if got == 0:
+            raise OSError(errno.EIO, f"short transfer at byte {offset} (file shorter than the disk?)")
+        # short (rare): skip the `got` bytes done
+        skip = got
+        for i, (base, n) in enumerate(IOVEC.iter_unpack(iov)):
+            if skip < n:
+                iov = IOVEC.pack(base + skip, n - skip) + iov[16 * (i + 1):]
+                break
+            skip -= n
+        offset += got
+        total -= got
+
+
 def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     """fallocate(2) with a mode (`os.posix_fallocate` has none)."""
     if _fallocate(fd, mode, offset, length) != 0:
@@ -233,7 +273,7 @@ class BlkStats:
 class _Req:
     """A parsed request waiting for (or doing) its I/O."""
 
-    __slots__ = ("chain", "data", "kind", "nbytes", "offset", "payload", "status", "worker", "written")
+    __slots__ = ("chain", "data", "iov", "kind", "nbytes", "offset", "payload", "status", "worker", "written")
 
     def __init__(self, kind: int, chain: Chain, status: memoryview, written: int) -> None:
         self.kind = kind
@@ -245,6 +285,8 @@ class _Req:
         self.nbytes = 0
         self.payload = b""
         self.worker: _BlkWorker | None = None
+        #: the data as a `struct iovec[]` (from an `IovChain`) instead of `data`
+        self.iov: bytes | None = None
 
 
 class IOPool:
@@ -306,35 +348,40 @@ class _BlkWorker(QueueWorker):
             self.wake()
 
     def run(self) -> None:
-        # Hot path: written for speed (locals; one pop, one dispatch pass and
-        # one publication per batch).
+        # Hot path: written for speed (locals; one publication per burst).
         vq = self.vq
         dev = self.device
         pool = dev.pool
         done = self.done
         prepare = dev.prepare
         execute = dev.execute
+        cached = dev.execute_cached
         complete_batch = vq.complete_batch
         call = self.q.call
         c = self.counters
         stats = dev.counts
         batch = dev.batch
         max_out = dev.max_outstanding
+        #: completions of the current burst not yet published
+        now: list[tuple[Chain, int]] = []
         while True:
             if done:
-                items = []
                 popleft = done.popleft
+                k = len(now)
                 while done:
-                    items.append(popleft())
-                self.outstanding -= len(items)
-                if complete_batch(items):
+                    now.append(popleft())
+                self.outstanding -= len(now) - k
+            idle = self.stopping or not self.enabled or self.outstanding >= max_out
+            if now and (idle or len(now) >= batch):
+                if complete_batch(now):
                     call()
+                now = []
             if self.stopping:
                 if not self.outstanding:
                     return
                 self._sleep(False)
                 continue
-            if not self.enabled or self.outstanding >= max_out:
+            if idle:
                 self._sleep(False)
                 continue
             try:
@@ -345,34 +392,39 @@ class _BlkWorker(QueueWorker):
                 self.q.fail(e)  # the queue is retired; finish what is in flight
                 chains = []
             if not chains:
+                # the burst is over: its completions go out together
+                if now:
+                    if complete_batch(now):
+                        call()
+                    now = []
                 self._sleep(True)
                 continue
             c.packets += len(chains)
-            now: list[tuple[Chain, int]] = []
-            jobs: list[_Req] = []
             for ch in chains:
                 r = prepare(ch)
                 if type(r) is int:
                     now.append((ch, r))
-                else:
-                    jobs.append(r)  # type: ignore[arg-type]
-                    c.bytes += r.nbytes  # type: ignore[union-attr]
-            if jobs:
-                # The last request of a burst (nothing behind it in the ring)
-                # runs here: no hand-off, the lowest latency at queue depth 1,
-                # and the burst's completions go out together.
-                if pool is None or not vq.has_work():
-                    stats.inline += len(jobs)
-                    for r in jobs:
-                        now.append((r.chain, execute(r)))
-                else:
-                    stats.pooled += len(jobs)
-                    self.outstanding += len(jobs)
-                    for r in jobs:
-                        r.worker = self
-                        pool.submit(r)
-            if now and complete_batch(now):
-                call()
+                    continue
+                c.bytes += r.nbytes  # type: ignore[union-attr]
+                if pool is not None:
+                    # A read the host page cache holds runs here (it cannot
+                    # block); so does the last request of a burst (nothing
+                    # behind it in the ring: no hand-off, the lowest latency
+                    # at queue depth 1). Anything else goes to the pool, so
+                    # that slow requests overlap.
+                    w = cached(r)  # type: ignore[arg-type]
+                    if w is None and vq.has_work():
+                        stats.pooled += 1
+                        self.outstanding += 1
+                        r.worker = self  # type: ignore[union-attr]
+                        pool.submit(r)  # type: ignore[arg-type]
+                        continue
+                    if w is not None:
+                        stats.inline += 1
+                        now.append((ch, w))
+                        continue
+                stats.inline += 1
+                now.append((ch, execute(r)))  # type: ignore[arg-type]
 
     def _sleep(self, arm: bool) -> None:
         """Sleep until a completion, a stop/enable change, or (when `arm`) a
@@ -486,6 +538,8 @@ class BlkDevice(VirtioDevice):
         self.workers: dict[int, QueueWorker] = {}
         self.pool: IOPool | None = IOPool(io_threads, self) if io_threads else None
         self._io_errors_logged = 0
+        #: RWF_NOWAIT reads work here (cleared on the first EOPNOTSUPP)
+        self._nowait = True
 
     # -- VirtioDevice -------------------------------------------------------------------
 
@@ -562,6 +616,10 @@ class BlkDevice(VirtioDevice):
         """Parse one request. Returns the used length when it is already
         answered (bad request, GET_ID, nothing to do), else a `_Req` to
         `execute`."""
+        if type(chain) is IovChain:
+            fast = self._prepare_iov(chain)
+            if fast is not None:
+                return fast
         w = chain.writable
         wlen = chain.writable_len
         if not wlen:
@@ -616,6 +674,43 @@ class BlkDevice(VirtioDevice):
             return req
         return self._answer(status, S_UNSUPP, wlen)
 
+    def _prepare_iov(self, chain: IovChain) -> _Req | int | None:
+        """`prepare` for a chain in array form (a long indirect table, the
+        shape of a large read or write): the header and status are viewed,
+        the data stays a `struct iovec[]`. None: not the plain shape (header
+        whole in the first segment, data, status last), let `prepare` do it."""
+        lens = chain.lens
+        n = len(lens)
+        nr = chain.nr
+        if not nr or nr == n or n > IOV_MAX:
+            return None
+        first = lens[0]
+        last_len = lens[-1]
+        if first < REQ_HDR.size or not last_len:
+            return None
+        typ, _, sector = REQ_HDR.unpack_from(chain.view(0, 0, REQ_HDR.size))
+        wlen = chain.writable_len
+        if typ == T_IN:
+            data = chain.iov[16 * nr : 16 * (n - 1)]
+            if last_len > 1:  # the status shares the last buffer
+                data += IOVEC.pack(chain.gpas[-1] + chain.host_delta, last_len - 1)
+            nbytes = wlen - 1
+        elif typ == T_OUT and first == REQ_HDR.size:
+            if self.read_only:
+                return self._answer(chain.view(n - 1, last_len - 1), S_IOERR, wlen)
+            data = chain.iov[16 : 16 * nr]
+            nbytes = chain.readable_len - REQ_HDR.size
+        else:
+            return None
+        status = chain.view(n - 1, last_len - 1)
+        if nbytes % SECTOR or sector > self.capacity or nbytes > (self.capacity - sector) * SECTOR:
+            return self._answer(status, S_IOERR, wlen)
+        req = _Req(typ, chain, status, wlen)
+        req.iov = data
+        req.offset = sector * SECTOR
+        req.nbytes = nbytes
+        return req
+
     def _answer(self, status: memoryview, s: int, written: int) -> int:
         if s == S_IOERR:
             self.counts.ioerr += 1
@@ -658,8 +753,48 @@ class BlkDevice(VirtioDevice):
         req.status[0] = s
         return req.written
 
+    def execute_cached(self, req: _Req) -> int | None:
+        """A read the host page cache can serve whole, done without blocking
+        (preadv2 with RWF_NOWAIT): its used length; None when it would wait
+        for the disk (or is not a buffered read): `execute` it instead."""
+        if req.kind != T_IN or self.dfd >= 0 or not self._nowait or self.inject_latency or not req.nbytes:
+            return None
+        try:
+            iov = req.iov
+            if iov is not None:
+                got = _preadv2(self.fd, iov, len(iov) >> 4, req.offset, RWF_NOWAIT)
+                if got < 0:
+                    if ctypes.get_errno() in (errno.EOPNOTSUPP, errno.EINVAL):
+                        self._nowait = False
+                    return None
+            else:
+                got = os.preadv(self.fd, req.data, req.offset, RWF_NOWAIT)
+        except BlockingIOError:
+            return None
+        except OSError as e:
+            if e.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+                self._nowait = False
+            return None
+        if got != req.nbytes:
+            return None  # partly cached: read it all again, blocking
+        self.counts.reads += 1
+        self.counts.bytes_read += got
+        req.status[0] = S_OK
+        return req.written
+
     def _read(self, req: _Req) -> None:
         if not req.nbytes:
+            return
+        iov = req.iov
+        if iov is not None:
+            if self.dfd >= 0:
+                try:
+                    _iov_transfer(False, self.dfd, iov, req.offset, req.nbytes)
+                    return
+                except OSError as e:
+                    if e.errno != errno.EINVAL:
+                        raise
+            _iov_transfer(False, self.fd, iov, req.offset, req.nbytes)
             return
         if self.dfd >= 0:
             try:
@@ -672,6 +807,18 @@ class BlkDevice(VirtioDevice):
 
     def _write(self, req: _Req) -> None:
         if not req.nbytes:
+            return
+        iov = req.iov
+        if iov is not None:
+            fl = os.RWF_DSYNC if self.writethrough else 0
+            if self.dfd >= 0:
+                try:
+                    _iov_transfer(True, self.dfd, iov, req.offset, req.nbytes, fl)
+                    return
+                except OSError as e:
+                    if e.errno != errno.EINVAL:
+                        raise
+            _iov_transfer(True, self.fd, iov, req.offset, req.nbytes, fl)
             return
         flags = (os.RWF_DSYNC,) if self.writethrough else ()
         if self.dfd >= 0:

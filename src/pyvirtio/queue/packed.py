@@ -14,6 +14,7 @@ Access discipline (each line is one guest-memory access):
 from __future__ import annotations
 
 import itertools
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,7 +23,7 @@ import numpy as np
 from pyvirtio import fence as _fence
 from pyvirtio.memory import AreaKind, GuestMemory, GuestMemoryError
 from pyvirtio.queue.bulk import PACKED_DESC_DTYPE, Bulk
-from pyvirtio.queue.chain import Chain, build_chain
+from pyvirtio.queue.chain import Chain, build_chain, build_iov_chain
 from pyvirtio.queue.errors import (
     BadBufferAddress,
     BadIndirectTable,
@@ -60,6 +61,11 @@ _WEAK = _fence.WEAK_ORDERING
 _U16 = np.dtype(np.uint16)
 _FLAGS_WORD = PACKED_FLAGS // 2  # u16 index of `flags` within a descriptor
 _EMPTY = np.empty(0, np.uint16)
+#: an indirect entry's flags (low byte) -> class: r readable, w writable, ? INDIRECT (not allowed)
+_CLASSES = bytes(ord("?") if f & _INDIRECT else ord("w") if f & _WRITE else ord("r") for f in range(256))
+_SHAPE = re.compile(rb"(r*)w*")
+#: indirect tables at least this long are built in array form (`IovChain`)
+IOV_MIN_SEGMENTS = 16
 
 
 class PackedRing:
@@ -359,7 +365,9 @@ class PackedRing:
                         f"list at slot {pos}: INDIRECT descriptor inside a NEXT list")
                 if not self.indirect:
                     raise IndirectNotNegotiated(f"list at slot {pos}: INDIRECT without VIRTIO_F_INDIRECT_DESC")
-                self._walk_indirect(buf_id, addr, length, segments)
+                ch = self._walk_indirect(buf_id, addr, length, segments, pos)
+                if ch is not None:
+                    return ch, min(count, n - i)
                 break
             segments.append((addr, length, bool(f & _WRITE)))
             if not f & _NEXT:
@@ -374,7 +382,10 @@ class PackedRing:
         return chain, min(count, n - i)
 
     def _walk_indirect(self, buf_id: int, addr: int, length: int,
-                       segments: list[tuple[int, int, bool]]) -> None:
+                       segments: list[tuple[int, int, bool]], pos: int = -1) -> Chain | None:
+        """Read an indirect table (one access) and append its segments; or,
+        for a long table (`pos` given), return the chain built in array
+        form (an `IovChain`) when it qualifies."""
         if length == 0 or length % DESC_SIZE:
             raise BadIndirectTable(f"buffer {buf_id}: indirect table length {length} is not a non-zero multiple of 16")
         entries = length // DESC_SIZE
@@ -384,10 +395,21 @@ class PackedRing:
             table = self.mem.read(addr, length, AreaKind.INDIRECT)
         except GuestMemoryError as e:
             raise BadBufferAddress(f"buffer {buf_id}: indirect table: {e}") from None
+        if entries >= IOV_MIN_SEGMENTS and pos >= 0:
+            # readable entries first, no INDIRECT (flags low byte; NEXT and
+            # the wrap bits mean nothing in a table): bytes operations
+            shape = _SHAPE.fullmatch(table[14::16].translate(_CLASSES))
+            if shape is not None:
+                tv = memoryview(table)
+                ch = build_iov_chain(self.mem, buf_id, pos, 1, table, tv.cast("Q")[0::2].tolist(),
+                                     tv.cast("I")[2::4].tolist(), shape.end(1), self.payload)
+                if ch is not None:
+                    return ch
         for a, ln, _id, fl in PACKED_DESC.iter_unpack(table):
             if fl & _INDIRECT:
                 raise NestedIndirect(f"buffer {buf_id}: INDIRECT inside an indirect table")
             segments.append((a, ln, bool(fl & _WRITE)))
+        return None
 
     def fetch_one_eager(self) -> Chain | None:
         """Pre-seed behaviour: flags check then a separate body read per list
@@ -451,7 +473,7 @@ class PackedRing:
                 u += n  # the wrap toggle below applies once
                 freed += n
             else:
-                assert type(obj) is Chain
+                assert isinstance(obj, Chain)
                 word = used_flags | _WRITE if obj.writable_len else used_flags
                 value = written | (obj.id << 32) | (word << 48)
                 if head is None:

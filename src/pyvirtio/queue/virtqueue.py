@@ -354,7 +354,7 @@ class Virtqueue:
                     c.segments = ((addr, ln, bool(w)),)
                     chains.append(c)
             else:
-                assert type(item) is Chain
+                assert isinstance(item, Chain)
                 chains.append(item)
         lists = tuple((c.slots, c.segments) for c in chains) if self.packed else ()
         return QueueState(self.size, self.packed, last, awrap, used, uwrap,
