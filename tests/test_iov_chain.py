@@ -15,7 +15,7 @@ from pyvirtio.devices import blk as blkmod
 from pyvirtio.devices.blk import REQ_HDR, S_IOERR, S_OK, T_IN, T_OUT, BlkDevice
 from pyvirtio.memory import GuestMemory, Region
 from pyvirtio.queue import QueueError, Virtqueue
-from pyvirtio.queue.chain import IovChain
+from pyvirtio.queue.chain import IOV_MIN_SEGMENTS, IovChain
 from pyvirtio.queue.errors import BadBufferAddress, ReadableAfterWritable
 from pyvirtio.spec import DescFlags, Feature
 from pyvirtio.testing import QueuePair
@@ -39,7 +39,7 @@ def _host_bytes(iov: bytes) -> list[bytes]:
 
 
 @pytest.mark.parametrize("ring", RINGS)
-@pytest.mark.parametrize("outs,ins", [(1, 15), (1, 126), (60, 60), (200, 1), (16, 0), (0, 16)])
+@pytest.mark.parametrize("outs,ins", [(1, 31), (1, 126), (60, 60), (200, 1), (32, 0), (0, 32)])
 def test_long_table_is_an_iov_chain_with_the_same_buffers(ring: str, outs: int, ins: int) -> None:
     p = _pair(ring)
     o = [(p.pool.alloc(100 + i), 100 + i) for i in range(outs)]
@@ -67,16 +67,17 @@ def test_long_table_is_an_iov_chain_with_the_same_buffers(ring: str, outs: int, 
 @pytest.mark.parametrize("ring", RINGS)
 def test_short_tables_stay_plain_chains(ring: str) -> None:
     p = _pair(ring)
-    p.driver.add([(p.pool.alloc(16), 16)], [(p.pool.alloc(512), 512), (p.pool.alloc(1), 1)], indirect=True)
+    ins = [(p.pool.alloc(512), 512) for _ in range(IOV_MIN_SEGMENTS - 3)]  # one entry short
+    p.driver.add([(p.pool.alloc(16), 16)], [*ins, (p.pool.alloc(1), 1)], indirect=True)
     p.driver.publish()
     (ch,) = p.vq.pop_batch()
-    assert type(ch) is not IovChain and ch.readable_len == 16 and ch.writable_len == 513
+    assert type(ch) is not IovChain and ch.readable_len == 16 and ch.writable_len == 512 * len(ins) + 1
 
 
 @pytest.mark.parametrize("ring", RINGS)
 def test_long_table_with_a_buffer_outside_memory_retires_the_queue(ring: str) -> None:
     p = _pair(ring)
-    bufs = [(p.pool.alloc(64), 64) for _ in range(20)]
+    bufs = [(p.pool.alloc(64), 64) for _ in range(40)]
     bufs[11] = (p.raw.regions[0].size - 8, 64)  # runs past the end of guest memory
     p.driver.add(bufs, [(p.pool.alloc(1), 1)], indirect=True)
     p.driver.publish()
@@ -88,9 +89,9 @@ def test_long_table_with_a_buffer_outside_memory_retires_the_queue(ring: str) ->
 @pytest.mark.parametrize("ring", RINGS)
 def test_long_table_with_readable_after_writable_is_refused(ring: str) -> None:
     p = _pair(ring)
-    bufs = [(p.pool.alloc(64), 64) for _ in range(20)]
+    bufs = [(p.pool.alloc(64), 64) for _ in range(40)]
     # the driver model writes out-then-in; forge the order in the table itself
-    p.driver.add(bufs[:10], bufs[10:], indirect=True)
+    p.driver.add(bufs[:20], bufs[20:], indirect=True)
     p.driver.publish()
     head = _table_gpa(p)
     flag_off = 12 if ring == "split" else 14
@@ -110,7 +111,7 @@ def _table_gpa(p: QueuePair) -> int:
 
 def test_split_table_with_its_own_link_order_takes_the_general_path() -> None:
     p = _pair("split")
-    n = 20
+    n = 40
     bufs = [(p.pool.alloc(32), 32) for _ in range(n)]
     datas = [_fill(p, a, ln, i) for i, (a, ln) in enumerate(bufs)]
     # the chain visits entry 0, then n-1, n-2, ..., 1: valid, but not the sequential layout
@@ -144,7 +145,7 @@ def test_table_spanning_two_regions_takes_the_general_path() -> None:
     drv = SplitDriver(mem, 64, desc, drv_area, dev_area, event_idx=False, indirect=True, pool=pool)
     vq = Virtqueue(mem, 64, desc, drv_area, dev_area,
                    features=int(Feature.VERSION_1 | Feature.RING_INDIRECT_DESC))
-    outs = [(pool.alloc(16), 16) for _ in range(18)]
+    outs = [(pool.alloc(16), 16) for _ in range(38)]
     outs.append(((1 << 20) - 8, 16))  # 8 bytes in each region
     mem.write((1 << 20) - 8, bytes(range(16)))
     drv.add(outs, [(pool.alloc(1), 1)], indirect=True)
@@ -156,7 +157,7 @@ def test_table_spanning_two_regions_takes_the_general_path() -> None:
 
 def test_packed_save_keeps_an_in_flight_iov_chain_list() -> None:
     p = _pair("packed")
-    bufs = [(p.pool.alloc(64), 64) for _ in range(17)]
+    bufs = [(p.pool.alloc(64), 64) for _ in range(33)]
     p.driver.add(bufs[:1], bufs[1:], token="x", indirect=True)
     p.driver.publish()
     (ch,) = p.vq.pop_batch()
@@ -243,7 +244,7 @@ def test_blk_write_of_many_segments_reaches_the_file(tmp_path: Path) -> None:
 def test_blk_array_form_request_past_the_end_is_an_ioerr(tmp_path: Path) -> None:
     dev = _blk(tmp_path, size=64 * 1024)
     p = _pair("split")
-    _, st = _request(p, T_IN, 120, [512] * 20)  # sectors 120..140 of 128
+    _, st = _request(p, T_IN, 100, [512] * 40)  # sectors 100..140 of 128
     ch, _ = _serve_one(p, dev)
     assert type(ch) is IovChain and p.raw.read(st, 1) == bytes([S_IOERR])
     dev.close()
@@ -261,7 +262,7 @@ def test_blk_read_resumes_a_short_transfer(tmp_path: Path, monkeypatch: pytest.M
     monkeypatch.setattr(blkmod, "_preadv", one_iovec_at_a_time)
     monkeypatch.setattr(dev, "execute_cached", lambda r: None)
     p = _pair("split")
-    segs = [512, 1024, 1536] * 6
+    segs = [512, 1024, 1536] * 12
     gpas, st = _request(p, T_IN, 3, segs)
     _serve_one(p, dev)
     disk = Path(dev.path).read_bytes()
@@ -274,7 +275,7 @@ def test_blk_direct_io_falls_back_for_unaligned_buffers(tmp_path: Path) -> None:
     dev = _blk(tmp_path, direct=True)
     p = _pair("split")
     # 16-byte aligned buffers: O_DIRECT refuses them (EINVAL), buffered I/O serves them
-    segs = [512] * 20
+    segs = [512] * 40
     gpas, st = _request(p, T_IN, 0, segs)
     _serve_one(p, dev)
     disk = Path(dev.path).read_bytes()
@@ -286,7 +287,7 @@ def test_blk_direct_io_falls_back_for_unaligned_buffers(tmp_path: Path) -> None:
 def test_blk_cached_read_of_an_iov_chain(tmp_path: Path) -> None:
     dev = _blk(tmp_path)
     p = _pair("split")
-    segs = [4096] * 20
+    segs = [4096] * 40
     gpas, st = _request(p, T_IN, 16, segs)
     p.driver.publish()
     (ch,) = p.vq.pop_batch()
@@ -301,7 +302,7 @@ def test_blk_cached_read_of_an_iov_chain(tmp_path: Path) -> None:
 
 def test_iov_chain_keeps_guest_memory_mapped_after_the_region_is_dropped() -> None:
     p = _pair("split")
-    bufs = [(p.pool.alloc(64), 64) for _ in range(16)]
+    bufs = [(p.pool.alloc(64), 64) for _ in range(40)]
     datas = [_fill(p, a, n, i) for i, (a, n) in enumerate(bufs)]
     p.driver.add(bufs, [(p.pool.alloc(1), 1)], indirect=True)
     p.driver.publish()
@@ -309,12 +310,12 @@ def test_iov_chain_keeps_guest_memory_mapped_after_the_region_is_dropped() -> No
     assert type(ch) is IovChain
     for r in p.raw.regions:  # what SET_MEM_TABLE does to the old table
         r.close()
-    assert _host_bytes(ch.iov)[:16] == datas  # still mapped: the chain holds a view
+    assert _host_bytes(ch.iov)[:40] == datas  # still mapped: the chain holds a view
 
 
 def test_queue_error_names_the_chain() -> None:
     p = _pair("split")
-    bufs = [(p.pool.alloc(64), 64) for _ in range(20)]
+    bufs = [(p.pool.alloc(64), 64) for _ in range(40)]
     bufs[5] = (1 << 40, 64)
     p.driver.add(bufs, [], indirect=True)
     p.driver.publish()

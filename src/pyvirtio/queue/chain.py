@@ -18,6 +18,10 @@ from pyvirtio.memory import AccessCounter, GuestMemory, GuestMemoryError
 from pyvirtio.queue.errors import BadBufferAddress, ChainTooLarge, ReadableAfterWritable
 
 CHAIN_MAX_BYTES = 1 << 32
+#: indirect tables at least this long are built in array form (`IovChain`):
+#: block requests of 128 KiB and more; a network frame (at most ~19 segments)
+#: stays a plain chain, which is cheaper to read as views
+IOV_MIN_SEGMENTS = 32
 
 
 class Chain:

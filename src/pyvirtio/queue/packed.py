@@ -23,7 +23,7 @@ import numpy as np
 from pyvirtio import fence as _fence
 from pyvirtio.memory import AreaKind, GuestMemory, GuestMemoryError
 from pyvirtio.queue.bulk import PACKED_DESC_DTYPE, Bulk
-from pyvirtio.queue.chain import Chain, build_chain, build_iov_chain
+from pyvirtio.queue.chain import IOV_MIN_SEGMENTS, Chain, build_chain, build_iov_chain
 from pyvirtio.queue.errors import (
     BadBufferAddress,
     BadIndirectTable,
@@ -64,8 +64,6 @@ _EMPTY = np.empty(0, np.uint16)
 #: an indirect entry's flags (low byte) -> class: r readable, w writable, ? INDIRECT (not allowed)
 _CLASSES = bytes(ord("?") if f & _INDIRECT else ord("w") if f & _WRITE else ord("r") for f in range(256))
 _SHAPE = re.compile(rb"(r*)w*")
-#: indirect tables at least this long are built in array form (`IovChain`)
-IOV_MIN_SEGMENTS = 16
 
 
 class PackedRing:

@@ -24,7 +24,7 @@ import numpy as np
 from pyvirtio import fence as _fence
 from pyvirtio.memory import AreaKind, GuestMemory, GuestMemoryError
 from pyvirtio.queue.bulk import SPLIT_DESC_DTYPE, Bulk
-from pyvirtio.queue.chain import Chain, build_chain, build_iov_chain
+from pyvirtio.queue.chain import IOV_MIN_SEGMENTS, Chain, build_chain, build_iov_chain
 from pyvirtio.queue.errors import (
     AvailIndexJump,
     BadBufferAddress,
@@ -77,9 +77,6 @@ _CLASSES = bytes({_NEXT: ord("n"), _NEXT | _WRITE: ord("N"), 0: ord("e"), _WRITE
                  for f in range(256))
 _SHAPE = re.compile(rb"(n*)(?:e|N*E)")
 _LAST_READABLE = ord("e")
-#: indirect tables at least this long are built in array form (`IovChain`);
-#: below it the per-call cost of numpy exceeds a plain loop
-IOV_MIN_SEGMENTS = 16
 
 
 def _used_struct(k: int) -> struct.Struct:
