@@ -7,16 +7,20 @@ a status byte: the last byte of the device-writable part. Framing is not
 assumed (VERSION_1 implies ANY_LAYOUT): the header may span descriptors, the
 data starts right after it, wherever that is.
 
-Data moves with `os.preadv` / `os.pwritev` straight between the file and
-the guest-memory views of the chain (zero-copy). A queue's thread parses
-and dispatches; the I/O runs in a small pool of threads shared by the
-queues (the syscalls release the GIL, so requests overlap), and finished
-requests are published back in batches by the queue's thread. Chains are
-taken one at a time, so a request's I/O starts while the next chain is
-being built (for a 126-segment request, building the chain costs about as
-much as copying its data). The last request of a burst (nothing behind it
-in the ring) runs on the queue's thread itself: no hand-off, the lowest
-latency for a queue-depth-1 guest.
+Data moves with preadv(2) / pwritev2(2) straight between the file and guest
+memory (zero-copy). A long request (an indirect table of 32 segments or
+more: 128 KiB and up) arrives as an `IovChain`, whose `struct iovec[]` the
+engine builds from the table in a few whole-table operations, and goes to
+the kernel as is (ctypes; the GIL is released for the call). Shorter ones
+use `os.preadv` / `os.pwritev` on the chain's views. A queue's thread
+parses and dispatches: a read the host page cache holds runs right there
+(preadv2 with RWF_NOWAIT: it cannot block), as does the last request of a
+burst (nothing behind it in the ring: no hand-off, the lowest latency for a
+queue-depth-1 guest); anything else goes to a small pool of threads shared
+by the queues, so that slow requests overlap. A burst's completions are
+published together (one interrupt decision), pool completions as they
+arrive. Chains are taken one at a time with a pool, so a request's I/O
+starts while the next chain is being built.
 
 A bad request gets a status, never an exception: a header shorter than 16
 bytes, data not a whole number of sectors, a sector range past the end (or

@@ -1,6 +1,6 @@
 """Device-side virtqueues: split and packed rings behind one `Virtqueue`."""
 
-from pyvirtio.queue.chain import Chain
+from pyvirtio.queue.chain import IOV_MIN_SEGMENTS, Chain, IovChain
 from pyvirtio.queue.errors import (
     AvailIndexJump,
     BadBufferAddress,
@@ -25,6 +25,7 @@ from pyvirtio.queue.virtqueue import DEFAULT_BATCH, Policy, QueueStats, Virtqueu
 
 __all__ = [
     "DEFAULT_BATCH",
+    "IOV_MIN_SEGMENTS",
     "AvailIndexJump",
     "BadBufferAddress",
     "BadIndirectTable",
@@ -38,6 +39,7 @@ __all__ = [
     "IndirectWithNext",
     "InvalidQueueGeometry",
     "InvalidSavedState",
+    "IovChain",
     "NestedIndirect",
     "Policy",
     "QueueError",
