@@ -768,15 +768,15 @@ class BlkDevice(VirtioDevice):
             if iov is not None:
                 got = _preadv2(self.fd, iov, len(iov) >> 4, req.offset, RWF_NOWAIT)
                 if got < 0:
-                    if ctypes.get_errno() in (errno.EOPNOTSUPP, errno.EINVAL):
-                        self._nowait = False
+                    if ctypes.get_errno() == errno.EOPNOTSUPP:
+                        self._nowait = False  # this file system cannot: stop asking
                     return None
-            else:
+            elif len(req.data) <= IOV_MAX:
                 got = os.preadv(self.fd, req.data, req.offset, RWF_NOWAIT)
-        except BlockingIOError:
-            return None
-        except OSError as e:
-            if e.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+            else:
+                return None
+        except OSError as e:  # EAGAIN (BlockingIOError): not all cached
+            if e.errno == errno.EOPNOTSUPP:
                 self._nowait = False
             return None
         if got != req.nbytes:
