@@ -787,52 +787,28 @@ class BlkDevice(VirtioDevice):
         return req.written
 
     def _read(self, req: _Req) -> None:
-        if not req.nbytes:
-            return
-        iov = req.iov
-        if iov is not None:
-            if self.dfd >= 0:
-                try:
-                    _iov_transfer(False, self.dfd, iov, req.offset, req.nbytes)
-                    return
-                except OSError as e:
-                    if e.errno != errno.EINVAL:
-                        raise
-            _iov_transfer(False, self.fd, iov, req.offset, req.nbytes)
-            return
-        if self.dfd >= 0:
-            try:
-                _transfer(os.preadv, self.dfd, req.data, req.offset, req.nbytes)
-                return
-            except OSError as e:
-                if e.errno != errno.EINVAL:
-                    raise
-        _transfer(os.preadv, self.fd, req.data, req.offset, req.nbytes)
+        self._transfer(req, False, 0)
 
     def _write(self, req: _Req) -> None:
+        self._transfer(req, True, os.RWF_DSYNC if self.writethrough else 0)
+
+    def _transfer(self, req: _Req, write: bool, flags: int) -> None:
+        """The request's data to or from the file: O_DIRECT first when
+        asked for, buffered for a request whose buffers the host refuses."""
         if not req.nbytes:
             return
-        iov = req.iov
-        if iov is not None:
-            fl = os.RWF_DSYNC if self.writethrough else 0
-            if self.dfd >= 0:
-                try:
-                    _iov_transfer(True, self.dfd, iov, req.offset, req.nbytes, fl)
-                    return
-                except OSError as e:
-                    if e.errno != errno.EINVAL:
-                        raise
-            _iov_transfer(True, self.fd, iov, req.offset, req.nbytes, fl)
-            return
-        flags = (os.RWF_DSYNC,) if self.writethrough else ()
-        if self.dfd >= 0:
+        for fd in (self.dfd, self.fd) if self.dfd >= 0 else (self.fd,):
             try:
-                _transfer(os.pwritev, self.dfd, req.data, req.offset, req.nbytes, *flags)
+                if req.iov is not None:
+                    _iov_transfer(write, fd, req.iov, req.offset, req.nbytes, flags)
+                elif write:
+                    _transfer(os.pwritev, fd, req.data, req.offset, req.nbytes, *((flags,) if flags else ()))
+                else:
+                    _transfer(os.preadv, fd, req.data, req.offset, req.nbytes)
                 return
             except OSError as e:
-                if e.errno != errno.EINVAL:
+                if fd == self.fd or e.errno != errno.EINVAL:
                     raise
-        _transfer(os.pwritev, self.fd, req.data, req.offset, req.nbytes, *flags)
 
     def _discard_or_zero(self, req: _Req) -> None:
         for sector, num, fl in DWZ_SEG.iter_unpack(req.payload):

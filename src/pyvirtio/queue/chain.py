@@ -234,12 +234,11 @@ def _iov_patterns(n: int) -> tuple[int, int]:
     return pat
 
 
-def build_iov_chain(mem: GuestMemory, chain_id: int, pos: int, slots: int, table: bytes, addrs: list[int],
-                    lens: list[int], nr: int, counter: AccessCounter | None) -> IovChain | None:
+def build_iov_chain(mem: GuestMemory, chain_id: int, pos: int, slots: int, table: bytes, nr: int,
+                    counter: AccessCounter | None) -> IovChain | None:
     """`build_chain` for an indirect `table` (16-byte entries: addr u64,
-    len u32, 4 more bytes) whose `addrs` and `lens` the caller extracted,
-    the first `nr` entries device-readable, the rest writable (the caller
-    checked the order). None when the buffers are not all inside one memory
+    len u32, 4 more bytes), the first `nr` entries device-readable, the
+    rest writable (the caller checked the order and the flags). None when the buffers are not all inside one memory
     region: the caller then builds the chain the general way (which says
     what is wrong, if anything)."""
     # Written for speed when cold (the first request after a sleep): a few
@@ -247,6 +246,9 @@ def build_iov_chain(mem: GuestMemory, chain_id: int, pos: int, slots: int, table
     # (the table as one integer: clear every entry's upper 32 bits, add the
     # host offset to every address; no carry crosses an entry since every
     # address is inside the region).
+    tv = memoryview(table)
+    addrs = tv.cast("Q")[0::2].tolist()
+    lens = tv.cast("I")[2::4].tolist()
     r = mem.region_at(addrs[0])
     if r is None:
         return None

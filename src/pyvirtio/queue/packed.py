@@ -398,9 +398,7 @@ class PackedRing:
             # the wrap bits mean nothing in a table): bytes operations
             shape = _SHAPE.fullmatch(table[14::16].translate(_CLASSES))
             if shape is not None:
-                tv = memoryview(table)
-                ch = build_iov_chain(self.mem, buf_id, pos, 1, table, tv.cast("Q")[0::2].tolist(),
-                                     tv.cast("I")[2::4].tolist(), shape.end(1), self.payload)
+                ch = build_iov_chain(self.mem, buf_id, pos, 1, table, shape.end(1), self.payload)
                 if ch is not None:
                     return ch
         for a, ln, _id, fl in PACKED_DESC.iter_unpack(table):

@@ -398,9 +398,7 @@ class SplitRing:
                 shape = _SHAPE.fullmatch(classes)
                 if shape is not None:
                     nr = shape.end(1) + (classes[-1] == _LAST_READABLE)
-                    tv = memoryview(table)
-                    ch = build_iov_chain(self.mem, head, pos, 1, table, tv.cast("Q")[0::2].tolist(),
-                                         tv.cast("I")[2::4].tolist(), nr, self.payload)
+                    ch = build_iov_chain(self.mem, head, pos, 1, table, nr, self.payload)
                     if ch is not None:
                         return ch
         i = 0
