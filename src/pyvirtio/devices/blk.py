@@ -62,7 +62,6 @@ from typing import Any
 from pyvirtio.queue import Chain, QueueError
 from pyvirtio.queue.chain import IovChain
 from pyvirtio.spec import Feature, features_str
-from pyvirtio.uring import OP_READV, OP_WRITEV, SQE_ASYNC, Uring
 from pyvirtio.vhost_user.backend import QueueHandle, QueueWorker, VirtioDevice
 from pyvirtio.vhost_user.protocol import ProtocolFeature
 
@@ -171,10 +170,6 @@ _pwritev2.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int6
 _pwritev2.restype = ctypes.c_ssize_t
 #: struct iovec: base, length
 IOVEC = struct.Struct("<QQ")
-# Where a bytes object's data starts, from its id() (CPython: a fixed header);
-# the iovec arrays handed to io_uring are bytes kept alive until completion.
-_probe = b"probe"
-_BYTES_DATA = ctypes.cast(ctypes.c_char_p(_probe), ctypes.c_void_p).value - id(_probe)  # type: ignore[operator]
 
 
 def _iov_transfer(write: bool, fd: int, iov: bytes, offset: int, total: int, flags: int = 0) -> None:
@@ -274,7 +269,6 @@ class BlkStats:
     no_status: int = 0    # chains without a writable byte, returned with length 0
     inline: int = 0       # requests run on the queue thread (the last of a burst)
     pooled: int = 0       # requests run in the I/O pool
-    uring: int = 0        # requests handed to the queue's io_uring
 
     def as_dict(self) -> dict[str, int]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -283,8 +277,7 @@ class BlkStats:
 class _Req:
     """A parsed request waiting for (or doing) its I/O."""
 
-    __slots__ = ("chain", "data", "iov", "kind", "nbytes", "offset", "payload", "rw_flags", "status", "worker",
-                 "written")
+    __slots__ = ("chain", "data", "iov", "kind", "nbytes", "offset", "payload", "status", "worker", "written")
 
     def __init__(self, kind: int, chain: Chain, status: memoryview, written: int) -> None:
         self.kind = kind
@@ -295,8 +288,6 @@ class _Req:
         self.offset = 0
         self.nbytes = 0
         self.payload = b""
-        #: RWF_* flags of the transfer (RWF_DSYNC: a write in writethrough mode)
-        self.rw_flags = 0
         self.worker: _BlkWorker | None = None
         #: the data as a `struct iovec[]` (from an `IovChain`) instead of `data`
         self.iov: bytes | None = None
@@ -338,10 +329,6 @@ class IOPool:
 # --- the per-queue worker ------------------------------------------------------------
 
 
-#: how long (ms) a burst's done completions wait for those still in the io_uring
-HOLD_MS = 1
-
-
 class _BlkWorker(QueueWorker):
     """Pops requests, runs them (inline or in the pool), publishes completions
     in batches. Stopping (or disabling) lets requests in flight finish and
@@ -355,8 +342,6 @@ class _BlkWorker(QueueWorker):
         self.outstanding = 0
         self._wake_poll = select.poll()
         self._wake_poll.register(self.wake_fd, select.POLLIN)
-        #: the queue thread's io_uring (None: threads only), made in `run`
-        self.ring: Uring | None = None
 
     def deliver(self, chain: Chain, written: int) -> None:
         """From a pool thread: a request is done."""
@@ -367,27 +352,11 @@ class _BlkWorker(QueueWorker):
             self.wake()
 
     def run(self) -> None:
-        ring = self.ring = self.device.open_ring(self.wake_fd)
-        try:
-            self._run(ring)
-        finally:
-            self.ring = None
-            if ring is not None:
-                ring.close()
-
-    def _run(self, ring: Uring | None) -> None:
         # Hot path: written for speed (locals; one publication per burst).
         vq = self.vq
         dev = self.device
         pool = dev.pool
         done = self.done
-        #: requests in the io_uring, by user_data
-        inflight: dict[int, _Req] = {}
-        seq = 0
-        #: completions held back once for the io_uring's (see below)
-        held = False
-        finish = dev.finish_async
-        dfd = dev.dfd if dev.dfd >= 0 else dev.fd
         prepare = dev.prepare
         execute = dev.execute
         cached = dev.execute_cached
@@ -400,11 +369,6 @@ class _BlkWorker(QueueWorker):
         #: completions of the current burst not yet published
         now: list[tuple[Chain, int]] = []
         while True:
-            if inflight and ring is not None and ring.ready():
-                for ud, res in ring.reap():
-                    req = inflight.pop(ud)
-                    now.append((req.chain, finish(req, res)))
-                    self.outstanding -= 1
             if done:
                 popleft = done.popleft
                 k = len(now)
@@ -432,63 +396,45 @@ class _BlkWorker(QueueWorker):
                 self.q.fail(e)  # the queue is retired; finish what is in flight
                 chains = []
             if not chains:
-                # The burst is over: its completions go out together. With
-                # some still in the io_uring, the done ones wait for them
-                # (one interrupt for the burst) for at most one short
-                # sleep: a slow disk does not hold back what is done.
-                if now and (not inflight or held):
+                # the burst is over: its completions go out together
+                if now:
                     if complete_batch(now):
                         call()
                     now = []
-                    held = False
-                elif now:
-                    held = True
-                self._sleep(True, HOLD_MS if held else None)
+                self._sleep(True)
                 continue
             c.packets += len(chains)
             for ch in chains:
                 r = prepare(ch)
-                if isinstance(r, int):
+                if type(r) is int:
                     now.append((ch, r))
                     continue
-                c.bytes += r.nbytes
-                iov = r.iov
-                if ring is not None and iov is not None and vq.has_work():
-                    # A long read or write with more requests behind it: the
-                    # kernel copies it in its own thread while this one takes
-                    # the next chain (the last of a burst runs inline below).
-                    seq += 1
-                    inflight[seq] = r
-                    self.outstanding += 1
-                    stats.uring += 1
-                    ring.submit(OP_READV if r.kind == T_IN else OP_WRITEV, dfd, id(iov) + _BYTES_DATA,
-                                len(iov) >> 4, r.offset, seq, SQE_ASYNC, r.rw_flags)
-                    continue
+                c.bytes += r.nbytes  # type: ignore[union-attr]
                 if pool is not None:
                     # A read the host page cache holds runs here (it cannot
                     # block); so does the last request of a burst (nothing
                     # behind it in the ring: no hand-off, the lowest latency
                     # at queue depth 1). Anything else goes to the pool, so
                     # that slow requests overlap.
-                    w = cached(r)
+                    w = cached(r)  # type: ignore[arg-type]
                     if w is None and vq.has_work():
                         stats.pooled += 1
                         self.outstanding += 1
-                        r.worker = self
-                        pool.submit(r)
+                        r.worker = self  # type: ignore[union-attr]
+                        pool.submit(r)  # type: ignore[arg-type]
                         continue
                     if w is not None:
                         stats.inline += 1
                         now.append((ch, w))
                         continue
                 stats.inline += 1
-                now.append((ch, execute(r)))
+                now.append((ch, execute(r)))  # type: ignore[arg-type]
 
-    def _sleep(self, arm: bool, timeout: int | None = None) -> None:
-        """Sleep until a completion, a stop/enable change, (when `arm`) a
-        kick, or `timeout` ms. `arm` follows the queue contract: arm,
-        re-check, then sleep."""
+    def _sleep(self, arm: bool) -> None:
+        """Sleep until a completion, a stop/enable change, or (when `arm`) a
+        kick. `arm` follows the queue contract: arm, re-check, then sleep."""
         poller = self._wake_poll
+        timeout = None
         if arm:
             drained = bool(self.drain_kick())
             if self.vq.arm():
@@ -503,8 +449,7 @@ class _BlkWorker(QueueWorker):
                 poller = self._kick_poll
         self.sleeping = True
         try:
-            ring = self.ring
-            if self.done or (self.stopping and not arm) or (ring is not None and ring.ready()):
+            if self.done or (self.stopping and not arm):
                 return
             events = poller.poll(timeout)
         finally:
@@ -538,11 +483,9 @@ class BlkDevice(VirtioDevice):
     def __init__(self, path: str, *, read_only: bool = False, num_queues: int = 8, direct: bool = False,
                  io_threads: int = 4, seg_max: int = 126, size_max: int = 1 << 20, serial: str | None = None,
                  logical_block_size: int = SECTOR, physical_block_size: int = 4096, batch: int = 64,
-                 max_outstanding: int | None = None, inject_latency: float = 0.0, aio: str = "auto") -> None:
+                 max_outstanding: int | None = None, inject_latency: float = 0.0) -> None:
         if not 1 <= num_queues <= 256:
             raise ValueError(f"queues {num_queues} is not in 1..256")
-        if aio not in ("auto", "io_uring", "threads"):
-            raise ValueError(f"aio {aio!r} is not one of auto, io_uring, threads")
         if not 1 <= seg_max <= 32766:
             raise ValueError(f"seg-max {seg_max} is not in 1..32766")
         if logical_block_size < SECTOR or logical_block_size & (logical_block_size - 1):
@@ -601,54 +544,6 @@ class BlkDevice(VirtioDevice):
         self._io_errors_logged = 0
         #: RWF_NOWAIT reads work here (cleared on the first EOPNOTSUPP)
         self._nowait = True
-        self.aio = self._probe_aio(aio)
-
-    def _probe_aio(self, aio: str) -> str:
-        if aio == "threads" or self.inject_latency:  # (the latency aid delays threads only)
-            return "threads"
-        try:
-            Uring(4).close()
-        except OSError as e:
-            if aio == "io_uring":
-                self.close()
-                raise ValueError(f"io_uring is not available here: {e}") from None
-            log.info("blk: io_uring is not available (%s): I/O threads only", e)
-            return "threads"
-        return "io_uring"
-
-    def open_ring(self, wake_fd: int) -> Uring | None:
-        """A queue thread's io_uring, its completions signalling `wake_fd`
-        (None: threads only)."""
-        if self.aio != "io_uring":
-            return None
-        try:
-            ring = Uring(max(8, 1 << (self.max_outstanding - 1).bit_length()))
-            try:
-                ring.register_eventfd(wake_fd)
-            except BaseException:
-                ring.close()
-                raise
-        except OSError as e:
-            log.warning("blk: no io_uring for this queue (%s): I/O threads only", e)
-            return None
-        return ring
-
-    def finish_async(self, req: _Req, res: int) -> int:
-        """Complete a read or write that came back from io_uring with
-        `res` (bytes or -errno); returns the used length. Anything but the
-        whole transfer is done again the blocking way, which falls back from
-        O_DIRECT, resumes short transfers and turns failures into IOERR."""
-        if res != req.nbytes:
-            return self.execute(req)
-        c = self.counts
-        if req.kind == T_IN:
-            c.reads += 1
-            c.bytes_read += res
-        else:
-            c.writes += 1
-            c.bytes_written += res
-        req.status[0] = S_OK
-        return req.written
 
     # -- VirtioDevice -------------------------------------------------------------------
 
@@ -715,7 +610,7 @@ class BlkDevice(VirtioDevice):
 
     def stats(self) -> dict[str, Any]:
         return {"image": self.path, "capacity_sectors": self.capacity, "read_only": self.read_only,
-                "direct": self.direct, "io_threads": self.io_threads, "aio": self.aio,
+                "direct": self.direct, "io_threads": self.io_threads,
                 "write_cache": "writethrough" if self.writethrough else "writeback",
                 "negotiated": features_str(self.negotiated, _AllFeatures), "requests": self.counts.as_dict()}
 
@@ -818,8 +713,6 @@ class BlkDevice(VirtioDevice):
         req.iov = data
         req.offset = sector * SECTOR
         req.nbytes = nbytes
-        if typ == T_OUT and self.writethrough:
-            req.rw_flags = os.RWF_DSYNC
         return req
 
     def _answer(self, status: memoryview, s: int, written: int) -> int:

@@ -38,10 +38,6 @@ def register(sub: Any, bench_sub: Any) -> None:
     p.add_argument("--direct", action="store_true", help="O_DIRECT data I/O (bypass the host page cache)")
     p.add_argument("--io-threads", type=int, default=4, metavar="N",
                    help="I/O threads shared by the queues (0: I/O on the queue threads; default 4)")
-    p.add_argument("--aio", choices=["auto", "io_uring", "threads"], default="auto",
-                   help="how long reads and writes overlap the next request: the queue's io_uring (kernel "
-                        "threads copy while Python takes the next chain) or the I/O threads only; auto: "
-                        "io_uring where the kernel allows it (default)")
     p.add_argument("--seg-max", type=int, default=126, metavar="N",
                    help="data segments per request, <= ring size - 2 (default 126, for QEMU's 128-entry rings)")
     p.add_argument("--serial", metavar="ID", help="GET_ID answer (default: the image's file name)")
@@ -113,7 +109,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         device = BlkDevice(args.blk_file, read_only=args.read_only, num_queues=args.queues, direct=args.direct,
                            io_threads=args.io_threads, seg_max=args.seg_max, serial=args.serial,
-                           batch=args.batch, inject_latency=args.inject_latency_ms / 1000, aio=args.aio)
+                           batch=args.batch, inject_latency=args.inject_latency_ms / 1000)
     except (ValueError, OSError) as e:
         print(f"pyvirtio blk: {e}", file=sys.stderr)
         return 1
