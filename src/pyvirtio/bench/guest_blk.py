@@ -17,6 +17,11 @@ come from the guest's /proc/uptime around each `dd` (10 ms ticks: every
 test runs for a second or more). With `rounds` > 1 the targets are cycled that many times
 and the best of each metric is kept (the machine is shared and noisy).
 
+The host CPU each disk back-end spends is read around every test (all the
+back-end process's threads, those that ended included; for `builtin`,
+QEMU's threads other than the vCPUs): the table shows it per MiB read and
+per 4 KiB request, which is where a Python back-end pays for being Python.
+
 `run(cfg)` returns one result per target; `format_table` prints them with
 ratios to qemu-storage-daemon.
 """
@@ -89,17 +94,44 @@ def _stop(proc: subprocess.Popen[bytes] | None) -> None:
         proc.wait(10)
 
 
+def process_cpu_seconds(pid: int | None) -> float:
+    """CPU seconds (user + system) of process `pid` so far, its ended
+    threads included (0 when it is gone)."""
+    if pid is None:
+        return 0.0
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            st = f.read()
+    except OSError:
+        return 0.0
+    fields = st[st.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _backend_cpu(pid: int | None, qemu_pid: int | None) -> float:
+    """The disk back-end's CPU seconds so far: its process, or (built-in
+    disk, `pid` None) QEMU's threads other than the vCPUs."""
+    if pid is not None:
+        return process_cpu_seconds(pid)
+    from pyvirtio.bench.guest import thread_cpu_seconds
+
+    vcpus = sum(v for k, v in thread_cpu_seconds(qemu_pid).items() if "/TCG" in k or "/KVM" in k)
+    return process_cpu_seconds(qemu_pid) - vcpus
+
+
 @contextlib.contextmanager
-def _disk(target: str, cfg: BlkBenchConfig, image: Path, work: Path) -> Iterator[list[str]]:
-    """Start the target's back-end (if it has one); yield QEMU's device arguments."""
+def _disk(target: str, cfg: BlkBenchConfig, image: Path, work: Path) -> Iterator[tuple[list[str], int | None]]:
+    """Start the target's back-end (if it has one); yield QEMU's device
+    arguments and the back-end's pid (None: in QEMU)."""
     from pyvirtio.guest import builtin_blk_args, vhost_user_blk_args
 
     qs = cfg.queue_size
     packed = cfg.ring == "packed"
     if target == "builtin":
-        yield builtin_blk_args(image, cache="writeback", aio="threads", queue_size=qs, packed=packed)
+        yield builtin_blk_args(image, cache="writeback", aio="threads", queue_size=qs, packed=packed), None
         return
-    sock = work / f"{target}.sock"
+    # (a unix socket path is at most 107 bytes: sockets go under /tmp, whatever the work directory)
+    sock = Path(tempfile.mkdtemp(prefix="pyvirtio-blkbench-")) / f"{target}.sock"
     log_path = work / f"{target}.log"
     if target.startswith("pyvirtio-"):
         policy = target.removeprefix("pyvirtio-")
@@ -115,16 +147,15 @@ def _disk(target: str, cfg: BlkBenchConfig, image: Path, work: Path) -> Iterator
                              f"writable=on,num-queues={max(1, cfg.smp)}")]
     else:
         raise ValueError(f"unknown target {target!r} (one of {', '.join(TARGETS)})")
-    sock.unlink(missing_ok=True)
     with open(log_path, "wb") as f:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT)
     try:
         _wait_socket(proc, sock, target, log_path)
-        yield vhost_user_blk_args(sock, num_queues=max(1, cfg.smp), queue_size=qs, reconnect=None,
-                                  extra={"packed": True} if packed else None)
+        yield (vhost_user_blk_args(sock, num_queues=max(1, cfg.smp), queue_size=qs, reconnect=None,
+                                   extra={"packed": True} if packed else None), proc.pid)
     finally:
         _stop(proc)
-        sock.unlink(missing_ok=True)
+        shutil.rmtree(sock.parent, ignore_errors=True)
 
 
 def _timed(guest: Any, cmd: str, timeout: float) -> float:
@@ -138,19 +169,33 @@ def _timed(guest: Any, cmd: str, timeout: float) -> float:
 def _measure(target: str, cfg: BlkBenchConfig, image: Path, work: Path) -> dict[str, Any]:
     from pyvirtio.guest import Guest
 
-    with (_disk(target, cfg, image, work) as device_args,
+    with (_disk(target, cfg, image, work) as (device_args, pid),
           Guest(device_args=device_args, smp=cfg.smp, memory_mib=cfg.memory_mib, log_dir=work / target) as g):
+        def cpu() -> float:
+            return _backend_cpu(pid, g.pid)
+
         max_seg = int(g.check("cat /sys/block/vda/queue/max_segments"))
         max_kb = int(g.check("cat /sys/block/vda/queue/max_sectors_kb"))
+        c0 = cpu()
         tw = _timed(g, f"dd if=/dev/zero of=/dev/vda bs=1M count={cfg.write_mib} oflag=direct 2>/dev/null", 600)
+        c1 = cpu()
         g.check("sync", timeout=600)  # the FLUSH (host fdatasync) is not part of the device's speed
         one = f"dd if=/dev/vda of=/dev/null bs=1M count={cfg.read_mib} iflag=direct 2>/dev/null"
-        tr = _timed(g, " && ".join([one] * max(1, cfg.read_passes)), 600)
+        passes = max(1, cfg.read_passes)
+        c2 = cpu()
+        tr = _timed(g, " && ".join([one] * passes), 600)
+        c3 = cpu()
         t4 = _timed(g, f"dd if=/dev/vda of=/dev/null bs=4k count={cfg.read4k_count} iflag=direct 2>/dev/null",
                     600)
+        c4 = cpu()
+    read_mib = cfg.read_mib * passes
     return {"target": target, "write_MBps": cfg.write_mib * MiB / tw / 1e6,
-            "read_MBps": cfg.read_mib * max(1, cfg.read_passes) * MiB / tr / 1e6, "read4k_iops": cfg.read4k_count / t4,
-            "write_s": tw, "read_s": tr, "read4k_s": t4, "max_segments": max_seg, "max_sectors_kb": max_kb}
+            "read_MBps": read_mib * MiB / tr / 1e6, "read4k_iops": cfg.read4k_count / t4,
+            "write_s": tw, "read_s": tr, "read4k_s": t4, "max_segments": max_seg, "max_sectors_kb": max_kb,
+            # the back-end's host CPU per unit of work (clock-tick resolution: 10 ms per test)
+            "cpu_us_per_mib_written": (c1 - c0) / cfg.write_mib * 1e6,
+            "cpu_us_per_mib_read": (c3 - c2) / read_mib * 1e6,
+            "cpu_us_per_4k_read": (c4 - c3) / cfg.read4k_count * 1e6}
 
 
 def run(cfg: BlkBenchConfig, progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
@@ -177,6 +222,9 @@ def run(cfg: BlkBenchConfig, progress: Callable[[str], None] | None = None) -> l
             best = {"target": t, "rounds": len(s),
                     "write_MBps": max(x["write_MBps"] for x in s), "read_MBps": max(x["read_MBps"] for x in s),
                     "read4k_iops": max(x["read4k_iops"] for x in s), "max_segments": s[0]["max_segments"],
+                    # CPU per unit: the median round (a best would pick the least busy one)
+                    **{k: sorted(x[k] for x in s)[len(s) // 2]
+                       for k in ("cpu_us_per_mib_written", "cpu_us_per_mib_read", "cpu_us_per_4k_read")},
                     "max_sectors_kb": s[0]["max_sectors_kb"], "samples": s}
             results.append(best)
         return results
@@ -189,6 +237,7 @@ def format_table(results: list[dict[str, Any]], reference: str = "qsd") -> str:
     head = f"{'target':>15} {'write MB/s':>11} {'read MB/s':>10} {'4k read IOPS':>13} {'max_seg':>8}"
     if ref:
         head += f"  {'x' + reference + ' (w/r/4k)':>22}"
+    head += f"  {'back-end CPU us: /MiB w':>23} {'/MiB r':>7} {'/4k r':>6}"
     lines = [head]
     for r in results:
         line = (f"{r['target']:>15} {r['write_MBps']:>11.1f} {r['read_MBps']:>10.1f} {r['read4k_iops']:>13.0f} "
@@ -196,6 +245,9 @@ def format_table(results: list[dict[str, Any]], reference: str = "qsd") -> str:
         if ref:
             line += "  " + f"{r['write_MBps'] / ref['write_MBps']:.2f}/{r['read_MBps'] / ref['read_MBps']:.2f}/" \
                            f"{r['read4k_iops'] / ref['read4k_iops']:.2f}".rjust(22)
+        if "cpu_us_per_mib_read" in r:
+            line += (f"  {r['cpu_us_per_mib_written']:>23.0f} {r['cpu_us_per_mib_read']:>7.0f} "
+                     f"{r['cpu_us_per_4k_read']:>6.0f}")
         lines.append(line)
     return "\n".join(lines)
 
