@@ -125,11 +125,16 @@ def _disk(target: str, cfg: BlkBenchConfig, image: Path, work: Path) -> Iterator
     arguments and the back-end's pid (None: in QEMU)."""
     from pyvirtio.guest import builtin_blk_args, vhost_user_blk_args
 
+    if target not in TARGETS:
+        raise ValueError(f"unknown target {target!r} (one of {', '.join(TARGETS)})")
     qs = cfg.queue_size
     packed = cfg.ring == "packed"
     if target == "builtin":
         yield builtin_blk_args(image, cache="writeback", aio="threads", queue_size=qs, packed=packed), None
         return
+    qsd = shutil.which("qemu-storage-daemon") or ""
+    if target == "qsd" and not qsd:
+        raise BenchError("qemu-storage-daemon is not installed (Debian package qemu-system-x86 / qemu-utils)")
     # (a unix socket path is at most 107 bytes: sockets go under /tmp, whatever the work directory)
     sock = Path(tempfile.mkdtemp(prefix="pyvirtio-blkbench-")) / f"{target}.sock"
     log_path = work / f"{target}.log"
@@ -138,15 +143,10 @@ def _disk(target: str, cfg: BlkBenchConfig, image: Path, work: Path) -> Iterator
         argv = [sys.executable, "-m", "pyvirtio", "blk", "--socket-path", str(sock), "--blk-file", str(image),
                 "--policy", policy, "--queues", str(max(1, cfg.smp)), "--io-threads", str(cfg.io_threads),
                 "--seg-max", str(qs - 2), *cfg.pyvirtio_args]
-    elif target == "qsd":
-        qsd = shutil.which("qemu-storage-daemon")
-        if qsd is None:
-            raise BenchError("qemu-storage-daemon is not installed (Debian package qemu-system-x86 / qemu-utils)")
+    else:
         argv = [qsd, "--blockdev", f"driver=file,node-name=f,filename={image},cache.direct=off",
                 "--export", (f"type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path={sock},"
                              f"writable=on,num-queues={max(1, cfg.smp)}")]
-    else:
-        raise ValueError(f"unknown target {target!r} (one of {', '.join(TARGETS)})")
     with open(log_path, "wb") as f:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT)
     try:
