@@ -60,9 +60,10 @@ def register(sub: Any, bench_sub: Any) -> None:
     b.add_argument("--targets", default=",".join(TARGETS),
                    help=f"comma list of {', '.join(TARGETS)} (default all)")
     b.add_argument("--rounds", type=int, default=1, help="cycle the targets N times, keep the best (default 1)")
-    b.add_argument("--write-mib", type=int, default=256)
-    b.add_argument("--read-mib", type=int, default=512)
-    b.add_argument("--read4k-count", type=int, default=4000)
+    b.add_argument("--write-mib", type=int, default=512, help="MiB written with dd (default 512)")
+    b.add_argument("--read-mib", type=int, default=512, help="MiB read per pass with dd (default 512)")
+    b.add_argument("--read-passes", type=int, default=4, help="passes of the sequential read (default 4)")
+    b.add_argument("--read4k-count", type=int, default=10000, help="4 KiB direct reads (default 10000)")
     b.add_argument("--queue-size", type=int, default=128, help="ring size of every disk (default 128)")
     b.add_argument("--ring", choices=["split", "packed"], default="split")
     b.add_argument("--io-threads", type=int, default=4, help="our back-end's I/O threads (default 4)")
@@ -79,7 +80,8 @@ def _bench(args: argparse.Namespace) -> int:
         print(f"pyvirtio bench guest-blk: unknown target(s) {', '.join(bad)}", file=sys.stderr)
         return 2
     cfg = BlkBenchConfig(targets=targets, write_mib=args.write_mib, read_mib=args.read_mib,
-                         image_mib=max(args.write_mib, args.read_mib), read4k_count=args.read4k_count,
+                         read_passes=max(1, args.read_passes), image_mib=max(args.write_mib, args.read_mib),
+                         read4k_count=args.read4k_count,
                          rounds=args.rounds, queue_size=args.queue_size, ring=args.ring, io_threads=args.io_threads)
     try:
         results = run(cfg, progress=None if args.json else lambda m: print(f"# {m}", file=sys.stderr, flush=True))
