@@ -358,6 +358,7 @@ def test_blk_bench_measures_ours_and_qsd_with_their_host_cpu(tmp_path: Path) -> 
     for r in res:
         assert r["write_MBps"] > 1 and r["read_MBps"] > 1 and r["read4k_iops"] > 10
         assert r["max_segments"] == cfg.queue_size - 2
+        assert r["ring"] == "split"  # what the guest's driver negotiated
     ours = res[0]
     # 128 MiB through a Python back-end costs well over one 10 ms clock tick
     assert ours["cpu_us_per_mib_read"] > 0 and ours["cpu_us_per_4k_read"] > 0

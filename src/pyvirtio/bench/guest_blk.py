@@ -22,6 +22,10 @@ back-end process's threads, those that ended included; for `builtin`,
 QEMU's threads other than the vCPUs): the table shows it per MiB read and
 per 4 KiB request, which is where a Python back-end pays for being Python.
 
+The `ring` column is the ring layout the guest's driver negotiated:
+qemu-storage-daemon 7.2 offers no packed ring, so with `ring="packed"` it
+still runs split.
+
 `run(cfg)` returns one result per target; `format_table` prints them with
 ratios to qemu-storage-daemon.
 """
@@ -176,6 +180,9 @@ def _measure(target: str, cfg: BlkBenchConfig, image: Path, work: Path) -> dict[
 
         max_seg = int(g.check("cat /sys/block/vda/queue/max_segments"))
         max_kb = int(g.check("cat /sys/block/vda/queue/max_sectors_kb"))
+        # what the guest's driver negotiated (a back-end without packed rings gets a split one)
+        feats = g.check("cat /sys/block/vda/device/features")
+        ring = "packed" if feats[34:35] == "1" else "split"
         c0 = cpu()
         tw = _timed(g, f"dd if=/dev/zero of=/dev/vda bs=1M count={cfg.write_mib} oflag=direct 2>/dev/null", 600)
         c1 = cpu()
@@ -192,6 +199,7 @@ def _measure(target: str, cfg: BlkBenchConfig, image: Path, work: Path) -> dict[
     return {"target": target, "write_MBps": cfg.write_mib * MiB / tw / 1e6,
             "read_MBps": read_mib * MiB / tr / 1e6, "read4k_iops": cfg.read4k_count / t4,
             "write_s": tw, "read_s": tr, "read4k_s": t4, "max_segments": max_seg, "max_sectors_kb": max_kb,
+            "ring": ring,
             # the back-end's host CPU per unit of work (clock-tick resolution: 10 ms per test)
             "cpu_us_per_mib_written": (c1 - c0) / cfg.write_mib * 1e6,
             "cpu_us_per_mib_read": (c3 - c2) / read_mib * 1e6,
@@ -225,7 +233,7 @@ def run(cfg: BlkBenchConfig, progress: Callable[[str], None] | None = None) -> l
                     # CPU per unit: the median round (a best would pick the least busy one)
                     **{k: sorted(x[k] for x in s)[len(s) // 2]
                        for k in ("cpu_us_per_mib_written", "cpu_us_per_mib_read", "cpu_us_per_4k_read")},
-                    "max_sectors_kb": s[0]["max_sectors_kb"], "samples": s}
+                    "max_sectors_kb": s[0]["max_sectors_kb"], "ring": s[0]["ring"], "samples": s}
             results.append(best)
         return results
     finally:
@@ -234,13 +242,13 @@ def run(cfg: BlkBenchConfig, progress: Callable[[str], None] | None = None) -> l
 
 def format_table(results: list[dict[str, Any]], reference: str = "qsd") -> str:
     ref = next((r for r in results if r["target"] == reference), None)
-    head = f"{'target':>15} {'write MB/s':>11} {'read MB/s':>10} {'4k read IOPS':>13} {'max_seg':>8}"
+    head = f"{'target':>15} {'ring':>6} {'write MB/s':>11} {'read MB/s':>10} {'4k read IOPS':>13} {'max_seg':>8}"
     if ref:
         head += f"  {'x' + reference + ' (w/r/4k)':>22}"
     head += f"  {'back-end CPU us: /MiB w':>23} {'/MiB r':>7} {'/4k r':>6}"
     lines = [head]
     for r in results:
-        line = (f"{r['target']:>15} {r['write_MBps']:>11.1f} {r['read_MBps']:>10.1f} {r['read4k_iops']:>13.0f} "
+        line = (f"{r['target']:>15} {r.get('ring', '?'):>6} {r['write_MBps']:>11.1f} {r['read_MBps']:>10.1f} {r['read4k_iops']:>13.0f} "
                 f"{r['max_segments']:>8}")
         if ref:
             line += "  " + f"{r['write_MBps'] / ref['write_MBps']:.2f}/{r['read_MBps'] / ref['read_MBps']:.2f}/" \
