@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -24,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from guest_support import missing_requirements, pid_alive
 from pyvirtio.guest import (
     Guest,
     GuestTimeout,
@@ -40,32 +39,11 @@ from pyvirtio.guest import (
 pytestmark = pytest.mark.guest
 
 
-def _missing_requirements() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root (network namespaces, TAP devices)"
-    for tool in ("qemu-system-x86_64", "iperf3", "ip", "ldd"):
-        if shutil.which(tool) is None:
-            return f"{tool} not installed (scripts/setup.sh --peers)"
-    try:
-        find_kernel()
-    except RuntimeError as e:
-        return str(e)
-    return None
-
-
 @pytest.fixture(scope="module", autouse=True)
 def _requirements() -> None:
-    reason = _missing_requirements()
+    reason = missing_requirements("iperf3", "ip", why_root="network namespaces, TAP devices")
     if reason:
         pytest.skip(reason)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True  # Guest.close() reaps QEMU (Popen.wait), so a stopped QEMU is not even a zombie
 
 
 def _link_exists(name: str) -> bool:
@@ -80,7 +58,7 @@ def leak_check() -> Iterator[list[object]]:
     for thing in things:
         if isinstance(thing, Guest):
             assert thing.pid is not None
-            assert not _pid_alive(thing.pid), f"qemu pid {thing.pid} still running"
+            assert not pid_alive(thing.pid), f"qemu pid {thing.pid} still running"
         elif isinstance(thing, NetNamespace):
             assert not netns_exists(thing.name), f"netns {thing.name} still exists"
             assert not _link_exists(thing.tap), f"TAP {thing.tap} leaked into the root namespace"

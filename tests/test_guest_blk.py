@@ -35,7 +35,8 @@ from pathlib import Path
 
 import pytest
 
-from pyvirtio.guest import DEFAULT_MODULES, Guest, build_initramfs, find_kernel, vhost_user_blk_args
+from guest_support import missing_requirements, pid_alive
+from pyvirtio.guest import DEFAULT_MODULES, Guest, build_initramfs, vhost_user_blk_args
 
 pytestmark = pytest.mark.guest
 
@@ -45,32 +46,11 @@ MiB = 1 << 20
 FS_MODULES = (*DEFAULT_MODULES, "crc32c_generic", "ext4")
 
 
-def _missing_requirements() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root"
-    for tool in ("qemu-system-x86_64", "ldd"):
-        if shutil.which(tool) is None:
-            return f"{tool} not installed (scripts/setup.sh --peers)"
-    try:
-        find_kernel()
-    except RuntimeError as e:
-        return str(e)
-    return None
-
-
 @pytest.fixture(scope="module", autouse=True)
 def _requirements() -> None:
-    reason = _missing_requirements()
+    reason = missing_requirements()
     if reason:
         pytest.skip(reason)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 class BackendProcess:
@@ -143,10 +123,10 @@ def cleanup(tmp_path: Path) -> Iterator[list[object]]:
     for t in things:
         if isinstance(t, BackendProcess):
             for pid in t.pids:
-                assert not _pid_alive(pid), f"back-end pid {pid} still running"
+                assert not pid_alive(pid), f"back-end pid {pid} still running"
             t.sock.unlink(missing_ok=True)
         elif isinstance(t, Guest):
-            assert t.pid is not None and not _pid_alive(t.pid), "qemu still running"
+            assert t.pid is not None and not pid_alive(t.pid), "qemu still running"
     for img in tmp_path.glob("*.img"):
         img.unlink()
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -28,6 +27,7 @@ from pathlib import Path
 
 import pytest
 
+from guest_support import missing_requirements, pid_alive
 from pyvirtio.bench.guest import GuestBenchConfig, format_table, per_frame, summarize
 from pyvirtio.devices.net import NetDevice
 from pyvirtio.guest import (
@@ -37,7 +37,6 @@ from pyvirtio.guest import (
     NetVariant,
     PyvirtioNetBackend,
     feature_bit,
-    find_kernel,
     netns_exists,
     parse_iperf_json,
     queue_counters,
@@ -63,32 +62,11 @@ F_VERSION_1 = 32
 F_RING_PACKED = 34
 
 
-def _missing_requirements() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root (network namespaces, TAP devices)"
-    for tool in ("qemu-system-x86_64", "iperf3", "ip", "ldd", "ss"):
-        if shutil.which(tool) is None:
-            return f"{tool} not installed (scripts/setup.sh --peers)"
-    try:
-        find_kernel()
-    except RuntimeError as e:
-        return str(e)
-    return None
-
-
 @pytest.fixture(scope="module")
 def _requirements() -> None:
-    reason = _missing_requirements()
+    reason = missing_requirements("iperf3", "ip", "ss", why_root="network namespaces, TAP devices")
     if reason:
         pytest.skip(reason)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 @pytest.fixture
@@ -107,7 +85,7 @@ def net_guests(_requirements: None, tmp_path: Path) -> Iterator[list[GuestNetwor
         if gn.server is not None and gn.server.pid is not None:
             pids.append(gn.server.pid)
         for pid in pids:
-            assert not _pid_alive(pid), f"pid {pid} still running"
+            assert not pid_alive(pid), f"pid {pid} still running"
         if isinstance(gn.ns, NetNamespace):
             assert not netns_exists(gn.ns.name), f"netns {gn.ns.name} still exists"
             assert not Path("/sys/class/net", gn.ns.tap).exists(), "TAP leaked into the root namespace"
