@@ -135,26 +135,43 @@ def per_frame(test: str, deltas: dict[str, dict[str, int]]) -> dict[str, Any]:
     return out
 
 
+def _stat_cpu(path: str) -> tuple[str, float] | None:
+    """(name, CPU seconds user + system) from a /proc `stat` file; None if it is gone."""
+    try:
+        with open(path) as f:
+            st = f.read()
+    except OSError:
+        return None
+    fields = st[st.rindex(")") + 2 :].split()
+    return st[st.index("(") + 1 : st.rindex(")")], (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def thread_cpu_seconds(pid: int | None) -> dict[str, float]:
     """CPU seconds (user + system) used so far by each thread of `pid`, keyed "name:tid"."""
     out: dict[str, float] = {}
     if pid is None:
         return out
-    tick = os.sysconf("SC_CLK_TCK")
     try:
         tids = os.listdir(f"/proc/{pid}/task")
     except OSError:
         return out
     for tid in tids:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/stat") as f:
-                st = f.read()
-        except OSError:
-            continue  # the thread ended
-        name = st[st.index("(") + 1 : st.rindex(")")]
-        fields = st[st.rindex(")") + 2 :].split()
-        out[f"{name}:{tid}"] = (int(fields[11]) + int(fields[12])) / tick
+        got = _stat_cpu(f"/proc/{pid}/task/{tid}/stat")
+        if got is not None:  # (None: the thread ended)
+            out[f"{got[0]}:{tid}"] = got[1]
     return out
+
+
+def process_cpu_seconds(pid: int | None) -> float:
+    """CPU seconds (user + system) of process `pid` so far, its ended
+    threads included (0 when it is gone)."""
+    got = None if pid is None else _stat_cpu(f"/proc/{pid}/stat")
+    return 0.0 if got is None else got[1]
+
+
+def is_vcpu_thread(key: str) -> bool:
+    """Whether a `thread_cpu_seconds` key names one of QEMU's vCPU threads."""
+    return "/TCG" in key or "/KVM" in key
 
 
 def cpu_snapshot(gn: GuestNetwork) -> dict[str, float]:
@@ -163,7 +180,7 @@ def cpu_snapshot(gn: GuestNetwork) -> dict[str, float]:
     out = {"vcpu": 0.0, "qemu": 0.0, "backend": 0.0, "iperf3_server": 0.0}
     if gn.guest is not None:
         for key, secs in thread_cpu_seconds(gn.guest.pid).items():
-            out["vcpu" if "/TCG" in key or "/KVM" in key else "qemu"] += secs
+            out["vcpu" if is_vcpu_thread(key) else "qemu"] += secs
     if gn.backend is not None:
         out["backend"] = sum(thread_cpu_seconds(gn.backend.pid).values())
     if gn.server is not None:
@@ -184,8 +201,7 @@ def pin(gn: GuestNetwork, vcpu_cpus: set[int], other_cpus: set[int]) -> None:
 
     if gn.guest is not None and gn.guest.pid is not None:
         for key in thread_cpu_seconds(gn.guest.pid):
-            name, _, tid = key.rpartition(":")
-            setaff(int(tid), vcpu_cpus if "/TCG" in name or "/KVM" in name else other_cpus)
+            setaff(int(key.rpartition(":")[2]), vcpu_cpus if is_vcpu_thread(key) else other_cpus)
     for pid in (gn.backend.pid if gn.backend else None, gn.server.pid if gn.server else None):
         if pid is not None:
             for key in thread_cpu_seconds(pid):

@@ -98,28 +98,14 @@ def _stop(proc: subprocess.Popen[bytes] | None) -> None:
         proc.wait(10)
 
 
-def process_cpu_seconds(pid: int | None) -> float:
-    """CPU seconds (user + system) of process `pid` so far, its ended
-    threads included (0 when it is gone)."""
-    if pid is None:
-        return 0.0
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            st = f.read()
-    except OSError:
-        return 0.0
-    fields = st[st.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def _backend_cpu(pid: int | None, qemu_pid: int | None) -> float:
     """The disk back-end's CPU seconds so far: its process, or (built-in
     disk, `pid` None) QEMU's threads other than the vCPUs."""
+    from pyvirtio.bench.guest import is_vcpu_thread, process_cpu_seconds, thread_cpu_seconds
+
     if pid is not None:
         return process_cpu_seconds(pid)
-    from pyvirtio.bench.guest import thread_cpu_seconds
-
-    vcpus = sum(v for k, v in thread_cpu_seconds(qemu_pid).items() if "/TCG" in k or "/KVM" in k)
+    vcpus = sum(v for k, v in thread_cpu_seconds(qemu_pid).items() if is_vcpu_thread(k))
     return process_cpu_seconds(qemu_pid) - vcpus
 
 

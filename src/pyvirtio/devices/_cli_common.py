@@ -14,6 +14,35 @@ from typing import Any, TextIO
 log = logging.getLogger(__name__)
 
 
+def add_serving_args(p: argparse.ArgumentParser, capabilities_help: str) -> None:
+    """The options every device command has: where to serve, the
+    capabilities answer, the notification policy, the socket's mode and
+    the stats output."""
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--socket-path", metavar="PATH", help="create and listen on this unix socket")
+    where.add_argument("--fd", type=int, metavar="N",
+                       help="inherited socket: listening (accepted on) or already connected")
+    p.add_argument("--print-capabilities", action="store_true", help=capabilities_help)
+    p.add_argument("--policy", choices=["lazy", "eager"], default="lazy",
+                   help="notification policy (eager: the pre-optimisation baseline)")
+    p.add_argument("--socket-mode", type=lambda s: int(s, 8), default=0o600, metavar="OCTAL",
+                   help="permissions of the created socket (default 600)")
+    p.add_argument("--stats-interval", type=float, metavar="S", help="print counters every S seconds")
+    p.add_argument("--stats-file", metavar="PATH", help="append the JSON lines here instead of stderr")
+
+
+def early_exit(command: str, args: argparse.Namespace, capabilities: dict[str, Any]) -> int | None:
+    """The exit status when the command ends before serving: capabilities
+    printed (0) or no place to serve (2); None: go on."""
+    if args.print_capabilities:
+        print(json.dumps(capabilities))
+        return 0
+    if args.socket_path is None and args.fd is None:
+        print(f"pyvirtio {command}: one of --socket-path or --fd is required", file=sys.stderr)
+        return 2
+    return None
+
+
 class StatsWriter:
     """Writes the back-end's counters as one JSON line (stderr or a file)."""
 

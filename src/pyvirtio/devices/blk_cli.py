@@ -9,7 +9,7 @@ import os
 import sys
 from typing import Any
 
-from pyvirtio.devices._cli_common import serve_device
+from pyvirtio.devices._cli_common import add_serving_args, early_exit, serve_device
 
 log = logging.getLogger(__name__)
 
@@ -23,18 +23,11 @@ def register(sub: Any, bench_sub: Any) -> None:
                     "image file or block device, with inflight tracking (a restarted back-end resubmits "
                     "what was in flight). Counters are printed as JSON lines on SIGUSR1, at exit and every "
                     "--stats-interval.")
-    where = p.add_mutually_exclusive_group()
-    where.add_argument("--socket-path", metavar="PATH", help="create and listen on this unix socket")
-    where.add_argument("--fd", type=int, metavar="N",
-                       help="inherited socket: listening (accepted on) or already connected")
-    p.add_argument("--print-capabilities", action="store_true",
-                   help="print the back-end's capabilities as JSON and exit (QEMU back-end program conventions)")
+    add_serving_args(p, "print the back-end's capabilities as JSON and exit (QEMU back-end program conventions)")
     p.add_argument("--blk-file", metavar="IMAGE", help="raw image file or block device to serve")
     p.add_argument("--read-only", action="store_true", help="refuse writes (VIRTIO_BLK_F_RO)")
     p.add_argument("--queues", type=int, default=8, metavar="N",
                    help="request queues offered (default 8; QEMU asks one per vCPU)")
-    p.add_argument("--policy", choices=["lazy", "eager"], default="lazy",
-                   help="notification policy (eager: the pre-optimisation baseline)")
     p.add_argument("--direct", action="store_true", help="O_DIRECT data I/O (bypass the host page cache)")
     p.add_argument("--io-threads", type=int, default=4, metavar="N",
                    help="I/O threads shared by the queues (0: I/O on the queue threads; default 4)")
@@ -44,10 +37,6 @@ def register(sub: Any, bench_sub: Any) -> None:
     p.add_argument("--batch", type=int, default=64, metavar="N", help="requests taken per ring step (default 64)")
     p.add_argument("--inject-latency-ms", type=float, default=0.0, metavar="MS",
                    help=argparse.SUPPRESS)  # testing aid: keep requests in flight (see BlkDevice)
-    p.add_argument("--socket-mode", type=lambda s: int(s, 8), default=0o600, metavar="OCTAL",
-                   help="permissions of the created socket (default 600)")
-    p.add_argument("--stats-interval", type=float, metavar="S", help="print counters every S seconds")
-    p.add_argument("--stats-file", metavar="PATH", help="append the JSON lines here instead of stderr")
     p.set_defaults(func=_run)
 
     from pyvirtio.bench.guest_blk import TARGETS
@@ -96,12 +85,9 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    if args.print_capabilities:
-        print(json.dumps(CAPABILITIES))
-        return 0
-    if args.socket_path is None and args.fd is None:
-        print("pyvirtio blk: one of --socket-path or --fd is required", file=sys.stderr)
-        return 2
+    early = early_exit("blk", args, CAPABILITIES)
+    if early is not None:
+        return early
     if args.blk_file is None:
         print("pyvirtio blk: --blk-file is required", file=sys.stderr)
         return 2
