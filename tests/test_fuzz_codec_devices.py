@@ -58,6 +58,7 @@ from pyvirtio.devices.net import (
     deliver,
 )
 from pyvirtio.queue import Chain
+from pyvirtio.runtime import QueueCounters
 from pyvirtio.vhost_user import (
     MAX_FDS,
     MAX_MESSAGE_SIZE,
@@ -84,7 +85,6 @@ from pyvirtio.vhost_user import (
     VringState,
     encode_request,
 )
-from pyvirtio.vhost_user.backend import QueueCounters
 
 RAW_EXAMPLES = 1500
 CODEC_EXAMPLES = 1200

@@ -20,8 +20,8 @@ import pytest
 
 from pyvirtio.devices.net import NET_HDR_SIZE, LoopbackPort, deliver
 from pyvirtio.queue import Chain
+from pyvirtio.runtime import QueueCounters
 from pyvirtio.vhost_user import Decoder, FrontendProtocolError, UnusableDecoderError
-from pyvirtio.vhost_user.backend import QueueCounters
 
 
 def fd_count() -> int:

@@ -38,6 +38,7 @@ from pyvirtio.memory import (
     Region,
 )
 from pyvirtio.queue import (
+    ArmResult,
     AvailIndexJump,
     BadBufferAddress,
     BadIndirectTable,
@@ -380,7 +381,7 @@ def expect_retired(rig: Rig, exc_type: type[QueueError] | tuple[type[QueueError]
     # retired: no more work, no spin
     for _ in range(3):
         assert rig.pop() == []
-        assert vq.arm() is False
+        assert vq.arm() is ArmResult.SLEEP
         assert vq.has_work() is False
     # failing wrote nothing but the device area (no device-readable buffer touched)
     assert rig.changed_outside(before, rig.device_area_spans()) == []
@@ -562,7 +563,7 @@ def test_violation_found_while_arming_or_peeking_is_reported_once_then_the_queue
         rig.push_list([(rig.buf(8), 8, 0, 0)])  # every slot is in flight: a re-stamp
         exc = TooManyInFlight
     if found_by == "arm":
-        assert rig.vq.arm() is True
+        assert rig.vq.arm() is ArmResult.WORK
     else:
         assert rig.vq.has_work() is True
     expect_retired(rig, exc, taken=taken, good=good)
@@ -1258,7 +1259,7 @@ def test_guest_scribbling_on_device_owned_fields_is_never_read_back(ring: str, e
             assert rd16(pair.raw, pair.device_area + USED_IDX) == done & 0xFFFF
         assert sorted(pair.driver.get_used()) == [(0, 4), (1, 4), (2, 4)]
         scribble()
-        assert pair.vq.arm() is False
+        assert pair.vq.arm() is ArmResult.SLEEP
     if pair.packed:
         dev = mem.by_area[(AreaKind.EVENT, pair.device_area)]
         assert dev.reads == 0
@@ -1283,7 +1284,7 @@ def test_packed_slot_not_available_is_not_work(mode: str, flags: int) -> None:
     for _ in range(3):
         assert rig.pop() == []
         assert rig.vq.has_work() is False
-        assert rig.vq.arm() is False
+        assert rig.vq.arm() is ArmResult.SLEEP
     assert rig.vq.failed is None
     rig._pslot = None
     rig.post_good()  # the driver model overwrites the slot properly
@@ -1418,12 +1419,12 @@ def test_spurious_kicks_are_harmless_and_bounded(ring: str, event_idx: bool, mod
     next real publish is still kicked and served."""
     rig = Rig(ring, 8, event_idx=event_idx, mode=mode)
     vq = rig.vq
-    assert rig.pop() == [] and vq.arm() is False
+    assert rig.pop() == [] and vq.arm() is ArmResult.SLEEP
     rig.pair.mem.reset_counts()
     kicks = 1000
     for _ in range(kicks):
         assert rig.pop() == []
-        assert vq.arm() is False
+        assert vq.arm() is ArmResult.SLEEP
     c = rig.pair.counts()
     assert c["metadata_reads"] <= 3 * kicks
     assert c["metadata_writes"] <= kicks
@@ -1440,11 +1441,11 @@ def test_spurious_kick_does_not_rearm_an_armed_queue(ring: str, event_idx: bool)
     """Row 35: once armed, a spurious wake-up costs the empty check only: no
     kick-enable write, no fence."""
     rig = Rig(ring, 8, event_idx=event_idx)
-    assert rig.pop() == [] and rig.vq.arm() is False
+    assert rig.pop() == [] and rig.vq.arm() is ArmResult.SLEEP
     rig.pair.mem.reset_counts()
     for _ in range(10):
         assert rig.pop() == []
-        assert rig.vq.arm() is False
+        assert rig.vq.arm() is ArmResult.SLEEP
     c = rig.pair.counts()
     assert (c["metadata_writes"], c["fences"]) == (0, 0)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 
 from pyvirtio.memory import AreaKind
+from pyvirtio.queue import ArmResult
 from pyvirtio.testing import QueuePair
 
 A, D, U, E = AreaKind.AVAIL, AreaKind.DESC, AreaKind.USED, AreaKind.EVENT
@@ -24,7 +25,7 @@ def _one_sleeping_batch(pair: QueuePair, n: int) -> None:
         pair.vq.complete(c, 0)
     pair.vq.flush()
     assert pair.vq.pop_batch(1024) == []
-    assert pair.vq.arm() is False
+    assert pair.vq.arm() is ArmResult.SLEEP
     assert len(pair.driver.get_used()) == n
 
 

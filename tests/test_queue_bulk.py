@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pyvirtio.queue import Chain, HeadOutOfRange
+from pyvirtio.queue import ArmResult, Chain, HeadOutOfRange
 from pyvirtio.queue.bulk import Bulk
 from pyvirtio.testing import QueuePair
 
@@ -46,7 +46,7 @@ def test_bulk_path_reads_exactly_what_the_chain_path_reads_for_a_steady_driver(r
                 got = _drain_bulk(pair, 16)
                 assert all(isinstance(g, Bulk) for g in got)
             assert [w for _, w in pair.driver.get_used()] == [16] * 30
-            assert pair.vq.arm() is False
+            assert pair.vq.arm() is ArmResult.SLEEP
         snap = pair.counts()
         counts[mode] = (snap["metadata_reads"], snap["metadata_writes"], snap["fences"],
                         snap["metadata_bytes_read"], snap["metadata_bytes_written"])
@@ -92,7 +92,7 @@ def test_a_bad_head_in_a_bulk_run_returns_the_good_chains_then_retires_the_queue
     assert [c.id for c in got] == [0, 1]
     with pytest.raises(HeadOutOfRange):
         pair.vq.pop_bulk()
-    assert pair.vq.pop_bulk() == [] and pair.vq.arm() is False
+    assert pair.vq.pop_bulk() == [] and pair.vq.arm() is ArmResult.SLEEP
     for c in got:
         pair.vq.complete(c, 0)
     pair.vq.flush()

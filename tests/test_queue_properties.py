@@ -32,7 +32,7 @@ from hypothesis import strategies as st
 
 from pyvirtio.driver import PackedDriver, QueueFullError, ring_layout
 from pyvirtio.memory import CountingMemory, GuestMemory, Region
-from pyvirtio.queue import QueueError, QueueState, Virtqueue
+from pyvirtio.queue import ArmResult, QueueError, QueueState, Virtqueue
 from pyvirtio.spec import (
     AVAIL_FLAGS,
     AVAIL_IDX,
@@ -329,7 +329,7 @@ class Model:
                 mem.fence = orig  # type: ignore[method-assign]
         else:
             work = vq.arm()
-        if work or self.kicks != kicks:
+        if work is ArmResult.WORK or self.kicks != kicks:
             if inject:
                 event("publish inside the arming window caught")
             self.last_pop_empty = False  # process (or woken at once by the kick)
@@ -675,7 +675,7 @@ def test_garbage_rings_only_raise_queue_errors_and_touch_only_what_the_device_ow
             w.check_canaries()
             if failed:
                 for _ in range(2):
-                    assert vq.pop_batch() == [] and vq.arm() is False and vq.has_work() is False
+                    assert vq.pop_batch() == [] and vq.arm() is ArmResult.SLEEP and vq.has_work() is False
                 # chains taken before the failure can still be completed
                 for unit, chains in held:
                     if is_bulk(unit):

@@ -7,7 +7,7 @@ import struct
 import pytest
 
 from pyvirtio import spec
-from pyvirtio.queue import InvalidSavedState, QueueState
+from pyvirtio.queue import ArmResult, InvalidSavedState, QueueState
 from pyvirtio.testing import QueuePair
 
 RINGS = ["split", "packed"]
@@ -170,7 +170,7 @@ def test_kick_is_not_lost_when_driver_publishes_during_arming(ring):
         # armed: its kick decision may say "no kick" (suppressed)...
         pair.post(1)
         # ...so the device's arm must find the work in its re-check.
-        assert pair.vq.arm() is True
+        assert pair.vq.arm() is ArmResult.WORK
         assert len(pair.vq.pop_batch()) == 1
 
 
@@ -182,7 +182,7 @@ def test_after_arming_the_next_publish_kicks(ring):
             pair.post(3)
             pair.serve()
             pair.driver.get_used()
-            assert pair.vq.arm() is False
+            assert pair.vq.arm() is ArmResult.SLEEP
             gp = pair.pool.alloc(8)
             pair.driver.add([(gp, 8)], [], token="x")
             assert pair.driver.publish() is True

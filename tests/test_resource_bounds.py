@@ -27,6 +27,7 @@ import pytest
 from pyvirtio.devices.net import NetDevice
 from pyvirtio.driver import QueueFullError
 from pyvirtio.queue import Chain
+from pyvirtio.runtime import QueueCounters
 from pyvirtio.spec import Feature
 from pyvirtio.vhost_user import (
     Features,
@@ -37,7 +38,7 @@ from pyvirtio.vhost_user import (
     SetMemTable,
     VringState,
 )
-from pyvirtio.vhost_user.backend import MAX_MEM_SLOTS, Backend, QueueCounters
+from pyvirtio.vhost_user.backend import MAX_MEM_SLOTS, Backend
 from pyvirtio.vhost_user.server import Server
 from vhost_client import UVA_BASE, Client, NetFrontend
 

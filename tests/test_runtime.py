@@ -8,7 +8,7 @@ import os
 import pytest
 
 from pyvirtio.queue.bulk import Bulk
-from pyvirtio.runtime import QueueRunner
+from pyvirtio.runtime import CallbackService, Kick, QueueLoop, eventfd_call
 from pyvirtio.testing import QueuePair
 
 
@@ -18,13 +18,15 @@ def test_asyncio_runner_serves_kicked_batches_and_interrupts_once_per_batch(ring
     pair = QueuePair(ring, 32, event_idx=True)
     kick = os.eventfd(0, os.EFD_NONBLOCK)
     call = os.eventfd(0, os.EFD_NONBLOCK)
-    runner = QueueRunner(pair.vq, kick, call, batch=64, bulk=bulk)
+    loop = QueueLoop(pair.vq, Kick(kick), eventfd_call(call))
     done: list[tuple[object, int]] = []
 
     def handler(chains):
         if type(chains) is Bulk:
             return [(chains, 0)]
         return [(c, 0) for c in chains]
+
+    loop.attach(lambda q: CallbackService(q, handler, batch=64, bulk=bulk))
 
     async def driver() -> None:
         loop = asyncio.get_running_loop()
@@ -46,20 +48,21 @@ def test_asyncio_runner_serves_kicked_batches_and_interrupts_once_per_batch(ring
                     os.eventfd_read(call)
         finally:
             loop.remove_reader(call)
-            runner.stop()
+            loop.stopping = True
             os.eventfd_write(kick, 1)
 
     async def main() -> None:
-        serve = asyncio.create_task(runner.serve(handler))
+        serve = asyncio.create_task(loop.run_async())
         await driver()
         await asyncio.wait_for(serve, 5)
 
     try:
         asyncio.run(main())
     finally:
+        loop.close()
         os.close(kick)
         os.close(call)
     assert len(done) == 160
-    assert runner.stats.sleeps >= 1
+    assert loop.counters.sleeps >= 1
     # one interrupt decision per published batch at most
-    assert runner.stats.interrupts <= pair.vq.stats.publishes
+    assert loop.counters.interrupts <= pair.vq.stats.publishes

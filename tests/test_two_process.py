@@ -20,7 +20,7 @@ import pytest
 from pyvirtio.driver import BufferPool, PackedDriver, SplitDriver, ring_layout
 from pyvirtio.memory import GuestMemory
 from pyvirtio.queue import Virtqueue
-from pyvirtio.runtime import QueueRunner
+from pyvirtio.runtime import CallbackService, Kick, QueueLoop, eventfd_call
 from pyvirtio.spec import Feature
 
 STALL = 5.0  # seconds without progress that count as a lost wake-up
@@ -87,7 +87,7 @@ def test_no_request_is_lost_when_both_sides_sleep_and_wake_at_random(ring, event
     parent, child = ctx.Pipe()
     proc = ctx.Process(target=_driver, args=(mem, packed, q, event_idx, n, kick, call, 7, child), daemon=True)
     vq = Virtqueue(mem, q, desc, drv_area, dev_area, features=features)
-    runner = QueueRunner(vq, kick, call, batch=8)
+    loop = QueueLoop(vq, Kick(kick), eventfd_call(call))
     rnd = random.Random(3)
     completed = [0]
 
@@ -97,11 +97,12 @@ def test_no_request_is_lost_when_both_sides_sleep_and_wake_at_random(ring, event
         completed[0] += len(chains)
         return [(c, c.write(b"x" * 16)) for c in chains]
 
+    loop.attach(lambda q: CallbackService(q, handler, batch=8))
     proc.start()
     try:
         deadline = time.monotonic() + 120
-        runner.run_blocking(handler, stop=lambda: completed[0] >= n or time.monotonic() > deadline
-                            or not proc.is_alive(), timeout=STALL)
+        loop.run(stop=lambda: completed[0] >= n or time.monotonic() > deadline or not proc.is_alive(),
+                 stop_poll=STALL)
         assert parent.poll(30), "driver process did not report"
         report = parent.recv()
     finally:
@@ -109,12 +110,13 @@ def test_no_request_is_lost_when_both_sides_sleep_and_wake_at_random(ring, event
         if proc.is_alive():
             proc.kill()
             proc.join()
+        loop.close()
         os.close(kick)
         os.close(call)
         mem.close()
     # a sleep that had to time out means a kick was lost; a driver stall
     # means an interrupt was lost
-    assert runner.stats.timeouts == 0 and report["stalls"] == 0, (runner.stats, report)
+    assert loop.counters.timeouts == 0 and report["stalls"] == 0, (loop.counters, report)
     assert report["done"] == n and completed[0] == n
     assert vq.failed is None
-    assert runner.stats.sleeps > 0  # the device really went to sleep and was woken
+    assert loop.counters.sleeps > 0  # the device really went to sleep and was woken

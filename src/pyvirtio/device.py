@@ -21,9 +21,10 @@ protocol (that queue retires, nothing else does).
 
 A handler that raises is logged and its request completed with 0 bytes, so
 one bug does not stop the queue. Devices that need more (requests that
-complete later, their own threads, inflight tracking) implement
-`pyvirtio.vhost_user.backend.VirtioDevice` directly, as
-`pyvirtio.devices.blk` does; `serve()` accepts those too.
+complete later, other wake-up sources, inflight tracking) implement
+`pyvirtio.runtime.VirtioDevice` and a `pyvirtio.runtime.Service` directly,
+as `pyvirtio.devices.blk` and `pyvirtio.devices.net` do; `serve()` accepts
+those too.
 """
 
 from __future__ import annotations
@@ -32,9 +33,9 @@ import asyncio
 import logging
 
 from pyvirtio.queue import Chain, Policy
+from pyvirtio.runtime import Completion, Queue, QueueLoop, Service, VirtioDevice
 from pyvirtio.spec import Feature
-from pyvirtio.vhost_user.backend import Backend, QueueHandle, QueueWorker, VirtioDevice
-from pyvirtio.vhost_user.protocol import ProtocolFeature
+from pyvirtio.vhost_user.backend import Backend
 from pyvirtio.vhost_user.server import Server
 
 log = logging.getLogger(__name__)
@@ -52,15 +53,15 @@ class Device:
     - `device_id`: a short name for logs and stats;
     - `features`: feature bits offered (ring bits and the device's own);
     - `num_queues`: virtqueues served (QEMU's vhost-user-blk-pci asks one
-      per vCPU unless told `num-queues=`);
-    - `protocol_features`: extra vhost-user protocol features (MQ, and
-      CONFIG when `config()` is not empty, are offered for you).
+      per vCPU unless told `num-queues=`).
+
+    The transport learns the rest from these (a config space when
+    `config()` is not empty; multiqueue).
     """
 
     device_id: str = "device"
     features: int = RING_FEATURES
     num_queues: int = 1
-    protocol_features: int = 0
 
     def config(self) -> bytes:
         """The device configuration space (answered to GET_CONFIG)."""
@@ -81,50 +82,39 @@ class Device:
         """The driver reset the device or the front-end went away."""
 
 
-class _Worker(QueueWorker):
-    def __init__(self, q: QueueHandle, device: Device) -> None:
-        super().__init__(q)
-        self.device = device
+class _HandlerService(Service):
+    """Each request answered at once by `Device.handle`."""
 
-    def run(self) -> None:
-        vq = self.vq
-        handle = self.device.handle
-        index = self.q.index
-        c = self.counters
-        while not self.stopping:
-            if not self.enabled:
-                self.wait([])  # until enabled or stopped
-                continue
-            chains = vq.pop_batch(64)
-            if not chains:
-                self.sleep_for_kick()
-                continue
-            done = []
-            for ch in chains:
-                try:
-                    n = handle(index, ch)
-                except Exception:
-                    log.exception("%s: handler failed; request completed with 0 bytes", self.q.name)
-                    n = 0
-                done.append((ch, max(0, min(int(n or 0), ch.writable_len))))
-            c.packets += len(chains)
-            if vq.complete_batch(done):
-                self.q.call()
+    def __init__(self, queue: Queue, device: Device) -> None:
+        super().__init__(queue)
+        self.handle_one = device.handle
+
+    def handle(self, chains: list[Chain], done: list[Completion]) -> None:
+        handle = self.handle_one
+        q = self.queue
+        index = q.index
+        for ch in chains:
+            try:
+                n = handle(index, ch)
+            except Exception:
+                log.exception("%s: handler failed; request completed with 0 bytes", q.name)
+                n = 0
+            done.append((ch, max(0, min(int(n or 0), ch.writable_len))))
+        q.counters.packets += len(chains)
 
 
 class _Adapter(VirtioDevice):
-    """A `Device` as the back-end sees devices."""
+    """A `Device` as the runtime sees devices."""
+
+    multiqueue = True
 
     def __init__(self, device: Device) -> None:
         self.device = device
         self.name = device.device_id
         self.features = int(device.features)
         self.num_queues = self.queue_num = device.num_queues
-        proto = int(ProtocolFeature.MQ) | int(device.protocol_features)
-        if device.config():
-            proto |= ProtocolFeature.CONFIG
-        self.protocol_features = proto
-        self.workers: dict[int, QueueWorker] = {}
+        self.config_space = bool(device.config())
+        self.loops: dict[int, QueueLoop] = {}
 
     def config(self) -> bytes:
         return self.device.config()
@@ -135,9 +125,8 @@ class _Adapter(VirtioDevice):
     def set_features(self, features: int) -> None:
         self.device.set_features(features)
 
-    def start_queue(self, q: QueueHandle) -> None:
-        w = self.workers[q.index] = _Worker(q, self.device)
-        w.start()
+    def service(self, queue: Queue) -> Service:
+        return _HandlerService(queue, self.device)
 
     def reset(self) -> None:
         self.stop_queues()

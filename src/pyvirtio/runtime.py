@@ -1,182 +1,654 @@
-"""Running a queue: wait for kicks only after arming, signal once per batch.
+"""The one queue loop: every device, `serve()` and `bench queue` run it.
 
-Two drivers of the same loop: `QueueRunner.run_blocking()` (a thread or a
-process devoted to one queue, blocking reads on the kick eventfd: the
-fastest in CPython) and `QueueRunner.serve()` (asyncio, many queues and a
-control socket in one thread).
+A device says what to do with a batch of chains (a `Service`); the loop does
+everything else, and it is the only code in pyvirtio that arms kicks or
+sleeps::
 
-The loop: take a batch, hand it to the device, publish the completions as
-one batch, signal the call eventfd if the driver wants an interrupt; when a
-pop finds nothing, arm (enable kicks, full fence, re-check) and sleep only if
-the re-check found nothing. A kick that arrives while we are busy just
-leaves the eventfd readable; we drain it before sleeping, never re-arm per
-kick.
+    loop: completions from other threads in; device progress (frames from a
+          source, I/O finished elsewhere)
+          if the device takes chains now:
+              pop a batch (read-only check; lazy suppression inside)
+              found work -> device.handle(batch) -> publish -> again
+              ring empty -> publish the burst, drain stale kicks, arm
+                            (enable kicks, full fence, one re-check):
+                            WORK -> again; SLEEP -> sleep on the kick
+          otherwise: sleep on the device's own wake sources (never on the
+                     kick: a device that takes no chains is not waiting for
+                     the ring)
+
+`QueueLoop.step()` is one pass of that loop and returns a named `Step`; the
+thread (`run()`), the asyncio driver (`run_async()`), `bench queue` and the
+model checker in the test suite all drive the same `step()`, so there is one
+place where arming and sleeping are decided.
+
+A device never sees the kick: it gets a `Queue` (the ring's engine `vq`,
+counters, whether the ring is enabled, and `deliver`/`defer` for chains it
+completes later from other threads) and returns a `Service`.
 """
 
 from __future__ import annotations
 
+import abc
 import asyncio
+import enum
 import logging
 import os
 import select
+import threading
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
 from typing import Any
 
-from pyvirtio.queue import Chain, QueueError, Virtqueue
+from pyvirtio.queue import ArmResult, Chain, QueueError, Virtqueue
 from pyvirtio.queue.bulk import Bulk
+from pyvirtio.spec import MAX_QUEUE_SIZE, Feature
 
 log = logging.getLogger(__name__)
 
-#: A device handler: given a batch, returns (chain, bytes written) for each
-#: chain it completed now. Chains it keeps are completed later through
-#: `QueueRunner.complete`.
-#: With `bulk=True` it may receive a `Bulk` instead; it returns (bulk, written).
-Handler = Callable[[Any], Sequence[tuple[Any, Any]]]
-AsyncHandler = Callable[[Any], Awaitable[Sequence[tuple[Any, Any]]]]
+#: What a device hands back for a chain (or a `Bulk`) it finished: the object
+#: and the bytes it wrote into it (an int; for a `Bulk`, an int or an array).
+Completion = tuple[Any, Any]
+
+
+class Step(enum.Enum):
+    """What one pass of the loop decided."""
+
+    BUSY = "busy"        #: it did something, or must look again: call step() again
+    SLEEP = "sleep"      #: nothing to do: block on `QueueLoop.sleep_fds()` (armed if it waits on the kick)
+    STOPPED = "stopped"  #: stop() was asked and nothing is in flight any more
+
+    def __bool__(self) -> bool:  # a named result, never a truth value
+        raise TypeError("Step is a named result: compare it with `is`")
 
 
 @dataclass(slots=True)
-class RunnerStats:
-    kicks: int = 0        # kick eventfd reads that returned a count (wake-ups)
-    kick_count: int = 0   # sum of eventfd counters (driver notifications)
-    interrupts: int = 0   # call eventfd writes
-    sleeps: int = 0       # times the loop slept on the kick fd
-    timeouts: int = 0     # sleeps that ended by timeout, not by a kick
-    sleep_seconds: float = 0.0  # time spent asleep (run_blocking)
+class QueueCounters:
+    """What one queue index did since the process started (all connections).
+    The loop and the device update these; readers see a consistent-enough
+    snapshot under the GIL."""
+
+    packets: int = 0       # frames / requests handled
+    bytes: int = 0         # payload bytes (net: without the virtio-net header)
+    dropped: int = 0       # frames dropped (no buffer, ring disabled, backend refused)
+    kicks: int = 0         # wake-ups with a kick (eventfd reads that returned a count)
+    kick_count: int = 0    # sum of the eventfd counters (front-end notifications)
+    interrupts: int = 0    # used-buffer notifications sent
+    sleeps: int = 0        # times the loop slept (armed or on the device's sources)
+    sleep_us: int = 0      # time spent asleep, microseconds
+    timeouts: int = 0      # sleeps that ended with nothing to do (run(stop=...)'s look at stop())
+    errors: int = 0        # ring violations (QueueError) and device failures
+    starts: int = 0        # times the ring was started
+
+    def as_dict(self) -> dict[str, int]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-class QueueRunner:
-    """Runs one `Virtqueue` against its kick and call eventfds.
+class Kick:
+    """The driver's notifications: an eventfd (or a model of one in tests)."""
 
-    `kick_fd` None means polling mode (no kicks: the runner never sleeps on
-    a fd, it yields instead); `call_fd` None means interrupts are dropped.
-    `batch` bounds the work per wake-up so one busy queue cannot starve the
-    others sharing the loop.
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        os.set_blocking(fd, False)
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def drain(self) -> int:
+        """Consume pending kicks; return their count (0: none)."""
+        try:
+            return os.eventfd_read(self.fd)
+        except BlockingIOError:
+            return 0
+
+
+class Service:
+    """What a device does with one queue. Subclass and override `handle`;
+    the rest has defaults for a device that answers each request at once.
+    The loop calls every method from its own thread."""
+
+    #: chains per pop
+    batch: int = 64
+    #: accept a `Bulk` (a run of single-descriptor chains as arrays) from the engine
+    bulk: bool = False
+    #: completions gathered before they are published (a burst that ends,
+    #: i.e. an empty ring, publishes earlier); 1 = after every batch
+    publish_at: int = 1
+
+    def __init__(self, queue: Queue) -> None:
+        self.queue = queue
+
+    def take(self) -> int:
+        """How many chains the device takes now (0: none; the loop then
+        sleeps on the device's own wake sources, not on the kick)."""
+        return self.batch if self.queue.enabled else 0
+
+    def handle(self, chains: Any, done: list[Completion]) -> None:
+        """Serve a batch (a list of `Chain`s, or a `Bulk` when `bulk`):
+        append (chain, written) to `done` for what is finished now. A chain
+        kept for later is either `queue.defer()`ed (completed later with
+        `queue.deliver`, from any thread) or held by the device, which
+        completes it in `progress`."""
+        raise NotImplementedError
+
+    def progress(self, done: list[Completion]) -> bool:
+        """Work not driven by the ring (frames from a source into held
+        chains, timers). Return True if anything happened."""
+        return False
+
+    def wake_fds(self) -> Sequence[int]:
+        """Fds whose readability should wake the loop while it sleeps."""
+        return ()
+
+    def before_sleep(self) -> bool:
+        """About to sleep: announce it to the device's producers and
+        re-check them; True cancels the sleep (something arrived)."""
+        return False
+
+    def after_sleep(self) -> None:
+        """Woke up (by anything)."""
+
+    def stopped(self) -> None:
+        """The loop ended: release what the device holds for this queue
+        (held chains are abandoned; the back-end offers them again)."""
+
+
+class CallbackService(Service):
+    """A service from one function: `handler(chains)` returns (chain,
+    written) for every chain of the batch (with `bulk`, it may get a `Bulk`
+    and return [(bulk, written)])."""
+
+    def __init__(self, queue: Queue, handler: Callable[[Any], Sequence[Completion]], *,
+                 batch: int = 64, bulk: bool = False) -> None:
+        super().__init__(queue)
+        self.handler = handler
+        self.batch = batch
+        self.bulk = bulk
+
+    def take(self) -> int:
+        return self.batch if self.queue.enabled else 0
+
+    def handle(self, chains: Any, done: list[Completion]) -> None:
+        done.extend(self.handler(chains))
+
+
+class Queue:
+    """One started ring as a device sees it: the engine queue `vq`, its
+    `index`, `counters`, whether the front-end `enabled` it, and the two calls
+    for completing later: `defer()` when keeping a chain, `deliver(chain,
+    written)` from any thread when done. `take_more(n)` pops more chains in
+    the middle of a batch (net: buffers for one mergeable frame)."""
+
+    __slots__ = ("_loop", "counters", "index", "name", "vq")
+
+    def __init__(self, loop: QueueLoop) -> None:
+        self._loop = loop
+        self.vq = loop.vq
+        self.index = loop.index
+        self.name = loop.vq.name
+        self.counters = loop.counters
+
+    @property
+    def enabled(self) -> bool:
+        return self._loop.enabled
+
+    @property
+    def stopping(self) -> bool:
+        return self._loop.stopping
+
+    @property
+    def outstanding(self) -> int:
+        """Deferred chains not yet delivered."""
+        return self._loop.outstanding
+
+    def defer(self, n: int = 1) -> None:
+        """`n` chains handed to `handle` will be completed later by `deliver`."""
+        self._loop.outstanding += n
+
+    def deliver(self, chain: Any, written: Any) -> None:
+        """Complete a deferred chain (thread-safe); the loop publishes it."""
+        self._loop.deliver(chain, written)
+
+    def take_more(self, limit: int) -> list[Chain]:
+        """Pop up to `limit` more chains now (read-only check; never arms)."""
+        return self._loop.pop_more(limit)
+
+    def wake(self) -> None:
+        """Make the loop look at the device again (its state changed)."""
+        self._loop.wake()
+
+    def fail(self, exc: BaseException) -> None:
+        """A device-detected guest error that breaks this ring."""
+        self._loop.fail(exc)
+
+
+class QueueLoop:
+    """Runs one `Virtqueue` for a device's `Service`.
+
+    `kick`: the driver's notifications (a `Kick`, or None for polling mode:
+    the front-end never kicks, the loop naps `POLL_NAP` when idle);
+    `call`: sends a used-buffer notification; `on_fail(index, exc)`: the
+    transport's hook when the guest broke the ring.
     """
 
-    def __init__(self, vq: Virtqueue, kick_fd: int | None, call_fd: int | None, *,
-                 batch: int = 64, bulk: bool = False) -> None:
+    #: how long an idle polling-mode loop naps
+    POLL_NAP = 0.0002
+    #: how long `stop()` waits for the thread
+    STOP_TIMEOUT = 10.0
+
+    def __init__(self, vq: Virtqueue, kick: Kick | None, call: Callable[[], None], *,
+                 index: int = 0, counters: QueueCounters | None = None,
+                 on_fail: Callable[[int, BaseException], None] | None = None,
+                 enabled: bool = True) -> None:
         self.vq = vq
-        #: hand the handler a `Bulk` when a run allows it (`Virtqueue.pop_bulk`)
-        self.bulk = bulk
-        self.kick_fd = kick_fd
-        self.call_fd = call_fd
-        self.batch = batch
-        self.stats = RunnerStats()
-        self.stopped = False
+        self.index = index
+        self._kick = kick
+        self._call = call
+        self.counters = counters if counters is not None else QueueCounters()
+        self._on_fail = on_fail
+        self.enabled = enabled
+        self.stopping = False
+        self.outstanding = 0             # deferred chains not yet delivered
+        self._later: deque[Completion] = deque()   # delivered from other threads
+        self._done: list[Completion] = []          # completions not yet published
+        self._sleeping = False
+        self._armed = False              # the last SLEEP waits on the kick
+        self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.service: Service | None = None
+        self.queue = Queue(self)
+        self.thread: threading.Thread | None = None
 
-    def signal(self) -> None:
-        if self.call_fd is not None:
+    # -- what devices and the transport call ---------------------------------------------
+
+    def attach(self, make: Callable[[Queue], Service]) -> Service:
+        self.service = make(self.queue)
+        return self.service
+
+    def start(self) -> None:
+        """Serve in a thread of its own."""
+        self.thread = threading.Thread(target=self._main, name=self.vq.name, daemon=True)
+        self.thread.start()
+
+    def wake(self) -> None:
+        if self.wake_fd >= 0:
             try:
-                os.eventfd_write(self.call_fd, 1)
-            except OSError as e:  # the frontend closed it: interrupts are lost, not fatal
-                log.warning("%s: call eventfd write failed: %s", self.vq.name, e)
-                return
-        self.stats.interrupts += 1
+                os.eventfd_write(self.wake_fd, 1)
+            except OSError:
+                pass
 
-    def complete(self, items: Sequence[tuple[Chain | Bulk, Any]]) -> None:
-        """Complete what the handler finished, as one published batch."""
+    def set_enabled(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.wake()
+
+    def deliver(self, chain: Any, written: Any) -> None:
+        self._later.append((chain, written))
+        # Pairs with the loop's `_sleeping = True` then `_later` check (under
+        # the GIL one of the two sides sees the other): no lost completion.
+        if self._sleeping:
+            self.wake()
+
+    def pop_more(self, limit: int) -> list[Chain]:
+        try:
+            return self.vq.pop_batch(limit)
+        except QueueError as e:
+            self.fail(e)
+            return []
+
+    def fail(self, exc: BaseException) -> None:
+        if self._on_fail is not None:
+            self._on_fail(self.index, exc)
+        else:
+            self.counters.errors += 1
+
+    def stop(self) -> None:
+        """Stop the loop (chains in flight are finished and published first)
+        and wait for its thread."""
+        self.stopping = True
+        self.wake()
+        t = self.thread
+        if t is not None and t.is_alive() and t is not threading.current_thread():
+            t.join(self.STOP_TIMEOUT)
+            if t.is_alive():  # a device bug: do not hang the control socket forever
+                log.error("%s: queue loop did not stop within %gs; abandoning it", self.vq.name,
+                          self.STOP_TIMEOUT)
+                return
+        self.close()
+
+    def close(self) -> None:
+        if self.wake_fd >= 0:
+            try:
+                os.close(self.wake_fd)
+            except OSError:
+                pass
+            self.wake_fd = -1
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def step(self) -> Step:
+        """One pass of the loop (see the module docstring)."""
+        # Hot path: written for speed (locals, one pop and one publication
+        # per batch).
+        svc = self.service
+        assert svc is not None, "attach() a service first"
+        done = self._done
+        later = self._later
+        if later:
+            n = len(later)
+            for _ in range(n):
+                done.append(later.popleft())
+            self.outstanding -= n
+        progressed = svc.progress(done)
+        if self.stopping:
+            if done:
+                self.publish()
+            if self.outstanding > 0:
+                return self._sleep_unarmed(svc)
+            return Step.STOPPED
+        want = svc.take()
+        if want <= 0:
+            if done:
+                self.publish()
+            if progressed:
+                return Step.BUSY
+            return self._sleep_unarmed(svc)
         vq = self.vq
+        try:
+            chains = vq.pop_bulk(want) if svc.bulk else vq.pop_batch(want)
+        except QueueError as e:  # logged by the queue, which is now retired
+            self.fail(e)
+            chains = []
+        if len(chains):
+            svc.handle(chains, done)
+            if len(done) >= svc.publish_at:
+                self.publish()
+            return Step.BUSY
+        # The ring is empty: the burst is over, its completions go out together.
+        if done:
+            self.publish()
+        if progressed or later:
+            return Step.BUSY
+        # The sleep boundary. Kicks that came while we worked are stale:
+        # drain them before arming; any kick after this point stays readable.
+        kick = self._kick
+        if kick is not None:
+            n = kick.drain()
+            if n:
+                c = self.counters
+                c.kicks += 1
+                c.kick_count += n
+        if vq.arm() is ArmResult.WORK:
+            return Step.BUSY
+        if svc.before_sleep():
+            return Step.BUSY
+        self._armed = True
+        return self._announce_sleep()
+
+    def _sleep_unarmed(self, svc: Service) -> Step:
+        if svc.before_sleep():
+            return Step.BUSY
+        self._armed = False
+        return self._announce_sleep()
+
+    def _announce_sleep(self) -> Step:
+        self._sleeping = True
+        if self._later:  # a completion delivered just before we announced
+            self._sleeping = False
+            return Step.BUSY
+        return Step.SLEEP
+
+    def sleep_fds(self) -> list[int]:
+        """What the SLEEP just returned waits on: the kick when armed, the
+        loop's wake fd, the device's own wake sources."""
+        fds = [self.wake_fd]
+        if self._armed and self._kick is not None:
+            fds.append(self._kick.fileno())
+        svc = self.service
+        if svc is not None:
+            fds.extend(svc.wake_fds())
+        return fds
+
+    def sleep_timeout(self) -> float | None:
+        """None: sleep until woken. Polling mode naps instead of waiting for a kick."""
+        return self.POLL_NAP if self._armed and self._kick is None else None
+
+    def woke(self) -> None:
+        """Call after the sleep `step()` asked for ended."""
+        self._sleeping = False
+        try:
+            os.eventfd_read(self.wake_fd)
+        except (BlockingIOError, OSError):
+            pass
+        svc = self.service
+        if svc is not None:
+            svc.after_sleep()
+
+    def publish(self) -> None:
+        """Publish every completion gathered, as one batch (the eager
+        baseline: one publication and one decision per completion)."""
+        done = self._done
+        vq = self.vq
+        call = self.signal
         if vq.eager:
-            for obj, written in items:
+            for obj, written in done:
                 if type(obj) is Bulk:
                     notify = vq.complete_bulk(obj, written)
                 else:
-                    notify = vq.complete(obj, written)  # type: ignore[arg-type]
+                    notify = vq.complete(obj, written)
                 if notify:
-                    self.signal()
+                    call()
+            if vq.flush():
+                call()
+            done.clear()
             return
         chains: list[tuple[Chain, int]] = []
-        for obj, written in items:
-            if type(obj) is Bulk:
-                vq.complete_bulk(obj, written)
+        for item in done:
+            if type(item[0]) is Bulk:
+                vq.complete_bulk(item[0], item[1])
             else:
-                chains.append((obj, written))  # type: ignore[arg-type]
+                chains.append(item)
+        done.clear()
         if vq.complete_batch(chains):
-            self.signal()
+            call()
 
-    def _drain_kick(self) -> None:
-        if self.kick_fd is None:
-            return
+    def signal(self) -> None:
+        self._call()
+        self.counters.interrupts += 1
+
+    # -- drivers of step() ----------------------------------------------------------------
+
+    def run(self, stop: Callable[[], bool] | None = None, stop_poll: float = 0.5) -> None:
+        """Serve in this thread until `stop()` (looked at every pass, and
+        every `stop_poll` seconds asleep) or `self.stop()`."""
+        step = self.step
+        poll = select.poll
+        c = self.counters
+        while True:
+            if stop is not None and stop() and not self.stopping:
+                self.stopping = True
+            s = step()
+            if s is Step.BUSY:
+                continue
+            if s is Step.STOPPED:
+                break
+            p = poll()
+            for fd in self.sleep_fds():
+                p.register(fd, select.POLLIN)
+            timeout = self.sleep_timeout()
+            if timeout is None and stop is not None:
+                timeout = stop_poll  # look at stop() now and then
+            c.sleeps += 1
+            t = time.perf_counter_ns()
+            if not p.poll(None if timeout is None else max(1, int(timeout * 1000))):
+                c.timeouts += 1
+            c.sleep_us += (time.perf_counter_ns() - t) // 1000
+            self.woke()
+        svc = self.service
+        if svc is not None:
+            svc.stopped()
+
+    def _main(self) -> None:
+        prof_dir = os.environ.get("PYVIRTIO_PROFILE_DIR")
         try:
-            n = os.eventfd_read(self.kick_fd)
-        except BlockingIOError:
-            return
-        self.stats.kicks += 1
-        self.stats.kick_count += n
-
-    def run_blocking(self, handler: Handler, stop: Callable[[], bool] = lambda: False,
-                     timeout: float | None = None) -> None:
-        """Serve until `stop()` is true (checked at every wake-up, and every
-        `timeout` seconds while asleep)."""
-        vq = self.vq
-        kick = self.kick_fd
-        poller = None
-        if kick is not None:
-            os.set_blocking(kick, False)
-            poller = select.poll()
-            poller.register(kick, select.POLLIN)
-        wait_ms = None if timeout is None else int(timeout * 1000)
-        while not self.stopped and not stop():
-            try:
-                chains = vq.pop_bulk(self.batch) if self.bulk else vq.pop_batch(self.batch)
-            except QueueError:
-                chains = []  # logged by the queue, which is now retired
-            if len(chains):
-                self.complete(handler(chains))
-                continue
-            if poller is None:
-                os.sched_yield()  # polling mode: the frontend never kicks
-                continue
-            # Kicks that came while we worked are stale: drain them before
-            # arming; any kick after this point stays readable.
-            self._drain_kick()
-            if vq.arm():
-                continue
-            self.stats.sleeps += 1
-            t = time.perf_counter()
-            if not poller.poll(wait_ms):
-                self.stats.timeouts += 1
-            self.stats.sleep_seconds += time.perf_counter() - t
-
-    async def serve(self, handler: Handler | AsyncHandler) -> None:
-        """asyncio version of `run_blocking`."""
-        loop = asyncio.get_running_loop()
-        vq = self.vq
-        kick = self.kick_fd
-        woke = asyncio.Event()
-        if kick is not None:
-            os.set_blocking(kick, False)
-            loop.add_reader(kick, woke.set)
-        is_async = asyncio.iscoroutinefunction(handler)
-        try:
-            while not self.stopped:
+            if prof_dir:  # developer aid: one cProfile dump per loop
+                import cProfile
+                prof = cProfile.Profile()
                 try:
-                    chains = vq.pop_bulk(self.batch) if self.bulk else vq.pop_batch(self.batch)
-                except QueueError:
-                    chains = []
-                if len(chains):
-                    if is_async:
-                        done = await handler(chains)  # type: ignore[misc]
-                    else:
-                        done = handler(chains)
-                    self.complete(done)
-                    await asyncio.sleep(0)  # bounded work per wake-up: let others run
-                    continue
-                if kick is None:
-                    await asyncio.sleep(0.0005)  # polling mode: the frontend never kicks
-                    continue
-                woke.clear()
-                self._drain_kick()
-                if vq.arm():
-                    continue
-                self.stats.sleeps += 1
-                await woke.wait()
-        finally:
-            if kick is not None:
-                loop.remove_reader(kick)
+                    prof.runcall(self.run)
+                finally:
+                    prof.dump_stats(os.path.join(prof_dir, f"{self.vq.name}.{os.getpid()}.{id(self):x}.prof"))
+            else:
+                self.run()
+        except QueueError as e:
+            self.fail(e)
+        except Exception as e:  # a device bug or a host I/O failure: retire this ring only
+            log.exception("%s: queue loop failed", self.vq.name)
+            self.fail(e)
 
-    def stop(self) -> None:
-        self.stopped = True
+    async def run_async(self) -> None:
+        """`run()` for asyncio: the same steps, sleeping with the event loop."""
+        loop = asyncio.get_running_loop()
+        c = self.counters
+        while True:
+            s = self.step()
+            if s is Step.BUSY:
+                await asyncio.sleep(0)  # bounded work per pass: let others run
+                continue
+            if s is Step.STOPPED:
+                break
+            woke = asyncio.Event()
+            fds = self.sleep_fds()
+            for fd in fds:
+                loop.add_reader(fd, woke.set)
+            c.sleeps += 1
+            try:
+                timeout = self.sleep_timeout()
+                if timeout is None:
+                    await woke.wait()
+                else:
+                    try:
+                        await asyncio.wait_for(woke.wait(), timeout)
+                    except TimeoutError:
+                        pass
+            finally:
+                for fd in fds:
+                    loop.remove_reader(fd)
+            self.woke()
+        if self.service is not None:
+            self.service.stopped()
+
+
+class VirtioDevice(abc.ABC):
+    """A virtio device, as any transport hosts it. Subclass and fill in.
+
+    Class-level facts the transport reads:
+
+    - `name`: for logs and stats;
+    - `features`: the feature bits offered (device and ring bits);
+    - `num_queues`: virtqueues the driver may use (indices 0..n-1);
+    - `queue_num`: the number of queues announced (net: queue pairs; blk: queues);
+    - `queue_size_max`: the largest ring accepted;
+    - what the device needs from the transport, which maps it to its own
+      protocol (vhost-user: protocol feature bits): `multiqueue` (more than
+      one queue may run), `config_space` (the driver reads `config()`),
+      `mtu_control` (the front-end may set the MTU: `set_mtu`),
+      `inflight_tracking` (requests in flight survive a back-end restart).
+
+    Each started ring gets a `QueueLoop`; the device says what to do with
+    its chains by returning a `Service` from `service(queue)`. The transport
+    calls the other methods from its control thread.
+    """
+
+    name: str = "virtio"
+    features: int = int(Feature.VERSION_1)
+    num_queues: int = 1
+    queue_num: int = 1
+    queue_size_max: int = MAX_QUEUE_SIZE
+    multiqueue: bool = False
+    config_space: bool = False
+    mtu_control: bool = False
+    inflight_tracking: bool = False
+
+    #: ring index -> its running loop (the defaults below manage it)
+    loops: dict[int, QueueLoop]
+
+    def config(self) -> bytes:
+        """The device config space."""
+        return b""
+
+    def set_config(self, offset: int, data: bytes, flags: int) -> bool:
+        """The driver wrote the config space; return False to refuse (most is read-only)."""
+        return False
+
+    def set_features(self, features: int) -> None:
+        """The driver acked `features`. No ring runs."""
+
+    def set_mtu(self, mtu: int) -> bool:
+        """The front-end set the MTU (`mtu_control`); return False to refuse."""
+        return False
+
+    def set_status(self, status: int) -> None:
+        """The driver's status byte changed."""
+
+    @abc.abstractmethod
+    def service(self, queue: Queue) -> Service:
+        """What serves ring `queue.index` (called when the ring starts)."""
+
+    def start_queue(self, loop: QueueLoop) -> None:
+        """Ring `loop.index` starts: attach its service and run its loop."""
+        if not hasattr(self, "loops"):
+            self.loops = {}
+        loop.attach(self.service)
+        self.loops[loop.index] = loop
+        loop.start()
+
+    def stop_queue(self, index: int) -> None:
+        """Stop serving ring `index`; return only when nothing touches it any
+        more. The loop finishes what was deferred and publishes every
+        completion; chains the device holds untouched are abandoned (the
+        transport offers them again on restart)."""
+        loop = getattr(self, "loops", {}).pop(index, None)
+        if loop is not None:
+            loop.stop()
+
+    def stop_queues(self) -> None:
+        """Stop every ring (for `reset`)."""
+        for i in list(getattr(self, "loops", {})):
+            self.stop_queue(i)
+
+    def enable_queue(self, index: int, enabled: bool) -> None:
+        """The ring was enabled or disabled (a started ring keeps running;
+        the service decides what disabled means: `queue.enabled`)."""
+        loop = getattr(self, "loops", {}).get(index)
+        if loop is not None:
+            loop.set_enabled(enabled)
+
+    def wake_all(self) -> None:
+        """Every running loop looks at its service again (device state changed)."""
+        for loop in list(getattr(self, "loops", {}).values()):
+            loop.wake()
+
+    def reset(self) -> None:
+        """The driver reset the device or the front-end is gone; every ring is stopped."""
+
+    def stats(self) -> dict[str, Any]:
+        """Device-level facts for the stats JSON."""
+        return {}
+
+    def queue_role(self, index: int) -> str:
+        """A short name of ring `index` for stats (net: rx0, tx0, ctrl)."""
+        return f"q{index}"
+
+    def close(self) -> None:
+        """Release device resources (process exit)."""
+
+
+def eventfd_call(fd: int) -> Callable[[], None]:
+    """A `call` for `QueueLoop` writing one eventfd."""
+    def call() -> None:
+        os.eventfd_write(fd, 1)
+    return call
+
+
+__all__ = ["CallbackService", "Completion", "Kick", "Queue", "QueueCounters", "QueueLoop", "Service", "Step", "VirtioDevice",
+           "eventfd_call"]

@@ -22,7 +22,7 @@ from pyvirtio.driver import BufferPool, PackedDriver, SplitDriver, ring_layout
 from pyvirtio.memory import CountingMemory, GuestMemory
 from pyvirtio.queue import Virtqueue
 from pyvirtio.queue.bulk import Bulk
-from pyvirtio.runtime import QueueRunner
+from pyvirtio.runtime import Completion, Kick, Queue, QueueLoop, Service, Step, eventfd_call
 from pyvirtio.spec import Feature
 
 PAYLOAD = 64
@@ -76,6 +76,32 @@ class _Setup:
                          policy=cfg.policy, name="bench")  # type: ignore[arg-type]
 
 
+class _CompleteAll(Service):
+    """The bench's device: every request completed at once, 0 bytes written."""
+
+    def __init__(self, queue: Queue, batch: int, bulk: bool) -> None:
+        super().__init__(queue)
+        self.batch = batch
+        self.bulk = bulk
+        self.first = 0.0
+        self.last = 0.0
+        self.completed = 0
+
+    def take(self) -> int:
+        return self.batch
+
+    def handle(self, chains: Any, done: list[Completion]) -> None:
+        if not self.first:
+            self.first = time.perf_counter()
+        if type(chains) is Bulk:
+            self.completed += chains.n
+            done.append((chains, 0))
+        else:
+            self.completed += len(chains)
+            done.extend([(c, 0) for c in chains])
+        self.last = time.perf_counter()
+
+
 def _result(cfg: QueueBenchConfig, cmem: CountingMemory, vq: Virtqueue, kicks: int, interrupts: int,
             elapsed: float, completed: int, lost: int) -> dict[str, Any]:
     snap = cmem.snapshot()
@@ -118,53 +144,51 @@ def _result(cfg: QueueBenchConfig, cmem: CountingMemory, vq: Virtqueue, kicks: i
 
 
 def run_single(cfg: QueueBenchConfig) -> dict[str, Any]:
-    """Lock-step driver and device in one process."""
+    """Lock-step driver and device in one process: the device is the
+    runtime's `QueueLoop` (the loop every device runs), stepped until it
+    decides to sleep."""
     s = _Setup(cfg)
     cmem = CountingMemory(s.mem)
     vq = s.device(cfg, cmem)
+    interrupts = [0]
+
+    def call() -> None:
+        interrupts[0] += 1
+
+    loop = QueueLoop(vq, None, call)
+    loop.attach(lambda q: _CompleteAll(q, max(cfg.batch, 1), cfg.bulk))
+    step = loop.step
     drv = s.driver
-    kicks = interrupts = completed = 0
+    kicks = completed = 0
     device_time = 0.0
-    limit = max(cfg.batch, 1)
     segs = cfg.segments
     bufs = s.buffers
     t0 = time.perf_counter()
     remaining = cfg.requests
-    while remaining:
-        k = min(cfg.batch, remaining)
-        for i in range(k):
-            b = bufs[i]
-            drv.add([(a, PAYLOAD) for a in b] if segs > 1 else [(b[0], PAYLOAD)], [], i)
-        drv.enable_interrupts()
-        if drv.publish():
-            kicks += 1
-        # device: drain, publish, go back to sleep
-        while True:
+    try:
+        while remaining:
+            k = min(cfg.batch, remaining)
+            for i in range(k):
+                b = bufs[i]
+                drv.add([(a, PAYLOAD) for a in b] if segs > 1 else [(b[0], PAYLOAD)], [], i)
+            drv.enable_interrupts()
+            if drv.publish():
+                kicks += 1
+            # device: drain, publish, go back to sleep (arm, fence, re-check)
             t = time.perf_counter()
-            chains = vq.pop_bulk(limit) if cfg.bulk else vq.pop_batch(limit)
-            if len(chains):
-                if type(chains) is Bulk:
-                    if vq.complete_bulk(chains, 0):
-                        interrupts += 1
-                else:
-                    for c in chains:  # type: ignore[union-attr]
-                        if vq.complete(c, 0):
-                            interrupts += 1
-                if vq.flush():
-                    interrupts += 1
-                device_time += time.perf_counter() - t
-                continue
-            armed_sleep = not vq.arm()
+            while step() is Step.BUSY:
+                pass
+            loop.woke()
             device_time += time.perf_counter() - t
-            if armed_sleep:
-                break
-        got = drv.get_used()
-        completed += len(got)
-        remaining -= len(got)
-        if len(got) != k:
-            raise RuntimeError(f"lost requests: {k} posted, {len(got)} completed")
+            got = drv.get_used()
+            completed += len(got)
+            remaining -= len(got)
+            if len(got) != k:
+                raise RuntimeError(f"lost requests: {k} posted, {len(got)} completed")
+    finally:
+        loop.close()
     elapsed = time.perf_counter() - t0
-    res = _result(cfg, cmem, vq, kicks, interrupts, elapsed, completed, cfg.requests - completed)
+    res = _result(cfg, cmem, vq, kicks, interrupts[0], elapsed, completed, cfg.requests - completed)
     res["device_busy_s"] = round(device_time, 4)
     res["device_requests_per_s"] = round(completed / device_time) if device_time else 0
     return res
@@ -231,7 +255,9 @@ def run_two_process(cfg: QueueBenchConfig) -> dict[str, Any]:
     parent, child = ctx.Pipe()
     cmem = CountingMemory(s.mem)
     vq = s.device(cfg, cmem)
-    runner = QueueRunner(vq, kick_fd, call_fd, batch=max(cfg.batch, 64), bulk=cfg.bulk)
+    loop = QueueLoop(vq, Kick(kick_fd), eventfd_call(call_fd))
+    svc = loop.attach(lambda q: _CompleteAll(q, max(cfg.batch, 64), cfg.bulk))
+    assert isinstance(svc, _CompleteAll)
     stopped = [False]
 
     def stop() -> bool:
@@ -243,41 +269,30 @@ def run_two_process(cfg: QueueBenchConfig) -> dict[str, Any]:
                 pass
         return stopped[0]
 
-    completed = [0]
-    first = [0.0]
-    last = [0.0]
-
-    def handler(chains: Any) -> list[tuple[Any, int]]:
-        if not first[0]:
-            first[0] = time.perf_counter()
-        completed[0] += len(chains)
-        last[0] = time.perf_counter()
-        if type(chains) is Bulk:
-            return [(chains, 0)]
-        return [(c, 0) for c in chains]
-
     proc = ctx.Process(target=_driver_process, args=(s, cfg, kick_fd, call_fd, stop_fd, child), daemon=True)
     proc.start()
     try:
-        runner.run_blocking(handler, stop=stop, timeout=0.5)
+        loop.run(stop=stop)
         report = parent.recv() if parent.poll(30) else {"done": 0, "kicks": 0, "missing": cfg.requests}
     finally:
+        loop.close()
         proc.join(10)
         if proc.is_alive():
             proc.kill()
             proc.join()
         for fd in (kick_fd, call_fd, stop_fd):
             os.close(fd)
-    elapsed = (last[0] - first[0]) or 1e-9
-    res = _result(cfg, cmem, vq, report["kicks"], runner.stats.interrupts, elapsed, completed[0],
+    c = loop.counters
+    elapsed = (svc.last - svc.first) or 1e-9
+    res = _result(cfg, cmem, vq, report["kicks"], c.interrupts, elapsed, svc.completed,
                   int(report["missing"]))
-    busy = max(elapsed - runner.stats.sleep_seconds, 1e-9)
+    busy = max(elapsed - c.sleep_us / 1e6, 1e-9)
     res["device_busy_s"] = round(busy, 4)
     # what the device side sustains while it has work (excludes its sleeps
     # waiting for the driver, which runs in Python too)
-    res["device_requests_per_s"] = round(completed[0] / busy)
-    res["device_wakeups"] = runner.stats.kicks
-    res["device_sleeps"] = runner.stats.sleeps
+    res["device_requests_per_s"] = round(svc.completed / busy)
+    res["device_wakeups"] = c.kicks
+    res["device_sleeps"] = c.sleeps
     res["driver_waits"] = report.get("waits", 0)
     res["duplicates"] = report.get("dupes", 0)
     return res

@@ -49,21 +49,18 @@ import fcntl
 import logging
 import os
 import queue
-import select
 import stat
 import struct
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any
 
-from pyvirtio.queue import Chain, QueueError
+from pyvirtio.queue import Chain
 from pyvirtio.queue.chain import IovChain
+from pyvirtio.runtime import Completion, Queue, QueueLoop, Service, VirtioDevice
 from pyvirtio.spec import Feature, features_str
-from pyvirtio.vhost_user.backend import QueueHandle, QueueWorker, VirtioDevice
-from pyvirtio.vhost_user.protocol import ProtocolFeature
 
 log = logging.getLogger(__name__)
 
@@ -277,7 +274,7 @@ class BlkStats:
 class _Req:
     """A parsed request waiting for (or doing) its I/O."""
 
-    __slots__ = ("chain", "data", "iov", "kind", "nbytes", "offset", "payload", "status", "worker", "written")
+    __slots__ = ("chain", "data", "iov", "kind", "nbytes", "offset", "payload", "queue", "status", "written")
 
     def __init__(self, kind: int, chain: Chain, status: memoryview, written: int) -> None:
         self.kind = kind
@@ -288,13 +285,13 @@ class _Req:
         self.offset = 0
         self.nbytes = 0
         self.payload = b""
-        self.worker: _BlkWorker | None = None
+        self.queue: Queue | None = None  # the queue that gets it back, when pooled
         #: the data as a `struct iovec[]` (from an `IovChain`) instead of `data`
         self.iov: bytes | None = None
 
 
 class IOPool:
-    """A few threads running requests; each result goes back to its queue's worker."""
+    """A few threads running requests; each result goes back to its queue's loop."""
 
     def __init__(self, threads: int, device: BlkDevice) -> None:
         self._q: queue.SimpleQueue[_Req | None] = queue.SimpleQueue()
@@ -315,9 +312,9 @@ class IOPool:
             if req is None:
                 return
             written = execute(req)
-            w = req.worker
-            assert w is not None
-            w.deliver(req.chain, written)
+            q = req.queue
+            assert q is not None
+            q.deliver(req.chain, written)
 
     def close(self) -> None:
         for _ in self._threads:
@@ -326,138 +323,65 @@ class IOPool:
             t.join(10)
 
 
-# --- the per-queue worker ------------------------------------------------------------
+# --- the per-queue service (the runtime's loop runs it) ------------------------------------
 
 
-class _BlkWorker(QueueWorker):
-    """Pops requests, runs them (inline or in the pool), publishes completions
-    in batches. Stopping (or disabling) lets requests in flight finish and
-    publishes them before the thread ends (or idles)."""
+class _BlkService(Service):
+    """Takes requests, runs them (inline or in the pool), and lets the loop
+    publish a burst's completions together. The loop finishes the requests
+    in flight before a ring stops."""
 
-    def __init__(self, q: QueueHandle, device: BlkDevice) -> None:
-        super().__init__(q)
+    def __init__(self, queue: Queue, device: BlkDevice) -> None:
+        super().__init__(queue)
         self.device = device
-        self.done: deque[tuple[Chain, int]] = deque()
-        self.sleeping = False
-        self.outstanding = 0
-        self._wake_poll = select.poll()
-        self._wake_poll.register(self.wake_fd, select.POLLIN)
+        self.batch = device.batch
+        self.publish_at = device.batch
+        self.max_out = device.max_outstanding
+        self.pooled = device.pool is not None
 
-    def deliver(self, chain: Chain, written: int) -> None:
-        """From a pool thread: a request is done."""
-        self.done.append((chain, written))
-        # (under the GIL this pairs with the worker's sleeping=True then
-        # done-check: one of the two sides always sees the other)
-        if self.sleeping:
-            self.wake()
+    def take(self) -> int:
+        q = self.queue
+        room = self.max_out - q.outstanding
+        if not q.enabled or room <= 0:
+            return 0
+        # With a pool, one chain at a time: its I/O starts while the next
+        # chain is being taken (chain building is the costly part).
+        return 1 if self.pooled else min(self.batch, room)
 
-    def run(self) -> None:
-        # Hot path: written for speed (locals; one publication per burst).
-        vq = self.vq
+    def handle(self, chains: list[Chain], done: list[Completion]) -> None:
+        # Hot path: written for speed.
         dev = self.device
+        q = self.queue
         pool = dev.pool
-        done = self.done
         prepare = dev.prepare
-        execute = dev.execute
-        cached = dev.execute_cached
-        complete_batch = vq.complete_batch
-        call = self.q.call
-        c = self.counters
         stats = dev.counts
-        batch = dev.batch
-        max_out = dev.max_outstanding
-        #: completions of the current burst not yet published
-        now: list[tuple[Chain, int]] = []
-        while True:
-            if done:
-                popleft = done.popleft
-                k = len(now)
-                while done:
-                    now.append(popleft())
-                self.outstanding -= len(now) - k
-            idle = self.stopping or not self.enabled or self.outstanding >= max_out
-            if now and (idle or len(now) >= batch):
-                if complete_batch(now):
-                    call()
-                now = []
-            if self.stopping:
-                if not self.outstanding:
-                    return
-                self._sleep(False)
+        c = q.counters
+        c.packets += len(chains)
+        for ch in chains:
+            r = prepare(ch)
+            if type(r) is int:
+                done.append((ch, r))
                 continue
-            if idle:
-                self._sleep(False)
-                continue
-            try:
-                # With a pool, one chain at a time: its I/O starts while the
-                # next chain is being taken (chain building is the costly part).
-                chains = vq.pop_batch(1 if pool is not None else min(batch, max_out - self.outstanding))
-            except QueueError as e:
-                self.q.fail(e)  # the queue is retired; finish what is in flight
-                chains = []
-            if not chains:
-                # the burst is over: its completions go out together
-                if now:
-                    if complete_batch(now):
-                        call()
-                    now = []
-                self._sleep(True)
-                continue
-            c.packets += len(chains)
-            for ch in chains:
-                r = prepare(ch)
-                if type(r) is int:
-                    now.append((ch, r))
+            c.bytes += r.nbytes  # type: ignore[union-attr]
+            if pool is not None:
+                # A read the host page cache holds runs here (it cannot
+                # block); so does the last request of a burst (nothing
+                # behind it in the ring: no hand-off, the lowest latency
+                # at queue depth 1). Anything else goes to the pool, so
+                # that slow requests overlap.
+                w = dev.execute_cached(r)  # type: ignore[arg-type]
+                if w is None and q.vq.has_work():
+                    stats.pooled += 1
+                    q.defer()
+                    r.queue = q  # type: ignore[union-attr]
+                    pool.submit(r)  # type: ignore[arg-type]
                     continue
-                c.bytes += r.nbytes  # type: ignore[union-attr]
-                if pool is not None:
-                    # A read the host page cache holds runs here (it cannot
-                    # block); so does the last request of a burst (nothing
-                    # behind it in the ring: no hand-off, the lowest latency
-                    # at queue depth 1). Anything else goes to the pool, so
-                    # that slow requests overlap.
-                    w = cached(r)  # type: ignore[arg-type]
-                    if w is None and vq.has_work():
-                        stats.pooled += 1
-                        self.outstanding += 1
-                        r.worker = self  # type: ignore[union-attr]
-                        pool.submit(r)  # type: ignore[arg-type]
-                        continue
-                    if w is not None:
-                        stats.inline += 1
-                        now.append((ch, w))
-                        continue
-                stats.inline += 1
-                now.append((ch, execute(r)))  # type: ignore[arg-type]
-
-    def _sleep(self, arm: bool) -> None:
-        """Sleep until a completion, a stop/enable change, or (when `arm`) a
-        kick. `arm` follows the queue contract: arm, re-check, then sleep."""
-        poller = self._wake_poll
-        timeout = None
-        if arm:
-            drained = bool(self.drain_kick())
-            if self.vq.arm():
-                return
-            # kicks were already enabled: the one just drained may announce
-            # work published after our empty check (read-only look)
-            if drained and self.vq.has_work():
-                return
-            if self.kick_fd is None:
-                timeout = max(1, int(self.POLL_NAP * 1000))  # polling mode
-            else:
-                poller = self._kick_poll
-        self.sleeping = True
-        try:
-            if self.done or (self.stopping and not arm):
-                return
-            events = poller.poll(timeout)
-        finally:
-            self.sleeping = False
-        self.counters.sleeps += 1
-        for fd, _ in events:
-            if fd == self.wake_fd:
-                self._drain_wake()
+                if w is not None:
+                    stats.inline += 1
+                    done.append((ch, w))
+                    continue
+            stats.inline += 1
+            done.append((ch, dev.execute(r)))  # type: ignore[arg-type]
 
 
 # --- the device -----------------------------------------------------------------------
@@ -534,12 +458,14 @@ class BlkDevice(VirtioDevice):
         else:
             feats |= BlkFeature.DISCARD | BlkFeature.WRITE_ZEROES
         self.features = int(feats)
-        self.protocol_features = int(ProtocolFeature.MQ | ProtocolFeature.CONFIG | ProtocolFeature.INFLIGHT_SHMFD)
+        self.multiqueue = True
+        self.config_space = True
+        self.inflight_tracking = True
         self.negotiated = 0
         self.wce = 1
         self.writethrough = False
         self.counts = BlkStats()
-        self.workers: dict[int, QueueWorker] = {}
+        self.loops: dict[int, QueueLoop] = {}
         self.pool: IOPool | None = IOPool(io_threads, self) if io_threads else None
         self._io_errors_logged = 0
         #: RWF_NOWAIT reads work here (cleared on the first EOPNOTSUPP)
@@ -580,14 +506,12 @@ class BlkDevice(VirtioDevice):
         else:
             self.writethrough = not self.negotiated & BlkFeature.FLUSH
 
-    def start_queue(self, q: QueueHandle) -> None:
-        if q.vq.size < self.seg_max + 2:
+    def service(self, queue: Queue) -> Service:
+        if queue.vq.size < self.seg_max + 2:
             log.warning("blk: ring %d has %d entries but seg-max is %d: requests of more than %d segments "
-                        "will break the ring (start with --seg-max %d)", q.index, q.vq.size, self.seg_max,
-                        q.vq.size - 2, q.vq.size - 2)
-        w = _BlkWorker(q, self)
-        self.workers[q.index] = w
-        w.start()
+                        "will break the ring (start with --seg-max %d)", queue.index, queue.vq.size,
+                        self.seg_max, queue.vq.size - 2, queue.vq.size - 2)
+        return _BlkService(queue, self)
 
     def reset(self) -> None:
         self.stop_queues()

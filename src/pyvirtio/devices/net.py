@@ -38,9 +38,9 @@ from typing import Any
 import numpy as np
 
 from pyvirtio.queue import Chain
+from pyvirtio.queue.bulk import Bulk
+from pyvirtio.runtime import Completion, Queue, QueueCounters, QueueLoop, Service, VirtioDevice
 from pyvirtio.spec import Feature, NetFeature, features_str
-from pyvirtio.vhost_user.backend import QueueCounters, QueueHandle, QueueWorker, VirtioDevice
-from pyvirtio.vhost_user.protocol import ProtocolFeature
 
 log = logging.getLogger(__name__)
 
@@ -178,21 +178,24 @@ def deliver(held: deque[Chain], frame: bytes | bytearray | memoryview, hdr_len: 
 
 
 class RxSource:
-    """Where a pair's received frames come from. `fd`: poll it when empty."""
+    """Where a pair's received frames come from. `fd`: the loop waits for it
+    to become readable when the source runs dry."""
 
     fd: int | None = None
 
     def fill(self, held: deque[Chain], done: list[tuple[Chain, int]], c: QueueCounters,
              more: Callable[[], list[Chain]]) -> bool:
-        """Deliver frames into `held` chains; return False when the source had
-        no frame ready (the worker then waits on `fd`)."""
+        """Deliver frames into `held` chains (`more()` pops more buffers);
+        return False when the source had no frame ready."""
         raise NotImplementedError
 
-    def wait_ready(self, worker: QueueWorker) -> None:
-        if self.fd is not None:
-            worker.wait([self.fd])
-        else:
-            worker.wait([])
+    def prepare_wait(self) -> bool:
+        """The loop is about to sleep on `fd`: announce it; True if a frame
+        arrived meanwhile (do not sleep)."""
+        return False
+
+    def end_wait(self) -> None:
+        """The loop woke up."""
 
 
 # --- ports -------------------------------------------------------------------------------
@@ -420,17 +423,16 @@ class _LoopQueue(RxSource):
             c.bytes += len(frame) - hdr_len
         return True
 
-    def wait_ready(self, worker: QueueWorker) -> None:
+    def prepare_wait(self) -> bool:
         self.waiting = True
+        return bool(self.frames)  # a push between the empty fill and this flag: do not sleep
+
+    def end_wait(self) -> None:
+        self.waiting = False
         try:
-            if not self.frames:  # re-check after announcing: a push in between wakes us
-                worker.wait([self.fd])
-        finally:
-            self.waiting = False
-            try:
-                os.eventfd_read(self.fd)
-            except BlockingIOError:
-                pass
+            os.eventfd_read(self.fd)
+        except BlockingIOError:
+            pass
 
     def close(self) -> None:
         os.close(self.fd)
@@ -687,133 +689,136 @@ def make_port(spec: str, pairs: int, mac: bytes) -> Port:
     raise ValueError(f"unknown net backend {spec!r} (tap:NAME, sink, loopback, gen[:SIZE])")
 
 
-# --- queue workers --------------------------------------------------------------------
+# --- queue services (the runtime's loop runs them) ------------------------------------------
 
 
-class _TxWorker(QueueWorker):
-    def __init__(self, q: QueueHandle, port: Port, pair: int, batch: int) -> None:
-        super().__init__(q)
+class _TxService(Service):
+    """Frames out: one pop, one port call, one publication per batch. A run
+    of single-descriptor chains comes as one `Bulk` (arrays, no object per
+    packet). A started but disabled ring is consumed and dropped (vhost-user 2.4)."""
+
+    bulk = True
+
+    def __init__(self, queue: Queue, port: Port, pair: int, batch: int) -> None:
+        super().__init__(queue)
         self.port = port
         self.pair = pair
         self.batch = batch
 
-    def run(self) -> None:
-        # Hot path: written for speed (locals; one pop, one tx, one publish per
-        # batch). A run of single-descriptor chains comes as one `Bulk`
-        # (arrays, no object per packet) when the queue engine offers it.
-        vq = self.vq
-        pop = getattr(vq, "pop_bulk", None) or vq.pop_batch
-        complete_bulk = getattr(vq, "complete_bulk", None)
-        complete_batch = None if vq.eager else getattr(vq, "complete_batch", None)
-        complete = vq.complete
-        flush = vq.flush
-        port = self.port
-        tx = port.tx
-        tx_bulk = port.tx_bulk
-        pair = self.pair
-        c = self.counters
-        batch = self.batch
-        call = self.q.call
-        while not self.stopping:
-            got = pop(batch)
-            if type(got) is list:
-                if not got:
-                    self.sleep_for_kick()
-                    continue
-                if self.enabled:
-                    tx(pair, got, c)
-                else:  # started but disabled: consume and drop (vhost-user 2.4)
-                    c.dropped += len(got)
-                if complete_batch is not None:
-                    if complete_batch([(ch, 0) for ch in got]):
-                        call()
-                    continue
-                for ch in got:  # eager: each completion is published and decides an interrupt
-                    if complete(ch, 0):
-                        call()
+    def take(self) -> int:
+        return self.batch
+
+    def handle(self, got: Any, done: list[Completion]) -> None:
+        # Hot path.
+        q = self.queue
+        c = q.counters
+        if type(got) is Bulk:
+            if q.enabled:
+                self.port.tx_bulk(self.pair, got, c)
             else:
-                if self.enabled:
-                    tx_bulk(pair, got, c)
-                else:
-                    c.dropped += got.n  # type: ignore[union-attr]
-                complete_bulk(got, 0)  # type: ignore[misc]
-            if flush():
-                call()
+                c.dropped += got.n
+            done.append((got, 0))
+            return
+        if q.enabled:
+            self.port.tx(self.pair, got, c)
+        else:
+            c.dropped += len(got)
+        done.extend([(ch, 0) for ch in got])
 
 
-class _RxWorker(QueueWorker):
-    def __init__(self, q: QueueHandle, device: NetDevice, source: RxSource | None, pair: int,
+class _RxService(Service):
+    """Frames in: the service holds the guest's rx buffers and fills them
+    from its source. It takes buffers when it holds none (or a frame needs
+    more than it holds: the loop then arms and sleeps for the guest's next
+    buffers), and sleeps on the source's fd when the source runs dry."""
+
+    def __init__(self, queue: Queue, device: NetDevice, source: RxSource | None, pair: int,
                  batch: int) -> None:
-        super().__init__(q)
+        super().__init__(queue)
         self.device = device
         self.source = source
         self.pair = pair
         self.batch = batch
-
-    def run(self) -> None:
-        vq = self.vq
-        src = self.source
-        held: deque[Chain] = deque()
-        done: list[tuple[Chain, int]] = []
-        c = self.counters
-        batch = self.batch
-
-        def more() -> list[Chain]:
-            return vq.pop_batch(batch)
-
+        self.held: deque[Chain] = deque()
+        self.starved = False   # the next frame needs more buffers than held
+        self.dry = False       # the source had no frame
         # A source that never runs dry can fill a whole `Bulk` at once.
-        fill_bulk = getattr(src, "fill_bulk", None)
-        pop = getattr(vq, "pop_bulk", None) if fill_bulk is not None else None
-        while not self.stopping:
-            if src is None or not self.enabled or self.pair >= self.device.active_pairs:
-                self.wait([])  # until enabled or stopped
-                continue
-            if not held:
-                got = pop(batch) if pop is not None else vq.pop_batch(batch)
-                if type(got) is not list:
-                    assert fill_bulk is not None
-                    written = fill_bulk(got, c)
-                    vq.complete_bulk(got, written)  # type: ignore[arg-type]
-                    if vq.flush():
-                        self.q.call()
-                    continue
-                if not got:
-                    self.sleep_for_kick()
-                    continue
-                held.extend(got)
-            ready = src.fill(held, done, c, more)
-            if done:
-                # one publication for everything filled: a mergeable frame's
-                # buffers must become used together (virtio 1.2 5.1.6.4)
-                if vq.complete_batch(done):
-                    self.q.call()
-                done.clear()
-            if not ready:
-                src.wait_ready(self)
+        self.fill_bulk = getattr(source, "fill_bulk", None)
+        self.bulk = self.fill_bulk is not None
+        self.more = queue.take_more
+
+    def _active(self) -> bool:
+        return (self.source is not None and self.queue.enabled
+                and self.pair < self.device.active_pairs)
+
+    def take(self) -> int:
+        if not self._active():
+            return 0
+        return self.batch if not self.held or self.starved else 0
+
+    def handle(self, got: Any, done: list[Completion]) -> None:
+        if type(got) is Bulk:
+            assert self.fill_bulk is not None
+            done.append((got, self.fill_bulk(got, self.queue.counters)))
+            return
+        self.held.extend(got)
+        self._fill(done)
+
+    def progress(self, done: list[Completion]) -> bool:
+        if not self.held or self.starved or not self._active():
+            return False
+        return self._fill(done)
+
+    def _fill(self, done: list[Completion]) -> bool:
+        k = len(done)
+        assert self.source is not None
+        ready = self.source.fill(self.held, done, self.queue.counters,
+                                 lambda: self.more(self.batch))
+        moved = len(done) > k
+        self.dry = not ready
+        self.starved = ready and bool(self.held) and not moved
+        return moved
+
+    def _waits_on_source(self) -> bool:
+        return bool(self.held) and not self.starved and self._active()
+
+    def wake_fds(self) -> list[int]:
+        src = self.source
+        if src is not None and src.fd is not None and self._waits_on_source():
+            return [src.fd]
+        return []
+
+    def before_sleep(self) -> bool:
+        src = self.source
+        if src is not None and self._waits_on_source():
+            return src.prepare_wait()
+        return False
+
+    def after_sleep(self) -> None:
+        if self.source is not None:
+            self.source.end_wait()
+
+    def stopped(self) -> None:
         # Chains still held were never written: abandoned, offered again on restart.
-        held.clear()
+        self.held.clear()
 
 
-class _CtrlWorker(QueueWorker):
-    def __init__(self, q: QueueHandle, device: NetDevice) -> None:
-        super().__init__(q)
+class _CtrlService(Service):
+    batch = 16
+
+    def __init__(self, queue: Queue, device: NetDevice) -> None:
+        super().__init__(queue)
         self.device = device
 
-    def run(self) -> None:
-        vq = self.vq
-        while not self.stopping:
-            chains = vq.pop_batch(16)
-            if not chains:
-                self.sleep_for_kick()
-                continue
-            for ch in chains:
-                data = ch.read(65536)  # no control command is near this long
-                ack = self.device.control(data) if len(data) >= 2 else CTRL_ERR
-                written = ch.write(bytes([ack])) if ch.writable_len else 0
-                self.counters.packets += 1
-                if vq.complete(ch, written):  # eager only: published at once, interrupt now
-                    self.q.call()
-            self.publish()
+    def take(self) -> int:
+        return self.batch
+
+    def handle(self, chains: list[Chain], done: list[Completion]) -> None:
+        for ch in chains:
+            data = ch.read(65536)  # no control command is near this long
+            ack = self.device.control(data) if len(data) >= 2 else CTRL_ERR
+            done.append((ch, ch.write(bytes([ack])) if ch.writable_len else 0))
+        self.queue.counters.packets += len(chains)
 
 
 # --- the device -----------------------------------------------------------------------
@@ -850,10 +855,11 @@ class NetDevice(VirtioDevice):
         if queue_pairs > 1:
             feats |= NetFeature.MQ | NetFeature.CTRL_VQ
         self.features = int(feats)
-        self.protocol_features = int(ProtocolFeature.MQ | ProtocolFeature.NET_MTU)
+        self.multiqueue = True
+        self.mtu_control = True
         self.negotiated = 0
         self.hdr_len = NET_HDR_SIZE
-        self.workers: dict[int, QueueWorker] = {}
+        self.loops: dict[int, QueueLoop] = {}
         self.status = 0
 
     # -- VirtioDevice ---------------------------------------------------------------
@@ -881,17 +887,13 @@ class NetDevice(VirtioDevice):
     def set_status(self, status: int) -> None:
         self.status = status
 
-    def start_queue(self, q: QueueHandle) -> None:
-        i = q.index
-        worker: QueueWorker
+    def service(self, queue: Queue) -> Service:
+        i = queue.index
         if i == 2 * self.pairs:
-            worker = _CtrlWorker(q, self)
-        elif i & 1:
-            worker = _TxWorker(q, self.port, i // 2, self.batch)
-        else:
-            worker = _RxWorker(q, self, self.port.rx_source(i // 2), i // 2, self.batch)
-        self.workers[i] = worker
-        worker.start()
+            return _CtrlService(queue, self)
+        if i & 1:
+            return _TxService(queue, self.port, i // 2, self.batch)
+        return _RxService(queue, self, self.port.rx_source(i // 2), i // 2, self.batch)
 
     def reset(self) -> None:
         self.stop_queues()
@@ -922,8 +924,7 @@ class NetDevice(VirtioDevice):
                 log.warning("net: guest asked for %d queue pairs of %d", pairs, self.pairs)
                 return CTRL_ERR
             self.active_pairs = pairs
-            for w in self.workers.values():
-                w.wake()
+            self.wake_all()
             log.info("net: %d queue pair(s) active", pairs)
             return CTRL_OK
         if cls == CTRL_GUEST_OFFLOADS:

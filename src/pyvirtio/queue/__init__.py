@@ -21,11 +21,12 @@ from pyvirtio.queue.errors import (
 )
 from pyvirtio.queue.split import guest_used_idx
 from pyvirtio.queue.state import QueueState
-from pyvirtio.queue.virtqueue import DEFAULT_BATCH, Policy, QueueStats, Virtqueue
+from pyvirtio.queue.virtqueue import DEFAULT_BATCH, ArmResult, Policy, QueueStats, Virtqueue
 
 __all__ = [
     "DEFAULT_BATCH",
     "IOV_MIN_SEGMENTS",
+    "ArmResult",
     "AvailIndexJump",
     "BadBufferAddress",
     "BadIndirectTable",

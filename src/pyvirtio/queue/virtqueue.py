@@ -11,16 +11,18 @@ The device loop this is built for::
             if vq.flush():             # one used.idx write, fence, one decision
                 signal_call_fd()
             continue
-        if vq.arm():                   # enable kicks, full fence, one re-check
+        if vq.arm() is ArmResult.WORK: # enable kicks, full fence, one re-check
             continue                   # work slipped in while arming
         wait_for_kick()
 
 Contract: when `pop_batch` returns nothing, the caller must call `arm()`
-before sleeping and must not sleep if it returns True.
+before sleeping and must not sleep unless it returns `ArmResult.SLEEP`.
+`pyvirtio.runtime.QueueLoop` is that loop; devices run it rather than this.
 """
 
 from __future__ import annotations
 
+import enum
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -42,6 +44,20 @@ log = logging.getLogger(__name__)
 Policy = Literal["lazy", "eager"]
 DEFAULT_BATCH = 64
 U32_MAX = (1 << 32) - 1
+
+
+class ArmResult(enum.Enum):
+    """What `Virtqueue.arm()` found at the sleep boundary."""
+
+    WORK = "work"    #: work is available (or an error to report): do not sleep
+    SLEEP = "sleep"  #: kicks are enabled and the re-check found nothing: sleep on the kick
+
+    def __bool__(self) -> bool:  # a named result, never a truth value
+        raise TypeError("ArmResult is a named result: compare it with `is`")
+
+
+_WORK = ArmResult.WORK
+_SLEEP = ArmResult.SLEEP
 
 
 @dataclass(slots=True)
@@ -234,26 +250,27 @@ class Virtqueue:
             ring.disable_kicks_eager()
             self.armed = False
 
-    def arm(self) -> bool:
+    def arm(self) -> ArmResult:
         """Call at the sleep boundary. Enables kicks, issues a full fence and
-        re-checks once. Returns True if work is available: do not sleep."""
+        re-checks once. `ArmResult.WORK`: work is available, do not sleep;
+        `ArmResult.SLEEP`: sleep until the driver kicks."""
         if self.failed is not None:
-            return self._unreported is not None  # report it, then sleep forever
+            return _WORK if self._unreported is not None else _SLEEP  # report it, then sleep forever
         if self._restored is not None or self._redeliver:
-            return True
+            return _WORK
         ring = self.ring
         if ring.unconsumed():
-            return True
+            return _WORK
         if self.armed or self.eager:
             # Still armed since the last sleep (a spurious or stale wake-up;
             # eager arms at every empty check): the driver kicks for anything
             # new, so no write and no fence, but look once, read-only, in case
             # the caller consumed that kick after its own empty check.
             try:
-                return ring.peek()
+                return _WORK if ring.peek() else _SLEEP
             except QueueError as e:
                 self._fail(e)
-                return True
+                return _WORK
         ring.enable_kicks()
         self.armed = True
         self.stats.arms += 1
@@ -264,10 +281,11 @@ class Virtqueue:
             work = ring.recheck()
         except QueueError as e:
             self._fail(e)
-            return True
+            return _WORK
         if work:
             self.stats.rearm_hits += 1
-        return work
+            return _WORK
+        return _SLEEP
 
     def _fail(self, e: QueueError) -> None:
         if self.failed is None:

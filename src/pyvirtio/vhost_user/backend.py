@@ -5,11 +5,11 @@ protocol-feature negotiation, memory table, per-ring setup, status, config)
 and returns the reply to send, if the request calls for one. It never touches
 a socket: `pyvirtio.vhost_user.server` owns the connection and feeds it.
 
-A device plugs in as a `VirtioDevice`: it offers feature bits and a config
-space, and serves each virtqueue the back-end hands it (`start_queue` with a
-`QueueHandle`) until the back-end takes it back (`stop_queue`). `QueueWorker`
-is the thread most devices want for that: pop a batch, handle it, publish,
-and sleep on the kick eventfd only after arming.
+A device plugs in as a `pyvirtio.runtime.VirtioDevice`: it offers feature
+bits, a config space and what it needs from the transport (multiqueue,
+config, MTU, inflight tracking: mapped here to protocol features). Each
+started ring runs in a `pyvirtio.runtime.QueueLoop` built here from the ring's
+kick and call eventfds; the device only supplies the loop's `Service`.
 
 Ring life cycle (see `reference/vhost-user.md` 2.4). Each ring has two
 independent flags:
@@ -36,12 +36,9 @@ the connection. A guest's broken ring (`QueueError`) only retires that ring.
 
 from __future__ import annotations
 
-import abc
 import gc
 import logging
 import os
-import select
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
@@ -50,6 +47,7 @@ from typing import Any
 from pyvirtio.memory import CountingMemory, GuestMemory, GuestMemoryError, Region
 from pyvirtio.queue import Policy, QueueError, QueueState, Virtqueue, guest_used_idx
 from pyvirtio.queue.virtqueue import QueueStats
+from pyvirtio.runtime import Kick, QueueCounters, QueueLoop, VirtioDevice
 from pyvirtio.spec import (
     DESC_SIZE,
     MAX_QUEUE_SIZE,
@@ -108,305 +106,23 @@ _NEEDS_PROTOCOL_FEATURE = {
 }
 
 
-# --- counters ------------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class QueueCounters:
-    """What one queue index did since the process started (all connections).
-
-    The worker thread updates these; readers see a consistent-enough
-    snapshot under the GIL.
-    """
-
-    packets: int = 0       # frames / requests handled
-    bytes: int = 0         # payload bytes (net: without the virtio-net header)
-    dropped: int = 0       # frames dropped (no buffer, ring disabled, backend refused)
-    kicks: int = 0         # wake-ups with a kick (eventfd reads that returned a count)
-    kick_count: int = 0    # sum of the eventfd counters (front-end notifications)
-    interrupts: int = 0    # call eventfd writes
-    sleeps: int = 0        # times the worker slept on its kick fd
-    errors: int = 0        # ring violations (QueueError) and worker failures
-    starts: int = 0        # times the ring was started
-
-    def as_dict(self) -> dict[str, int]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
-
-
 def _add_stats(total: QueueStats, s: QueueStats) -> None:
     for f in fields(QueueStats):
         setattr(total, f.name, getattr(total, f.name) + getattr(s, f.name))
 
 
-# --- what a device sees of a ring --------------------------------------------------
-
-
-class QueueHandle:
-    """One started ring as handed to the device.
-
-    `vq` is the engine queue, `kick_fd` the eventfd the front-end kicks (None:
-    polling, no kicks), `counters` the queue's counters. `call()` signals a
-    used-buffer notification on the ring's current call eventfd (the front-end
-    may replace it at any time); `fail(exc)` retires the ring after a guest
-    protocol violation (logs it, signals the error eventfd).
-    """
-
-    __slots__ = ("_on_fail", "_ring", "counters", "index", "kick_fd", "name", "vq")
-
-    def __init__(self, index: int, vq: Virtqueue, kick_fd: int | None, counters: QueueCounters,
-                 ring: _Ring, on_fail: Callable[[int, BaseException], None]) -> None:
-        self.index = index
-        self.vq = vq
-        self.kick_fd = kick_fd
-        self.counters = counters
-        self.name = vq.name
-        self._ring = ring
-        self._on_fail = on_fail
-
-    def call(self) -> None:
-        """Send a used-buffer notification (if the front-end gave a call fd)."""
-        fd = self._ring.call_fd
-        if fd is None:
-            return
-        try:
-            os.eventfd_write(fd, 1)
-        except OSError as e:  # closed by the front-end: the interrupt is lost, not fatal
-            log.warning("%s: call eventfd write failed: %s", self.name, e)
-            return
-        self.counters.interrupts += 1
-
-    def fail(self, exc: BaseException) -> None:
-        self._on_fail(self.index, exc)
-
-
-class VirtioDevice(abc.ABC):
-    """A virtio device served over vhost-user. Subclass and fill in.
-
-    Class-level facts the back-end reads:
-
-    - `name`: for logs and stats;
-    - `features`: the feature bits offered (device and transport bits; bit 30
-      is added by the back-end);
-    - `protocol_features`: device-specific protocol features to offer on top
-      of `BASE_PROTOCOL_FEATURES` (MQ, CONFIG, NET_MTU, ...);
-    - `num_queues`: virtqueues the front-end may use (indices 0..n-1);
-    - `queue_num`: the GET_QUEUE_NUM answer (net: queue pairs; blk: queues);
-    - `queue_size_max`: the largest ring accepted.
-
-    The back-end calls the methods below from its control thread.
-    """
-
-    name: str = "virtio"
-    features: int = int(Feature.VERSION_1)
-    protocol_features: int = 0
-    num_queues: int = 1
-    queue_num: int = 1
-    queue_size_max: int = MAX_QUEUE_SIZE
-
-    def config(self) -> bytes:
-        """The device config space (for GET_CONFIG)."""
-        return b""
-
-    def set_config(self, offset: int, data: bytes, flags: int) -> bool:
-        """SET_CONFIG; return False to refuse (most config is read-only)."""
-        return False
-
-    def set_features(self, features: int) -> None:
-        """The front-end acked `features` (bit 30 removed). No ring runs."""
-
-    def set_mtu(self, mtu: int) -> bool:
-        """NET_SET_MTU; return False to refuse."""
-        return False
-
-    def set_status(self, status: int) -> None:
-        """The driver's status byte changed (SET_STATUS)."""
-
-    @abc.abstractmethod
-    def start_queue(self, q: QueueHandle) -> None:
-        """Start serving ring `q.index` (usually: start a `QueueWorker`)."""
-
-    #: ring index -> its worker, for devices that run one `QueueWorker` per
-    #: ring (set it in __init__); the defaults below manage it
-    workers: dict[int, QueueWorker]
-
-    def stop_queue(self, index: int) -> None:
-        """Stop serving ring `index` and return only when nothing touches it
-        any more. Every chain the device handled must be completed and
-        flushed; chains it holds untouched are abandoned (the back-end offers
-        them again on restart). Default: stop its worker."""
-        w = self.workers.pop(index, None)
-        if w is not None:
-            w.stop()
-
-    def stop_queues(self) -> None:
-        """Stop every ring's worker (for `reset`)."""
-        for i in list(self.workers):
-            self.stop_queue(i)
-
-    def enable_queue(self, index: int, enabled: bool) -> None:
-        """SET_VRING_ENABLE (effective value) for a started ring.
-        Default: tell its worker."""
-        w = self.workers.get(index)
-        if w is not None:
-            w.set_enabled(enabled)
-
-    def reset(self) -> None:
-        """The front-end is gone or reset the device; every ring is stopped."""
-
-    def stats(self) -> dict[str, Any]:
-        """Device-level facts for the stats JSON."""
-        return {}
-
-    def queue_role(self, index: int) -> str:
-        """A short name of ring `index` for stats (net: rx0, tx0, ctrl)."""
-        return f"q{index}"
-
-    def close(self) -> None:
-        """Release device resources (process exit)."""
-
-
-# --- a worker thread per queue ---------------------------------------------------------
-
-
-class QueueWorker:
-    """A thread serving one ring. Subclasses implement `run()`.
-
-    `run()` loops until `self.stopping`; `sleep_for_kick()` is the sleep
-    boundary (drain stale kicks, arm, re-check, then block on the kick fd and
-    the worker's own wake eventfd). `wait(fds)` blocks on other fds (a TAP,
-    a frame source). `stop()` wakes the thread and joins it.
-    """
-
-    #: how long a polling-mode worker (no kick fd) naps when idle
-    POLL_NAP = 0.0002
-    #: how long `stop()` waits for the thread
-    STOP_TIMEOUT = 10.0
-
-    def __init__(self, q: QueueHandle) -> None:
-        self.q = q
-        self.vq = q.vq
-        self.counters = q.counters
-        self.stopping = False
-        self.enabled = False
-        self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self.kick_fd = q.kick_fd
-        if self.kick_fd is not None:
-            os.set_blocking(self.kick_fd, False)
-        self._kick_poll = select.poll()
-        self._kick_poll.register(self.wake_fd, select.POLLIN)
-        if self.kick_fd is not None:
-            self._kick_poll.register(self.kick_fd, select.POLLIN)
-        self.thread = threading.Thread(target=self._main, name=q.name, daemon=True)
-
-    def start(self) -> None:
-        self.thread.start()
-
-    def wake(self) -> None:
-        try:
-            os.eventfd_write(self.wake_fd, 1)
-        except OSError:
-            pass
-
-    def set_enabled(self, enabled: bool) -> None:
-        self.enabled = enabled
-        self.wake()
-
-    def stop(self) -> None:
-        self.stopping = True
-        self.wake()
-        if self.thread.is_alive() and self.thread is not threading.current_thread():
-            self.thread.join(self.STOP_TIMEOUT)
-            if self.thread.is_alive():  # a device bug: do not hang the control socket forever
-                log.error("%s: worker did not stop within %gs; abandoning it", self.q.name, self.STOP_TIMEOUT)
-        try:
-            os.close(self.wake_fd)
-        except OSError:
-            pass
-        self.wake_fd = -1
-
-    def _main(self) -> None:
-        prof_dir = os.environ.get("PYVIRTIO_PROFILE_DIR")
-        if prof_dir:  # developer aid: one cProfile dump per worker run
-            import cProfile
-            prof = cProfile.Profile()
-            try:
-                prof.runcall(self._serve)
-            finally:
-                prof.dump_stats(os.path.join(prof_dir, f"{self.q.name}.{os.getpid()}.{id(self):x}.prof"))
-        else:
-            self._serve()
-
-    def _serve(self) -> None:
-        try:
-            self.run()
-        except QueueError as e:
-            self.q.fail(e)
-        except Exception as e:  # a device bug or a host I/O failure: retire this ring only
-            log.exception("%s: worker failed", self.q.name)
-            self.q.fail(e)
-
-    @abc.abstractmethod
-    def run(self) -> None:
-        """Serve the ring until `self.stopping` (flush before returning)."""
-
-    # -- helpers for run() ---------------------------------------------------------
-
-    def _drain_wake(self) -> None:
-        try:
-            os.eventfd_read(self.wake_fd)
-        except BlockingIOError:
-            pass
-
-    def drain_kick(self) -> bool:
-        """Consume pending kicks; return whether there were any."""
-        if self.kick_fd is None:
-            return False
-        try:
-            n = os.eventfd_read(self.kick_fd)
-        except BlockingIOError:
-            return False
-        c = self.counters
-        c.kicks += 1
-        c.kick_count += n
-        return True
-
-    def sleep_for_kick(self) -> None:
-        """Call when `pop_batch` found nothing: arm, re-check, sleep."""
-        # Kicks that came while we worked are stale: drain them before
-        # arming; any kick after this point stays readable.
-        drained = self.drain_kick()
-        if self.vq.arm():
-            return
-        # arm() re-checks only when it enables kicks itself. If they were
-        # already enabled (eager: the empty check armed them; lazy: still
-        # armed from the last sleep), the kick just drained may announce work
-        # published after the caller's empty check: look once more
-        # (read-only) or that kick is lost and the ring stalls.
-        if drained and self.vq.has_work():
-            return
-        if self.kick_fd is None:
-            time.sleep(self.POLL_NAP)  # polling mode: the front-end never kicks
-            return
-        self.counters.sleeps += 1
-        for fd, _ in self._kick_poll.poll():
-            if fd == self.wake_fd:
-                self._drain_wake()
-
-    def wait(self, fds: list[int], timeout: float | None = None) -> list[int]:
-        """Block until one of `fds` (or the wake fd) is readable."""
-        p = select.poll()
-        p.register(self.wake_fd, select.POLLIN)
-        for fd in fds:
-            p.register(fd, select.POLLIN)
-        ready = [fd for fd, _ in p.poll(None if timeout is None else int(timeout * 1000))]
-        if self.wake_fd in ready:
-            self._drain_wake()
-        return ready
-
-    def publish(self) -> None:
-        """Flush completions; signal if the driver wants an interrupt."""
-        if self.vq.flush():
-            self.q.call()
+def protocol_features_for(device: VirtioDevice) -> int:
+    """The vhost-user protocol features a device's declared needs map to."""
+    proto = 0
+    if device.multiqueue or device.num_queues > 1:
+        proto |= ProtocolFeature.MQ
+    if device.config_space:
+        proto |= ProtocolFeature.CONFIG
+    if device.mtu_control:
+        proto |= ProtocolFeature.NET_MTU
+    if device.inflight_tracking:
+        proto |= ProtocolFeature.INFLIGHT_SHMFD
+    return int(proto)
 
 
 # --- per-ring back-end state --------------------------------------------------------
@@ -423,10 +139,10 @@ class _Ring:
         "enabled",
         "err_fd",
         "failed",
-        "handle",
         "index",
         "kick_fd",
         "kick_set",
+        "loop",
         "mem",
         "num",
         "retired_fds",
@@ -449,7 +165,7 @@ class _Ring:
         self.err_fd: int | None = None
         self.enabled = False
         self.vq: Virtqueue | None = None
-        self.handle: QueueHandle | None = None
+        self.loop: QueueLoop | None = None
         self.failed = False
         self.retired_fds: list[int] = []
         self.saved: QueueState | None = None  # state of a ring paused for a memory change
@@ -465,6 +181,20 @@ class _Ring:
         self.kick_fd = self.call_fd = self.err_fd = None
         self.kick_set = False
         self.retired_fds.clear()
+
+
+def _caller(ring: _Ring) -> Callable[[], None]:
+    """A used-buffer notification on the ring's current call eventfd (the
+    front-end may replace it at any time)."""
+    def call() -> None:
+        fd = ring.call_fd
+        if fd is None:
+            return
+        try:
+            os.eventfd_write(fd, 1)
+        except OSError as e:  # closed by the front-end: the interrupt is lost, not fatal
+            log.warning("ring %d: call eventfd write failed: %s", ring.index, e)
+    return call
 
 
 def _same_region(a: MemoryRegion, b: MemoryRegion) -> bool:
@@ -510,7 +240,7 @@ class Backend:
         self.policy = policy
         self.mem = GuestMemory()
         self.offered_features = int(device.features) | VHOST_USER_F_PROTOCOL_FEATURES
-        self.offered_protocol = int(BASE_PROTOCOL_FEATURES | device.protocol_features)
+        self.offered_protocol = int(BASE_PROTOCOL_FEATURES) | protocol_features_for(device)
         self.session = _Session()
         self._rings = [_Ring(i, CountingMemory(self.mem), QueueCounters(), QueueStats())
                        for i in range(device.num_queues)]
@@ -996,16 +726,17 @@ class Backend:
             raise FrontendProtocolError(f"ring {ring.index}: {e}", Request.SET_VRING_KICK) from None
         ring.vq = vq
         ring.counters.starts += 1
-        handle = QueueHandle(ring.index, vq, ring.kick_fd, ring.counters, ring, self._on_queue_fail)
-        ring.handle = handle
+        loop = QueueLoop(vq, None if ring.kick_fd is None else Kick(ring.kick_fd), _caller(ring),
+                         index=ring.index, counters=ring.counters, on_fail=self._on_queue_fail,
+                         enabled=self._effective_enabled(ring))
+        ring.loop = loop
         log.info("%s: started (%s ring of %d, kick %s, call %s, base %#x)", name,
                  "packed" if packed else "split", num,
                  "polling" if ring.kick_fd is None else f"fd {ring.kick_fd}",
                  "none" if ring.call_fd is None else f"fd {ring.call_fd}", ring.base)
-        self.device.start_queue(handle)
-        self.device.enable_queue(ring.index, self._effective_enabled(ring))
+        self.device.start_queue(loop)
         if tracker is not None and tracker.reconnected:
-            handle.call()  # an interrupt lost with the previous back-end would stall the driver
+            loop.signal()  # an interrupt lost with the previous back-end would stall the driver
 
     def _initial_state(self, ring: _Ring, num: int, packed: bool, used_gpa: int) -> QueueState:
         base = ring.base
@@ -1043,7 +774,7 @@ class Backend:
             self.device.stop_queue(ring.index)
         finally:
             ring.vq = None
-            ring.handle = None
+            ring.loop = None
         _add_stats(ring.totals, vq.stats)
         try:
             vq.flush()  # a device that left completions unpublished: publish them now
@@ -1062,7 +793,7 @@ class Backend:
         ring.counters.errors += 1
         ring.failed = True
         if isinstance(exc, QueueError):
-            log.error("%s: guest ring error, ring retired: %s: %s", ring.handle.name if ring.handle else index,
+            log.error("%s: guest ring error, ring retired: %s: %s", ring.loop.vq.name if ring.loop else index,
                       type(exc).__name__, exc)
         fd = ring.err_fd
         if fd is not None:
@@ -1121,8 +852,5 @@ __all__ = [
     "BASE_PROTOCOL_FEATURES",
     "MAX_MEM_SLOTS",
     "Backend",
-    "QueueCounters",
-    "QueueHandle",
-    "QueueWorker",
-    "VirtioDevice",
+    "protocol_features_for",
 ]
