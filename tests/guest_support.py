@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 
-from pyvirtio.guest import find_kernel
+from pyvirtio.bench.harness import find_kernel
 
 
 def missing_requirements(*tools: str, why_root: str = "") -> str | None:

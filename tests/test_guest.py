@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from guest_support import missing_requirements, pid_alive
-from pyvirtio.guest import (
+from pyvirtio.bench.harness import (
     Guest,
     GuestTimeout,
     NetNamespace,

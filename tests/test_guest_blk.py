@@ -36,7 +36,7 @@ from pathlib import Path
 import pytest
 
 from guest_support import missing_requirements, pid_alive
-from pyvirtio.guest import DEFAULT_MODULES, Guest, build_initramfs, vhost_user_blk_args
+from pyvirtio.bench.harness import DEFAULT_MODULES, Guest, build_initramfs, vhost_user_blk_args
 
 pytestmark = pytest.mark.guest
 

@@ -18,7 +18,7 @@ def test_asyncio_runner_serves_kicked_batches_and_interrupts_once_per_batch(ring
     pair = QueuePair(ring, 32, event_idx=True)
     kick = os.eventfd(0, os.EFD_NONBLOCK)
     call = os.eventfd(0, os.EFD_NONBLOCK)
-    loop = QueueLoop(pair.vq, Kick(kick), eventfd_call(call))
+    qloop = QueueLoop(pair.vq, Kick(kick), eventfd_call(call))
     done: list[tuple[object, int]] = []
 
     def handler(chains):
@@ -26,7 +26,7 @@ def test_asyncio_runner_serves_kicked_batches_and_interrupts_once_per_batch(ring
             return [(chains, 0)]
         return [(c, 0) for c in chains]
 
-    loop.attach(lambda q: CallbackService(q, handler, batch=64, bulk=bulk))
+    qloop.attach(lambda q: CallbackService(q, handler, batch=64, bulk=bulk))
 
     async def driver() -> None:
         loop = asyncio.get_running_loop()
@@ -48,21 +48,21 @@ def test_asyncio_runner_serves_kicked_batches_and_interrupts_once_per_batch(ring
                     os.eventfd_read(call)
         finally:
             loop.remove_reader(call)
-            loop.stopping = True
+            qloop.stopping = True
             os.eventfd_write(kick, 1)
 
     async def main() -> None:
-        serve = asyncio.create_task(loop.run_async())
+        serve = asyncio.create_task(qloop.run_async())
         await driver()
         await asyncio.wait_for(serve, 5)
 
     try:
         asyncio.run(main())
     finally:
-        loop.close()
+        qloop.close()
         os.close(kick)
         os.close(call)
     assert len(done) == 160
-    assert loop.counters.sleeps >= 1
+    assert qloop.counters.sleeps >= 1
     # one interrupt decision per published batch at most
-    assert loop.counters.interrupts <= pair.vq.stats.publishes
+    assert qloop.counters.interrupts <= pair.vq.stats.publishes

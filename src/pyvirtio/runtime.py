@@ -141,6 +141,11 @@ class Service:
         """Fds whose readability should wake the loop while it sleeps."""
         return ()
 
+    def timer(self) -> float | None:
+        """Seconds until the device wants `progress` called again while the
+        loop sleeps (a timer); None: no timer."""
+        return None
+
     def before_sleep(self) -> bool:
         """About to sleep: announce it to the device's producers and
         re-check them; True cancels the sleep (something arrived)."""
@@ -409,8 +414,15 @@ class QueueLoop:
         return fds
 
     def sleep_timeout(self) -> float | None:
-        """None: sleep until woken. Polling mode naps instead of waiting for a kick."""
-        return self.POLL_NAP if self._armed and self._kick is None else None
+        """None: sleep until woken. Polling mode naps instead of waiting for
+        a kick; a device timer bounds the sleep too."""
+        t = self.POLL_NAP if self._armed and self._kick is None else None
+        svc = self.service
+        if svc is not None:
+            d = svc.timer()
+            if d is not None and (t is None or d < t):
+                t = max(d, 0.0)
+        return t
 
     def woke(self) -> None:
         """Call after the sleep `step()` asked for ended."""

@@ -204,15 +204,110 @@ def is_power_of_two(n: int) -> bool:
     return n > 0 and (n & (n - 1)) == 0
 
 
-def features_str(bits: int, names: type[enum.IntFlag] = Feature) -> str:
-    """Human-readable list of the known bits in `bits`, unknown ones in hex."""
+def features_str(bits: int, *families: type[enum.IntFlag]) -> str:
+    """Human-readable list of the known bits in `bits`: each device family
+    given (`NetFeature`, `BlkFeature`, ...), the ring/transport bits
+    (`Feature`), bit 30 as vhost-user's PROTOCOL_FEATURES, unknown ones in
+    hex. One printer for every device."""
     known = 0
     parts = []
-    for member in names:
-        if member.value and bits & member.value == member.value:
-            parts.append(member.name or hex(member.value))
-            known |= member.value
+    fams: list[type[enum.IntFlag]] = [*families, Feature]
+    for names in fams:
+        for member in names:
+            v = member.value
+            if v and not known & v and bits & v == v:
+                parts.append(member.name or hex(v))
+                known |= v
+    if bits & (1 << 30) and not known & (1 << 30):
+        parts.append("PROTOCOL_FEATURES")
+        known |= 1 << 30
     rest = bits & ~known
     if rest:
         parts.append(hex(rest))
     return "|".join(parts) if parts else "0"
+
+
+# --- virtio-net (virtio 1.2 5.1) ----------------------------------------------------------
+
+#: virtio_net_hdr: flags u8, gso_type u8, hdr_len u16, gso_size u16,
+#: csum_start u16, csum_offset u16, num_buffers u16 (12-byte form)
+NET_HDR = struct.Struct("<BBHHHHH")
+NET_HDR_SIZE = 12
+LEGACY_NET_HDR_SIZE = 10
+HDR_F_NEEDS_CSUM = 1
+HDR_F_DATA_VALID = 2
+GSO_NONE = 0
+GSO_TCPV4 = 1
+GSO_UDP = 3
+GSO_TCPV6 = 4
+GSO_ECN = 0x80
+_U16 = struct.Struct("<H")
+
+# control queue (5.1.6.5)
+CTRL_RX = 0
+CTRL_MAC = 1
+CTRL_VLAN = 2
+CTRL_ANNOUNCE = 3
+CTRL_MQ = 4
+CTRL_GUEST_OFFLOADS = 5
+CTRL_MQ_VQ_PAIRS_SET = 0
+CTRL_OK = 0
+CTRL_ERR = 1
+
+STATUS_LINK_UP = 1
+#: config: mac[6], status u16, max_virtqueue_pairs u16, mtu u16
+NET_CONFIG = struct.Struct("<6sHHH")
+
+
+# --- virtio-blk (virtio 1.2 5.2) ----------------------------------------------------------
+
+class BlkFeature(enum.IntFlag):
+    """virtio-blk device feature bits (virtio 1.2 5.2.3)."""
+
+    SIZE_MAX = 1 << 1
+    SEG_MAX = 1 << 2
+    GEOMETRY = 1 << 4
+    RO = 1 << 5
+    BLK_SIZE = 1 << 6
+    FLUSH = 1 << 9
+    TOPOLOGY = 1 << 10
+    CONFIG_WCE = 1 << 11
+    MQ = 1 << 12
+    DISCARD = 1 << 13
+    WRITE_ZEROES = 1 << 14
+    LIFETIME = 1 << 15
+    SECURE_ERASE = 1 << 16
+
+
+# request types (5.2.6)
+T_IN = 0
+T_OUT = 1
+T_FLUSH = 4
+T_GET_ID = 8
+T_GET_LIFETIME = 10
+T_DISCARD = 11
+T_WRITE_ZEROES = 13
+T_SECURE_ERASE = 14
+# status
+S_OK = 0
+S_IOERR = 1
+S_UNSUPP = 2
+
+SECTOR = 512
+ID_BYTES = 20
+#: request header: type u32, reserved u32, sector u64
+REQ_HDR = struct.Struct("<IIQ")
+#: DISCARD / WRITE_ZEROES segment: sector u64, num_sectors u32, flags u32 (bit 0: unmap)
+DWZ_SEG = struct.Struct("<QII")
+DWZ_UNMAP = 1
+
+#: virtio_blk_config up to the secure-erase fields (72 bytes): capacity u64,
+#: size_max u32, seg_max u32, geometry (cylinders u16, heads u8, sectors u8),
+#: blk_size u32, topology (physical_block_exp u8, alignment_offset u8,
+#: min_io_size u16, opt_io_size u32), wce u8, unused u8, num_queues u16,
+#: max_discard_sectors u32, max_discard_seg u32, discard_sector_alignment u32,
+#: max_write_zeroes_sectors u32, max_write_zeroes_seg u32,
+#: write_zeroes_may_unmap u8, 3 unused, max_secure_erase_sectors u32,
+#: max_secure_erase_seg u32, secure_erase_sector_alignment u32
+BLK_CONFIG = struct.Struct("<QIIHBBIBBHIBBHIIIIIB3xIII")
+CONFIG_WCE_OFFSET = 32

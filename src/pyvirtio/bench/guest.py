@@ -39,10 +39,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pyvirtio.guest.backend import queue_deltas
-from pyvirtio.guest.initramfs import InitramfsError, find_kernel
-from pyvirtio.guest.iperf import TESTS
-from pyvirtio.guest.network import BACKENDS, GuestNetwork, NetVariant
+from pyvirtio.bench.harness.backend import queue_deltas
+from pyvirtio.bench.harness.initramfs import InitramfsError, find_kernel
+from pyvirtio.bench.harness.iperf import TESTS
+from pyvirtio.bench.harness.network import BACKENDS, GuestNetwork, NetVariant
 
 log = logging.getLogger(__name__)
 

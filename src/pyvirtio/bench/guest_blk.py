@@ -113,7 +113,7 @@ def _backend_cpu(pid: int | None, qemu_pid: int | None) -> float:
 def _disk(target: str, cfg: BlkBenchConfig, image: Path, work: Path) -> Iterator[tuple[list[str], int | None]]:
     """Start the target's back-end (if it has one); yield QEMU's device
     arguments and the back-end's pid (None: in QEMU)."""
-    from pyvirtio.guest import builtin_blk_args, vhost_user_blk_args
+    from pyvirtio.bench.harness import builtin_blk_args, vhost_user_blk_args
 
     if target not in TARGETS:
         raise ValueError(f"unknown target {target!r} (one of {', '.join(TARGETS)})")
@@ -157,7 +157,7 @@ def _timed(guest: Any, cmd: str, timeout: float) -> float:
 
 
 def _measure(target: str, cfg: BlkBenchConfig, image: Path, work: Path) -> dict[str, Any]:
-    from pyvirtio.guest import Guest
+    from pyvirtio.bench.harness import Guest
 
     with (_disk(target, cfg, image, work) as (device_args, pid),
           Guest(device_args=device_args, smp=cfg.smp, memory_mib=cfg.memory_mib, log_dir=work / target) as g):

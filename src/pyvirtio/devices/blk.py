@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import enum
 import errno
 import fcntl
 import logging
@@ -60,80 +59,30 @@ from typing import Any
 from pyvirtio.queue import Chain
 from pyvirtio.queue.chain import IovChain
 from pyvirtio.runtime import Completion, Queue, QueueLoop, Service, VirtioDevice
-from pyvirtio.spec import Feature, features_str
+from pyvirtio.spec import (
+    BLK_CONFIG,
+    CONFIG_WCE_OFFSET,
+    DWZ_SEG,
+    DWZ_UNMAP,
+    ID_BYTES,
+    REQ_HDR,
+    S_IOERR,
+    S_OK,
+    S_UNSUPP,
+    SECTOR,
+    T_DISCARD,
+    T_FLUSH,
+    T_GET_ID,
+    T_IN,
+    T_OUT,
+    T_WRITE_ZEROES,
+    BlkFeature,
+    Feature,
+    features_str,
+)
 
 log = logging.getLogger(__name__)
 
-
-class BlkFeature(enum.IntFlag):
-    """virtio-blk device feature bits (virtio 1.2 5.2.3)."""
-
-    SIZE_MAX = 1 << 1
-    SEG_MAX = 1 << 2
-    GEOMETRY = 1 << 4
-    RO = 1 << 5
-    BLK_SIZE = 1 << 6
-    FLUSH = 1 << 9
-    TOPOLOGY = 1 << 10
-    CONFIG_WCE = 1 << 11
-    MQ = 1 << 12
-    DISCARD = 1 << 13
-    WRITE_ZEROES = 1 << 14
-    LIFETIME = 1 << 15
-    SECURE_ERASE = 1 << 16
-
-
-class _AllFeatures(enum.IntFlag):
-    """For `features_str`: ring and blk bits together."""
-
-    SIZE_MAX = BlkFeature.SIZE_MAX
-    SEG_MAX = BlkFeature.SEG_MAX
-    RO = BlkFeature.RO
-    BLK_SIZE = BlkFeature.BLK_SIZE
-    FLUSH = BlkFeature.FLUSH
-    TOPOLOGY = BlkFeature.TOPOLOGY
-    CONFIG_WCE = BlkFeature.CONFIG_WCE
-    MQ = BlkFeature.MQ
-    DISCARD = BlkFeature.DISCARD
-    WRITE_ZEROES = BlkFeature.WRITE_ZEROES
-    INDIRECT_DESC = Feature.RING_INDIRECT_DESC
-    EVENT_IDX = Feature.RING_EVENT_IDX
-    VERSION_1 = Feature.VERSION_1
-    RING_PACKED = Feature.RING_PACKED
-
-
-# request types (5.2.6)
-T_IN = 0
-T_OUT = 1
-T_FLUSH = 4
-T_GET_ID = 8
-T_GET_LIFETIME = 10
-T_DISCARD = 11
-T_WRITE_ZEROES = 13
-T_SECURE_ERASE = 14
-# status
-S_OK = 0
-S_IOERR = 1
-S_UNSUPP = 2
-
-SECTOR = 512
-ID_BYTES = 20
-#: request header: type u32, reserved u32, sector u64
-REQ_HDR = struct.Struct("<IIQ")
-#: DISCARD / WRITE_ZEROES segment: sector u64, num_sectors u32, flags u32 (bit 0: unmap)
-DWZ_SEG = struct.Struct("<QII")
-DWZ_UNMAP = 1
-
-#: virtio_blk_config up to the secure-erase fields (72 bytes): capacity u64,
-#: size_max u32, seg_max u32, geometry (cylinders u16, heads u8, sectors u8),
-#: blk_size u32, topology (physical_block_exp u8, alignment_offset u8,
-#: min_io_size u16, opt_io_size u32), wce u8, unused u8, num_queues u16,
-#: max_discard_sectors u32, max_discard_seg u32, discard_sector_alignment u32,
-#: max_write_zeroes_sectors u32, max_write_zeroes_seg u32,
-#: write_zeroes_may_unmap u8, 3 unused, max_secure_erase_sectors u32,
-#: max_secure_erase_seg u32, secure_erase_sector_alignment u32
-BLK_CONFIG = struct.Struct("<QIIHBBIBBHIBBHIIIIIB3xIII")
-CONFIG_WCE_OFFSET = 32
 
 #: the largest number of iovecs one preadv/pwritev takes (UIO_MAXIOV)
 IOV_MAX = 1024
@@ -497,7 +446,7 @@ class BlkDevice(VirtioDevice):
     def set_features(self, features: int) -> None:
         self.negotiated = features
         self._update_cache_mode()
-        log.info("blk: features %s", features_str(features, _AllFeatures))
+        log.info("blk: features %s", features_str(features, BlkFeature))
 
     def _update_cache_mode(self) -> None:
         # Without CONFIG_WCE the mode follows FLUSH: writeback iff FLUSH (5.2.5.1).
@@ -536,7 +485,7 @@ class BlkDevice(VirtioDevice):
         return {"image": self.path, "capacity_sectors": self.capacity, "read_only": self.read_only,
                 "direct": self.direct, "io_threads": self.io_threads,
                 "write_cache": "writethrough" if self.writethrough else "writeback",
-                "negotiated": features_str(self.negotiated, _AllFeatures), "requests": self.counts.as_dict()}
+                "negotiated": features_str(self.negotiated, BlkFeature), "requests": self.counts.as_dict()}
 
     # -- requests ----------------------------------------------------------------------------
 

@@ -25,7 +25,6 @@ allocation beyond the queue engine's own.
 
 from __future__ import annotations
 
-import enum
 import fcntl
 import logging
 import os
@@ -40,66 +39,35 @@ import numpy as np
 from pyvirtio.queue import Chain
 from pyvirtio.queue.bulk import Bulk
 from pyvirtio.runtime import Completion, Queue, QueueCounters, QueueLoop, Service, VirtioDevice
-from pyvirtio.spec import Feature, NetFeature, features_str
+from pyvirtio.spec import (
+    _U16,
+    CTRL_ANNOUNCE,
+    CTRL_ERR,
+    CTRL_GUEST_OFFLOADS,
+    CTRL_MAC,
+    CTRL_MQ,
+    CTRL_MQ_VQ_PAIRS_SET,
+    CTRL_OK,
+    CTRL_RX,
+    CTRL_VLAN,
+    GSO_ECN,
+    GSO_NONE,
+    GSO_TCPV4,
+    GSO_TCPV6,
+    GSO_UDP,
+    HDR_F_NEEDS_CSUM,
+    LEGACY_NET_HDR_SIZE,
+    NET_CONFIG,
+    NET_HDR,
+    NET_HDR_SIZE,
+    STATUS_LINK_UP,
+    Feature,
+    NetFeature,
+    features_str,
+)
 
 log = logging.getLogger(__name__)
 
-
-class _AllFeatures(enum.IntFlag):
-    """For `features_str`: ring and net bits together."""
-
-    CSUM = NetFeature.CSUM
-    GUEST_CSUM = NetFeature.GUEST_CSUM
-    MTU = NetFeature.MTU
-    MAC = NetFeature.MAC
-    GUEST_TSO4 = NetFeature.GUEST_TSO4
-    GUEST_TSO6 = NetFeature.GUEST_TSO6
-    GUEST_ECN = NetFeature.GUEST_ECN
-    GUEST_UFO = NetFeature.GUEST_UFO
-    HOST_TSO4 = NetFeature.HOST_TSO4
-    HOST_TSO6 = NetFeature.HOST_TSO6
-    HOST_ECN = NetFeature.HOST_ECN
-    HOST_UFO = NetFeature.HOST_UFO
-    MRG_RXBUF = NetFeature.MRG_RXBUF
-    STATUS = NetFeature.STATUS
-    CTRL_VQ = NetFeature.CTRL_VQ
-    MQ = NetFeature.MQ
-    ANY_LAYOUT = Feature.ANY_LAYOUT
-    INDIRECT_DESC = Feature.RING_INDIRECT_DESC
-    EVENT_IDX = Feature.RING_EVENT_IDX
-    PROTOCOL_FEATURES = 1 << 30
-    VERSION_1 = Feature.VERSION_1
-    RING_PACKED = Feature.RING_PACKED
-
-
-#: virtio_net_hdr: flags u8, gso_type u8, hdr_len u16, gso_size u16,
-#: csum_start u16, csum_offset u16, num_buffers u16 (12-byte form)
-NET_HDR = struct.Struct("<BBHHHHH")
-NET_HDR_SIZE = 12
-LEGACY_NET_HDR_SIZE = 10
-HDR_F_NEEDS_CSUM = 1
-HDR_F_DATA_VALID = 2
-GSO_NONE = 0
-GSO_TCPV4 = 1
-GSO_UDP = 3
-GSO_TCPV6 = 4
-GSO_ECN = 0x80
-_U16 = struct.Struct("<H")
-
-# control queue (5.1.6.5)
-CTRL_RX = 0
-CTRL_MAC = 1
-CTRL_VLAN = 2
-CTRL_ANNOUNCE = 3
-CTRL_MQ = 4
-CTRL_GUEST_OFFLOADS = 5
-CTRL_MQ_VQ_PAIRS_SET = 0
-CTRL_OK = 0
-CTRL_ERR = 1
-
-STATUS_LINK_UP = 1
-#: config: mac[6], status u16, max_virtqueue_pairs u16, mtu u16
-NET_CONFIG = struct.Struct("<6sHHH")
 
 #: the largest frame a guest may hand over with TSO/UFO (64 KiB + Ethernet header)
 MAX_GSO_FRAME = 65536 + 14 + 4
@@ -876,7 +844,7 @@ class NetDevice(VirtioDevice):
         self.negotiated = features
         self.hdr_len = NET_HDR_SIZE if features & (Feature.VERSION_1 | NetFeature.MRG_RXBUF) else LEGACY_NET_HDR_SIZE
         self.port.configure(features, self.hdr_len)
-        log.info("net: features %s, header %d bytes", features_str(features, _AllFeatures), self.hdr_len)
+        log.info("net: features %s, header %d bytes", features_str(features, NetFeature), self.hdr_len)
 
     def set_mtu(self, mtu: int) -> bool:
         if not 68 <= mtu <= 65535:
@@ -908,7 +876,7 @@ class NetDevice(VirtioDevice):
     def stats(self) -> dict[str, Any]:
         return {"backend": self.backend_spec, "queue_pairs": self.pairs, "active_pairs": self.active_pairs,
                 "mtu": self.mtu, "mac": self.mac.hex(":"), "header": self.hdr_len,
-                "negotiated": features_str(self.negotiated, _AllFeatures), **self.port.stats()}
+                "negotiated": features_str(self.negotiated, NetFeature), **self.port.stats()}
 
     # -- control queue ------------------------------------------------------------
 

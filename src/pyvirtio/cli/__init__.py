@@ -1,4 +1,5 @@
-"""The `pyvirtio` command. The CLI owns the terminal; the library never prints."""
+"""The `pyvirtio` command: every front end lives in this package (one module
+a command family). The CLI owns the terminal; the library never prints."""
 
 from __future__ import annotations
 
@@ -6,17 +7,9 @@ import argparse
 import json
 import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
-
-def _csv(choices: Sequence[str]) -> Callable[[str], list[str]]:
-    def parse(text: str) -> list[str]:
-        items = [t.strip() for t in text.split(",") if t.strip()]
-        for t in items:
-            if t not in choices:
-                raise argparse.ArgumentTypeError(f"{t!r} is not one of {', '.join(choices)}")
-        return items
-    return parse
+from pyvirtio.cli.common import csv_list
 
 
 def _bench_queue(args: argparse.Namespace) -> int:
@@ -40,8 +33,8 @@ def _bench_queue(args: argparse.Namespace) -> int:
     return 1 if any(r["lost"] for r in results) else 0
 
 
-_COMMAND_MODULES: list[str] = ["pyvirtio.driver.frontend_cli", "pyvirtio.devices.net_cli", "pyvirtio.devices.blk_cli",
-                                 "pyvirtio.bench.guest_cli"]
+#: the command modules of this package; each exposes register(sub, bench_sub)
+_COMMAND_MODULES: list[str] = ["pyvirtio.cli.frontend", "pyvirtio.cli.net", "pyvirtio.cli.blk", "pyvirtio.cli.guest"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,9 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks that print numbers")
     bsub = bench.add_subparsers(dest="bench", required=True)
     q = bsub.add_parser("queue", help="the virtqueue engine against the Python driver (no VM)")
-    q.add_argument("--ring", type=_csv(["split", "packed"]), default=["split", "packed"],
+    q.add_argument("--ring", type=csv_list(["split", "packed"]), default=["split", "packed"],
                    help="split, packed or both (comma list; default both)")
-    q.add_argument("--policy", type=_csv(["lazy", "eager"]), default=["lazy", "eager"],
+    q.add_argument("--policy", type=csv_list(["lazy", "eager"]), default=["lazy", "eager"],
                    help="lazy, eager or both (comma list; default both, side by side)")
     q.add_argument("--batch", type=int, default=32, help="requests the driver posts per kick (default 32)")
     q.add_argument("--requests", type=int, default=100_000, help="requests per run (default 100000)")
@@ -68,8 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="driver in another process with real eventfds (real concurrency)")
     q.add_argument("--json", action="store_true", help="one JSON object (a list for several runs)")
     q.set_defaults(func=_bench_queue)
-    # Other commands live beside the code they drive; each module exposes
-    # register(sub, bench_sub) adding its parsers with set_defaults(func=...).
+    # Each command module adds its parsers with set_defaults(func=...).
     import importlib
     for mod in _COMMAND_MODULES:
         importlib.import_module(mod).register(sub, bsub)

@@ -7,21 +7,9 @@ import json
 import sys
 from typing import Any
 
-from pyvirtio.guest.iperf import TESTS
-from pyvirtio.guest.network import BACKENDS
-
-
-def _csv(choices: tuple[str, ...] | list[str]) -> Any:
-    def parse(text: str) -> list[str]:
-        items = [t.strip() for t in text.split(",") if t.strip()]
-        if not items:
-            raise argparse.ArgumentTypeError("empty list")
-        for t in items:
-            if t not in choices:
-                raise argparse.ArgumentTypeError(f"{t!r} is not one of {', '.join(choices)}")
-        return items
-
-    return parse
+from pyvirtio.bench.harness.iperf import TESTS
+from pyvirtio.bench.harness.network import BACKENDS
+from pyvirtio.cli.common import csv_list
 
 
 def register(sub: Any, bench_sub: Any) -> None:
@@ -38,7 +26,7 @@ def register(sub: Any, bench_sub: Any) -> None:
     )
     p.add_argument(
         "--backends",
-        type=_csv(BACKENDS),
+        type=csv_list(BACKENDS),
         default=list(BACKENDS),
         help="comma list of lazy, eager, builtin (default all three)",
     )
@@ -47,7 +35,7 @@ def register(sub: Any, bench_sub: Any) -> None:
     p.add_argument("--repeat", type=int, default=3, help="runs of each test per back-end (default 3)")
     p.add_argument(
         "--tests",
-        type=_csv(list(TESTS)),
+        type=csv_list(list(TESTS)),
         default=list(TESTS),
         help=f"comma list of {', '.join(TESTS)} (default all)",
     )
@@ -101,7 +89,7 @@ def _run(args: argparse.Namespace) -> int:
 
         return main_from_guest_args(args)
     from pyvirtio.bench.guest import GuestBenchConfig, format_table, plot, run
-    from pyvirtio.guest.network import missing_requirements
+    from pyvirtio.bench.harness.network import missing_requirements
 
     missing = missing_requirements()
     if missing:

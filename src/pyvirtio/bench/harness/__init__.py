@@ -21,14 +21,14 @@ Everything here needs root, QEMU, a guest kernel in /boot, busybox-static
 and iperf3 (`scripts/setup.sh --peers`).
 """
 
-from pyvirtio.guest.backend import (
+from pyvirtio.bench.harness.backend import (
     BackendError,
     PyvirtioNetBackend,
     queue_counters,
     queue_deltas,
     ring_errors,
 )
-from pyvirtio.guest.initramfs import (
+from pyvirtio.bench.harness.initramfs import (
     DEFAULT_CACHE_DIR,
     DEFAULT_MODULES,
     InitramfsError,
@@ -37,7 +37,7 @@ from pyvirtio.guest.initramfs import (
     extract_vmlinux,
     find_kernel,
 )
-from pyvirtio.guest.iperf import (
+from pyvirtio.bench.harness.iperf import (
     TESTS,
     IperfError,
     IperfResult,
@@ -45,15 +45,15 @@ from pyvirtio.guest.iperf import (
     parse_iperf_json,
     run_iperf,
 )
-from pyvirtio.guest.netns import (
+from pyvirtio.bench.harness.netns import (
     NetNamespace,
     NetNamespaceError,
     netns_exists,
     remove_stale_namespaces,
     wrap_command,
 )
-from pyvirtio.guest.network import BACKENDS, RINGS, GuestNetwork, NetVariant, feature_bit
-from pyvirtio.guest.qemu import (
+from pyvirtio.bench.harness.network import BACKENDS, RINGS, GuestNetwork, NetVariant, feature_bit
+from pyvirtio.bench.harness.qemu import (
     Guest,
     GuestError,
     GuestExited,

@@ -31,7 +31,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-from pyvirtio.guest.netns import NetNamespace, wrap_command
+from pyvirtio.bench.harness.netns import NetNamespace, wrap_command
 
 log = logging.getLogger(__name__)
 

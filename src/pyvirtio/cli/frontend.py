@@ -12,17 +12,7 @@ import json
 import sys
 from typing import Any
 
-
-def _csv(choices: list[str]) -> Any:
-    def parse(text: str) -> list[str]:
-        items = [t.strip() for t in text.split(",") if t.strip()]
-        for t in items:
-            if t not in choices:
-                raise argparse.ArgumentTypeError(f"{t!r} is not one of {', '.join(choices)}")
-        if not items:
-            raise argparse.ArgumentTypeError("empty list")
-        return items
-    return parse
+from pyvirtio.cli.common import csv_list
 
 
 def _cpus(text: str) -> tuple[int, int]:
@@ -73,7 +63,7 @@ def register(sub: Any, bench_sub: Any) -> None:
     """Add `probe` to `sub` and `net`, `dpdk` to `bench_sub`."""
     p = sub.add_parser("probe", help="show what a vhost-user-net back-end offers and run conformance checks")
     p.add_argument("--socket-path", required=True, help="the back-end's listening socket")
-    p.add_argument("--ring", type=_csv(["split", "packed"]), default=["split", "packed"],
+    p.add_argument("--ring", type=csv_list(["split", "packed"]), default=["split", "packed"],
                    help="ring formats to check (comma list; default both, packed skipped if not offered)")
     p.add_argument("--frames", type=int, default=64, help="frames per traffic check (default 64)")
     p.add_argument("--size", type=int, default=64, help="frame size in bytes (default 64)")
@@ -102,11 +92,11 @@ def register(sub: Any, bench_sub: Any) -> None:
                    help="tx: txonly into a sink; rx: rxonly from a generator; fwd: forwarding through loopback")
     d.add_argument("--ring", choices=["split", "packed"], default="split")
     d.add_argument("--seconds", type=float, default=5.0, help="measured seconds per run (after warm-up)")
-    d.add_argument("--policy", type=_csv(["lazy", "eager"]), default=["lazy"],
+    d.add_argument("--policy", type=csv_list(["lazy", "eager"]), default=["lazy"],
                    help="pyvirtio notification policies to run (comma list; default lazy)")
     d.add_argument("--size", type=int, default=64, help="frame size in bytes (default 64)")
     d.add_argument("--cpus", type=_cpus, default=(0, 1), help="BACKEND,FRONTEND CPUs (default 0,1)")
-    d.add_argument("--against", type=_csv(["pyvirtio", "dpdk"]), default=["pyvirtio", "dpdk"],
+    d.add_argument("--against", type=csv_list(["pyvirtio", "dpdk"]), default=["pyvirtio", "dpdk"],
                    help="back-ends to run (default both)")
     d.add_argument("--in-order", type=int, choices=[0, 1], default=None, help="virtio-user in_order devarg")
     d.add_argument("--queue-size", type=int, default=None,

@@ -1,5 +1,6 @@
-"""What the device commands (`pyvirtio net`, `pyvirtio blk`) share: the
-stats JSON lines and serving one device's back-end until SIGTERM."""
+"""What the commands share: comma lists, and for the device commands
+(`pyvirtio net`, `pyvirtio blk`, ...) the serving options, the stats JSON
+lines and serving one device's back-end until SIGTERM."""
 
 from __future__ import annotations
 
@@ -9,9 +10,23 @@ import json
 import logging
 import signal
 import sys
+from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
 log = logging.getLogger(__name__)
+
+
+def csv_list(choices: Sequence[str] | None = None) -> Callable[[str], list[str]]:
+    """An argparse type for a comma list ("a,b"), each item one of `choices` if given."""
+    def parse(text: str) -> list[str]:
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError("an empty list")
+        for t in items:
+            if choices is not None and t not in choices:
+                raise argparse.ArgumentTypeError(f"{t!r} is not one of {', '.join(choices)}")
+        return items
+    return parse
 
 
 def add_serving_args(p: argparse.ArgumentParser, capabilities_help: str) -> None:

@@ -40,7 +40,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-from pyvirtio.guest.initramfs import (
+from pyvirtio.bench.harness.initramfs import (
     BEGIN_MARKER,
     DONE_RE,
     READY_MARKER,
@@ -51,7 +51,7 @@ from pyvirtio.guest.initramfs import (
     find_kernel,
     kernel_supports_pvh,
 )
-from pyvirtio.guest.netns import wrap_command
+from pyvirtio.bench.harness.netns import wrap_command
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ import os
 import sys
 from typing import Any
 
-from pyvirtio.devices._cli_common import add_serving_args, early_exit, serve_device
+from pyvirtio.cli.common import add_serving_args, early_exit, serve_device
 
 log = logging.getLogger(__name__)
 

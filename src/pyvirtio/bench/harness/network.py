@@ -38,11 +38,11 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-from pyvirtio.guest.backend import PyvirtioNetBackend
-from pyvirtio.guest.initramfs import InitramfsError, find_busybox, find_kernel
-from pyvirtio.guest.iperf import DEFAULT_PORT, IperfResult, IperfServer, run_iperf
-from pyvirtio.guest.netns import NetNamespace
-from pyvirtio.guest.qemu import Guest, GuestError, builtin_net_args, vhost_user_net_args
+from pyvirtio.bench.harness.backend import PyvirtioNetBackend
+from pyvirtio.bench.harness.initramfs import InitramfsError, find_busybox, find_kernel
+from pyvirtio.bench.harness.iperf import DEFAULT_PORT, IperfResult, IperfServer, run_iperf
+from pyvirtio.bench.harness.netns import NetNamespace
+from pyvirtio.bench.harness.qemu import Guest, GuestError, builtin_net_args, vhost_user_net_args
 
 log = logging.getLogger(__name__)
 
@@ -258,7 +258,7 @@ class GuestNetwork:
         return self.server
 
     def iperf(self, test: str, seconds: float, *, omit: int = 1, parallel: int | None = None) -> IperfResult:
-        """Run one iperf3 test (see `pyvirtio.guest.iperf.TESTS`); starts the server on first use."""
+        """Run one iperf3 test (see `pyvirtio.bench.harness.iperf.TESTS`); starts the server on first use."""
         ns, guest = self._need()
         self.start_iperf_server()
         streams = parallel if parallel is not None else self.variant.queues

@@ -25,8 +25,8 @@ from dataclasses import asdict, dataclass
 from types import TracebackType
 from typing import Any, Self
 
-from pyvirtio.guest.netns import NetNamespace
-from pyvirtio.guest.qemu import Guest, GuestError
+from pyvirtio.bench.harness.netns import NetNamespace
+from pyvirtio.bench.harness.qemu import Guest, GuestError
 
 #: test name -> iperf3 client flags
 TESTS: dict[str, str] = {"tcp_tx": "", "tcp_rx": "-R", "udp_tx": "-u -b 0"}

@@ -9,7 +9,7 @@ import os
 import sys
 from typing import Any
 
-from pyvirtio.devices._cli_common import add_serving_args, early_exit, serve_device
+from pyvirtio.cli.common import add_serving_args, csv_list, early_exit, serve_device
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def register(sub: Any, bench_sub: Any) -> None:
         description="Boot the same guest (QEMU 7.2, TCG) once per disk back-end over the same image file and "
                     "time dd in it: sequential write and read (direct, 1 MiB) and 4 KiB direct reads. "
                     "Needs root and QEMU; prints a table with ratios to qemu-storage-daemon.")
-    b.add_argument("--targets", default=",".join(TARGETS),
+    b.add_argument("--targets", type=csv_list(TARGETS), default=list(TARGETS),
                    help=f"comma list of {', '.join(TARGETS)} (default all)")
     b.add_argument("--rounds", type=int, default=1, help="cycle the targets N times, keep the best (default 1)")
     b.add_argument("--write-mib", type=int, default=512, help="MiB written with dd (default 512)")
@@ -61,13 +61,9 @@ def register(sub: Any, bench_sub: Any) -> None:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from pyvirtio.bench.guest_blk import TARGETS, BenchError, BlkBenchConfig, format_table, run
+    from pyvirtio.bench.guest_blk import BenchError, BlkBenchConfig, format_table, run
 
-    targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
-    bad = [t for t in targets if t not in TARGETS]
-    if bad:
-        print(f"pyvirtio bench guest-blk: unknown target(s) {', '.join(bad)}", file=sys.stderr)
-        return 2
+    targets = tuple(args.targets)
     cfg = BlkBenchConfig(targets=targets, write_mib=args.write_mib, read_mib=args.read_mib,
                          read_passes=max(1, args.read_passes), image_mib=max(args.write_mib, args.read_mib),
                          read4k_count=args.read4k_count,
