@@ -29,7 +29,6 @@ import pytest
 
 from guest_support import missing_requirements, pid_alive
 from pyvirtio.bench.guest import GuestBenchConfig, format_table, per_frame, summarize
-from pyvirtio.devices.net import NetDevice
 from pyvirtio.bench.harness import (
     Guest,
     GuestNetwork,
@@ -45,6 +44,7 @@ from pyvirtio.bench.harness import (
     vhost_user_net_args,
 )
 from pyvirtio.bench.harness.iperf import IperfError, iperf_command
+from pyvirtio.devices.net import NetDevice
 from pyvirtio.spec import Feature
 from pyvirtio.vhost_user import Features, MemoryRegion, MemRegMsg, ProtocolFeature, Request
 from pyvirtio.vhost_user.backend import Backend
