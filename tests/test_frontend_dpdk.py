@@ -215,7 +215,7 @@ def test_bench_net_measures_our_frontend_through_dpdk(io_fwd):
 
 
 def test_bench_dpdk_runs_both_backends_in_one_run():
-    r = subprocess.run([sys.executable, "-m", "pyvirtio", "bench", "dpdk", "--mode", "tx", "--seconds", "1",
+    r = subprocess.run([sys.executable, "-m", "pyvirtio", "bench", "dpdk", "--mode", "tx", "--seconds", "2",
                         "--json"], check=False, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     res = json.loads(r.stdout)
