@@ -1,4 +1,4 @@
-"""What the device commands (`pyvirtio net`, `pyvirtio blk`) share: the
+"""What the device commands (`pyvirtio net`, `pyvirtio blk`, `pyvirtio rng`) share: the
 stats JSON lines and serving one device's back-end until SIGTERM."""
 
 from __future__ import annotations
@@ -63,10 +63,14 @@ class StatsWriter:
 def serve_device(command: str, device: Any, args: argparse.Namespace, started: str) -> int:
     """Serve `device` on --socket-path/--fd until SIGTERM; counters on
     SIGUSR1, every --stats-interval and at exit. `started` is logged once
-    the socket is ready. Returns the exit status."""
+    the socket is ready. `device` is a `pyvirtio.Device` or a
+    `VirtioDevice`. Returns the exit status."""
+    from pyvirtio.device import Device, _Adapter
     from pyvirtio.vhost_user.backend import Backend
     from pyvirtio.vhost_user.server import Server
 
+    if isinstance(device, Device):  # the public API's device, as the back-end sees devices
+        device = _Adapter(device)
     backend = Backend(device, policy=args.policy)
     stats = StatsWriter(backend, args.stats_file)
     try:
