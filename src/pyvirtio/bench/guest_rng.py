@@ -66,14 +66,15 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 @contextlib.contextmanager
-def rng_device(target: str, cfg: RngBenchConfig, work: Path) -> Iterator[list[str]]:
-    """Start the target's back-end (if it has one) and yield QEMU's device arguments."""
+def rng_device(target: str, cfg: RngBenchConfig, work: Path) -> Iterator[tuple[list[str], int | None]]:
+    """Start the target's back-end (if it has one); yield QEMU's device
+    arguments and the back-end's pid (None: in QEMU). Stopped by pid on exit."""
     from pyvirtio.guest import builtin_rng_args, vhost_user_rng_args
 
     if target not in TARGETS:
         raise ValueError(f"unknown target {target!r} (one of {', '.join(TARGETS)})")
     if target == "builtin":
-        yield builtin_rng_args(cfg.source)
+        yield builtin_rng_args(cfg.source), None
         return
     # (a unix socket path is at most 107 bytes: sockets go under /tmp, whatever the work directory)
     sock_dir = Path(tempfile.mkdtemp(prefix="pyvirtio-rngbench-"))
@@ -91,7 +92,7 @@ def rng_device(target: str, cfg: RngBenchConfig, work: Path) -> Iterator[list[st
             if time.monotonic() > deadline:
                 raise BenchError(f"pyvirtio rng did not create {sock}")
             time.sleep(0.02)
-        yield vhost_user_rng_args(sock)
+        yield vhost_user_rng_args(sock), proc.pid
     finally:
         _stop(proc)
         shutil.rmtree(sock_dir, ignore_errors=True)
@@ -116,7 +117,7 @@ def _measure(target: str, cfg: RngBenchConfig, work: Path) -> dict[str, Any]:
     from pyvirtio.guest import Guest, build_initramfs
 
     initrd = build_initramfs(modules=RNG_MODULES)
-    with (rng_device(target, cfg, work) as device_args,
+    with (rng_device(target, cfg, work) as (device_args, _pid),
           Guest(device_args=device_args, memory_mib=cfg.memory_mib, initrd=initrd, log_dir=work / target) as g):
         current = g.check("cat /sys/class/misc/hw_random/rng_current")
         if not current.startswith("virtio_rng"):
