@@ -27,7 +27,8 @@ def register(sub: Any, bench_sub: Any) -> None:
     p.add_argument("--max-bytes-per-second", type=int, default=0, metavar="N",
                    help="rate limit, to emulate a slow hardware RNG (default 0: none)")
     p.add_argument("--max-wait", type=float, default=1.0, metavar="S",
-                   help="longest wait for a slow source's first byte per request (default 1)")
+                   help="longest wait for a slow source's first byte per request, then the request is answered "
+                        "with 0 bytes (default 1; Linux 6.1's driver stops asking after such an answer)")
     p.set_defaults(func=_run)
 
     b = bench_sub.add_parser(
