@@ -11,6 +11,7 @@ import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -175,3 +176,30 @@ def test_counters_are_printed_at_exit(tmp_path: Path, pattern: tuple[Path, bytes
     last = json.loads(stats.read_text().splitlines()[-1])
     assert last["event"] == "exit"
     assert sum(q["packets"] for q in last["queues"]) == 5
+
+
+def test_inherited_listening_socket_is_served_with_fd(tmp_path: Path, pattern: tuple[Path, bytes]) -> None:
+    source, data = pattern
+    sock = tmp_path / "inherited.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(sock))
+    listener.listen(1)
+    fd = listener.fileno()
+    proc = subprocess.Popen([sys.executable, "-m", "pyvirtio", "rng", "--fd", str(fd), "--source", str(source)],
+                            pass_fds=(fd,))
+    listener.close()
+    try:
+        with frontend(sock) as fe:
+            assert answers(fe, [([], [64])]) == [data[:64]]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+
+
+def test_readme_shows_the_rng_device_class_as_it_is() -> None:
+    repo = Path(__file__).resolve().parents[1]
+    code = (repo / "src/pyvirtio/devices/rng.py").read_text()
+    cls = code[code.index("class RngDevice"):code.index("class _TokenBucket")].rstrip() + "\n"
+    readme = (repo / "README.md").read_text()
+    assert f"## Writing a device: virtio-rng in {len(cls.splitlines())} lines" in readme
+    assert f"```python\n{cls}```" in readme
