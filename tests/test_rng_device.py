@@ -113,7 +113,7 @@ def test_print_capabilities_names_the_vhost_user_rng_type() -> None:
 def test_guest_buffers_get_the_source_bytes_in_order(tmp_path: Path, pattern: tuple[Path, bytes],
                                                      packed: bool) -> None:
     source, data = pattern
-    chains = [([], [64])] * 8 + [([], [100, 1, 4000]), ([], [4096]), ([], [7, 9])] + [([], [64])] * 20
+    chains: list[tuple[list[int], list[int]]] = [([], [64])] * 8 + [([], [100, 1, 4000]), ([], [4096]), ([], [7, 9])] + [([], [64])] * 20
     with rng_backend(tmp_path, source) as sock, frontend(sock, packed) as fe:
         got = answers(fe, chains)
     assert [len(g) for g in got] == [sum(ins) for _, ins in chains]
