@@ -95,6 +95,11 @@ def answers(fe: NetFrontend, chains: list[tuple[list[int], list[int]]], timeout:
     return [got[i] for i in range(len(chains))]
 
 
+def into(*lengths: int) -> tuple[list[int], list[int]]:
+    """A request of device-writable buffers only, of these lengths."""
+    return [], list(lengths)
+
+
 @pytest.fixture
 def pattern(tmp_path: Path) -> tuple[Path, bytes]:
     data = random.Random(15).randbytes(256 * KiB)
@@ -113,7 +118,7 @@ def test_print_capabilities_names_the_vhost_user_rng_type() -> None:
 def test_guest_buffers_get_the_source_bytes_in_order(tmp_path: Path, pattern: tuple[Path, bytes],
                                                      packed: bool) -> None:
     source, data = pattern
-    chains: list[tuple[list[int], list[int]]] = [([], [64])] * 8 + [([], [100, 1, 4000]), ([], [4096]), ([], [7, 9])] + [([], [64])] * 20
+    chains = [into(64)] * 8 + [into(100, 1, 4000), into(4096), into(7, 9)] + [into(64)] * 20
     with rng_backend(tmp_path, source) as sock, frontend(sock, packed) as fe:
         got = answers(fe, chains)
     assert [len(g) for g in got] == [sum(ins) for _, ins in chains]
