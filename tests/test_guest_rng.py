@@ -4,6 +4,7 @@ driver under QEMU 7.2 (TCG, `vhost-user-rng-pci`, `vectors=0`).
 - the guest's hwrng is our device and /dev/hwrng gives exactly the bytes
   of the `--source` file (a seeded random pattern, found in the file);
 - `--max-bytes-per-second` holds in the guest;
+- Linux 6.1's driver never asks again after a zero-byte answer (a dry source);
 - `pyvirtio bench guest-rng` measures ours and QEMU's virtio-rng-pci.
 
 Deselected by default (root, QEMU, a kernel); run with
@@ -13,6 +14,8 @@ Deselected by default (root, QEMU, a kernel); run with
 
 from __future__ import annotations
 
+import json
+import os
 import random
 import time
 from collections import Counter
@@ -83,6 +86,31 @@ def test_rate_limit_holds_for_a_guest_reader(tmp_path: Path) -> None:
     print(f"\n16 KiB at {rate} B/s: {seconds:.2f} s")
     assert 16 * KiB / seconds < 1.5 * rate  # one second of burst, then the rate
     assert seconds > 2.5
+
+
+def test_linux_driver_stops_asking_after_an_empty_answer(tmp_path: Path) -> None:
+    """Why rng.py warns about sources that run dry: the first request (the
+    driver's, at probe) finds an empty FIFO and is answered with 0 bytes
+    after --max-wait; bytes written later are never asked for."""
+    fifo = tmp_path / "empty.fifo"
+    os.mkfifo(fifo)
+    stats = tmp_path / "stats.jsonl"
+    cfg = RngBenchConfig(source=str(fifo), pyvirtio_args=("--max-wait", "0.3", "--stats-file", str(stats)))
+    w = None
+    try:
+        with rng_device("pyvirtio", cfg, tmp_path) as (device_args, _pid):
+            w = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)  # a writer that has nothing yet
+            with Guest(device_args=device_args, initrd=build_initramfs(modules=RNG_MODULES), log_dir=tmp_path) as g:
+                assert g.check(f"cat {SYSFS}/rng_current").startswith("virtio_rng")
+                time.sleep(1.5)  # the probe's request was answered (empty) after --max-wait
+                os.write(w, bytes(4096))
+                rc, _ = g.run("timeout 3 dd if=/dev/hwrng of=/dev/null bs=64 count=1", timeout=30)
+    finally:
+        if w is not None:
+            os.close(w)
+    assert rc != 0  # dd was still waiting when `timeout` killed it
+    exit_stats = json.loads(stats.read_text().splitlines()[-1])
+    assert exit_stats["event"] == "exit" and exit_stats["totals"]["packets"] == 1
 
 
 def test_rng_bench_measures_ours_and_qemu_builtin(tmp_path: Path) -> None:
