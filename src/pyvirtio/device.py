@@ -81,6 +81,9 @@ class Device:
     def reset(self) -> None:
         """The driver reset the device or the front-end went away."""
 
+    def close(self) -> None:
+        """The process is done serving: release what the device holds."""
+
 
 class _HandlerService(Service):
     """Each request answered at once by `Device.handle`."""
@@ -132,10 +135,20 @@ class _Adapter(VirtioDevice):
         self.stop_queues()
         self.device.reset()
 
+    def close(self) -> None:
+        self.stop_queues()
+        self.device.close()
+
+
+def as_virtio_device(device: Device | VirtioDevice) -> VirtioDevice:
+    """`device` as the runtime and transports see devices (a `Device` is
+    wrapped: one loop per queue calling its `handle`)."""
+    return device if isinstance(device, VirtioDevice) else _Adapter(device)
+
 
 def _server(device: Device | VirtioDevice, socket_path: str | None, fd: int | None,
             policy: Policy) -> tuple[Server, Backend]:
-    vdev = device if isinstance(device, VirtioDevice) else _Adapter(device)
+    vdev = as_virtio_device(device)
     backend = Backend(vdev, policy=policy)
     try:
         return Server(backend, socket_path=socket_path, fd=fd), backend
@@ -178,4 +191,4 @@ async def serve_async(device: Device | VirtioDevice, *, socket_path: str | None 
         backend.close()
 
 
-__all__ = ["RING_FEATURES", "Chain", "Device", "serve", "serve_async"]
+__all__ = ["RING_FEATURES", "Chain", "Device", "as_virtio_device", "serve", "serve_async"]

@@ -1,6 +1,6 @@
 """What the commands share: comma lists, and for the device commands
-(`pyvirtio net`, `pyvirtio blk`, ...) the serving options, the stats JSON
-lines and serving one device's back-end until SIGTERM."""
+(`pyvirtio net`, `pyvirtio blk`, `pyvirtio rng`, ...) the serving options,
+the stats JSON lines and serving one device's back-end until SIGTERM."""
 
 from __future__ import annotations
 
@@ -78,11 +78,13 @@ class StatsWriter:
 def serve_device(command: str, device: Any, args: argparse.Namespace, started: str) -> int:
     """Serve `device` on --socket-path/--fd until SIGTERM; counters on
     SIGUSR1, every --stats-interval and at exit. `started` is logged once
-    the socket is ready. Returns the exit status."""
+    the socket is ready. `device` is a `pyvirtio.Device` or a
+    `VirtioDevice`. Returns the exit status."""
+    from pyvirtio.device import as_virtio_device
     from pyvirtio.vhost_user.backend import Backend
     from pyvirtio.vhost_user.server import Server
 
-    backend = Backend(device, policy=args.policy)
+    backend = Backend(as_virtio_device(device), policy=args.policy)
     stats = StatsWriter(backend, args.stats_file)
     try:
         server = Server(backend, socket_path=args.socket_path, fd=args.fd, mode=args.socket_mode,

@@ -6,7 +6,7 @@ Three parts, usable together or alone:
   modules initramfs whose /init serves shell commands on the serial console;
 * `Guest` (qemu.py): the QEMU process (shared memfd RAM, devices given as
   QEMU arguments by the caller) and `run(cmd) -> (status, output)`; the
-  `*_args` helpers build the devices: QEMU's built-in virtio-net/virtio-blk,
+  `*_args` helpers build the devices: QEMU's built-in virtio-net/virtio-blk/virtio-rng,
   or the same device types served by a vhost-user backend;
 * `NetNamespace` (netns.py): a private namespace with the TAP the guest's NIC
   attaches to, and the place to run host-side peers such as `iperf3 -s`;
@@ -60,9 +60,11 @@ from pyvirtio.bench.harness.qemu import (
     GuestTimeout,
     builtin_blk_args,
     builtin_net_args,
+    builtin_rng_args,
     qemu_escape,
     vhost_user_blk_args,
     vhost_user_net_args,
+    vhost_user_rng_args,
     virtio_net_device_args,
 )
 
@@ -90,6 +92,7 @@ __all__ = [
     "build_initramfs",
     "builtin_blk_args",
     "builtin_net_args",
+    "builtin_rng_args",
     "extract_vmlinux",
     "feature_bit",
     "find_kernel",
@@ -103,6 +106,7 @@ __all__ = [
     "run_iperf",
     "vhost_user_blk_args",
     "vhost_user_net_args",
+    "vhost_user_rng_args",
     "virtio_net_device_args",
     "wrap_command",
 ]

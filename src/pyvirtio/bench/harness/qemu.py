@@ -281,6 +281,55 @@ def vhost_user_blk_args(
     return ["-chardev", chardev, "-device", _device("vhost-user-blk-pci", props)]
 
 
+def builtin_rng_args(
+    filename: str | os.PathLike[str] = "/dev/urandom",
+    *,
+    object_id: str = "rng0",
+    vectors0: bool = True,
+    max_bytes: int | None = None,
+    period_ms: int | None = None,
+    extra: Mapping[str, object] | None = None,
+) -> list[str]:
+    """Return QEMU args for QEMU's built-in virtio-rng reading `filename`
+    (`-object rng-random` + `virtio-rng-pci`).
+
+    QEMU rate-limits it to `max-bytes` per `period` ms; its defaults
+    (2^63-1 bytes per 65536 ms) mean no limit. None keeps QEMU's default.
+    """
+    props: dict[str, object] = {
+        "rng": object_id,
+        "id": f"{object_id}-dev",
+        "vectors": 0 if vectors0 else None,
+        "max-bytes": max_bytes,
+        "period": period_ms,
+    }
+    props.update(extra or {})
+    return ["-object", f"rng-random,id={object_id},filename={qemu_escape(filename)}",
+            "-device", _device("virtio-rng-pci", props)]
+
+
+def vhost_user_rng_args(
+    socket_path: str | os.PathLike[str],
+    *,
+    chardev_id: str = "rng0-chr",
+    vectors0: bool = True,
+    reconnect: int | None = None,
+    extra: Mapping[str, object] | None = None,
+) -> list[str]:
+    """Return QEMU args for a virtio-rng device served by a vhost-user back-end
+    at `socket_path` (`vhost-user-rng-pci`).
+
+    QEMU is the socket client; `vectors0=True` by default (INTx; QEMU 7.2
+    under TCG segfaults with vhost-user and MSI-X).
+    """
+    chardev = f"socket,id={chardev_id},path={qemu_escape(socket_path)}"
+    if reconnect is not None:
+        chardev += f",reconnect={reconnect}"
+    props: dict[str, object] = {"chardev": chardev_id, "vectors": 0 if vectors0 else None}
+    props.update(extra or {})
+    return ["-chardev", chardev, "-device", _device("vhost-user-rng-pci", props)]
+
+
 # --- the guest ----------------------------------------------------------------------------------
 
 
