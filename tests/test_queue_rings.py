@@ -234,3 +234,40 @@ def test_restore_rejects_states_that_cannot_exist():
             st.validate()
     with pytest.raises(InvalidSavedState):
         pair.new_device(QueueState(16, False))  # wrong size for this ring
+
+
+@pytest.mark.parametrize("ring", ["split", "packed"])
+def test_chains_given_back_at_a_stop_are_taken_again_with_an_exact_cursor(ring):
+    """A ring stops while the device holds buffers it never wrote (net rx
+    waiting for frames): handing them back moves the cursor to the spec's
+    'next index to process', and a restarted queue takes exactly those
+    buffers again, none lost and none repeated, even after out-of-order
+    completions."""
+    pair = QueuePair(ring, 8)
+    pair.post(6, out=0, in_=64)
+    chains = pair.vq.pop_batch()
+    assert len(chains) == 6
+    # complete 2 and 0 out of order, keep 1 (completed later), hold 3..5 untouched
+    pair.vq.complete_batch([(chains[2], 8), (chains[0], 8)])
+    pair.vq.complete_batch([(chains[1], 8)])
+    assert pair.vq.give_back(chains[3:]) == 3
+    assert pair.vq.in_flight == 0
+    st = pair.vq.save()
+    assert st.in_flight == ()
+    assert st.last_avail == st.used_idx == 3
+    again = pair.new_device(st).pop_batch()
+    assert [c.id for c in again] == [c.id for c in chains[3:]]
+    assert [c.pos for c in again] == [c.pos for c in chains[3:]]
+
+
+@pytest.mark.parametrize("ring", ["split", "packed"])
+def test_chains_given_back_out_of_order_are_completed_empty(ring):
+    pair = QueuePair(ring, 8)
+    pair.post(4, out=0, in_=64)
+    chains = pair.vq.pop_batch()
+    pair.vq.complete_batch([(chains[3], 8)])
+    assert pair.vq.give_back(chains[:3]) == 0  # not the last taken: returned to the driver empty
+    got = pair.driver.get_used()
+    assert sorted(t for t, _ in got) == [0, 1, 2, 3]
+    assert sorted(n for _, n in got) == [0, 0, 0, 8]
+    assert pair.vq.in_flight == 0

@@ -115,6 +115,11 @@ class Service:
     #: completions gathered before they are published (a burst that ends,
     #: i.e. an empty ring, publishes earlier); 1 = after every batch
     publish_at: int = 1
+    #: under the eager baseline policy, publish and decide an interrupt per
+    #: completion (the pre-optimisation path); False keeps one publication
+    #: per batch under both policies, which a batch whose buffers must
+    #: become used together needs (a mergeable rx frame's buffers)
+    eager_each: bool = False
 
     def __init__(self, queue: Queue) -> None:
         self.queue = queue
@@ -163,6 +168,8 @@ class CallbackService(Service):
     """A service from one function: `handler(chains)` returns (chain,
     written) for every chain of the batch (with `bulk`, it may get a `Bulk`
     and return [(bulk, written)])."""
+
+    eager_each = True
 
     def __init__(self, queue: Queue, handler: Callable[[Any], Sequence[Completion]], *,
                  batch: int = 64, bulk: bool = False) -> None:
@@ -214,6 +221,11 @@ class Queue:
     def deliver(self, chain: Any, written: Any) -> None:
         """Complete a deferred chain (thread-safe); the loop publishes it."""
         self._loop.deliver(chain, written)
+
+    def give_back(self, chains: Sequence[Chain]) -> None:
+        """Chains taken but never written (call from `Service.stopped`): the
+        ring takes them again after a restart (`Virtqueue.give_back`)."""
+        self.vq.give_back(chains)
 
     def take_more(self, limit: int) -> list[Chain]:
         """Pop up to `limit` more chains now (read-only check; never arms)."""
@@ -441,7 +453,7 @@ class QueueLoop:
         done = self._done
         vq = self.vq
         call = self.signal
-        if vq.eager:
+        if vq.eager and self.service is not None and self.service.eager_each:
             for obj, written in done:
                 if type(obj) is Bulk:
                     notify = vq.complete_bulk(obj, written)

@@ -79,6 +79,8 @@ class _Setup:
 class _CompleteAll(Service):
     """The bench's device: every request completed at once, 0 bytes written."""
 
+    eager_each = True  # the eager baseline: a publication and a decision per request
+
     def __init__(self, queue: Queue, batch: int, bulk: bool) -> None:
         super().__init__(queue)
         self.batch = batch

@@ -666,6 +666,7 @@ class _TxService(Service):
     packet). A started but disabled ring is consumed and dropped (vhost-user 2.4)."""
 
     bulk = True
+    eager_each = True  # the eager baseline publishes every tx completion
 
     def __init__(self, queue: Queue, port: Port, pair: int, batch: int) -> None:
         super().__init__(queue)
@@ -767,12 +768,16 @@ class _RxService(Service):
             self.source.end_wait()
 
     def stopped(self) -> None:
-        # Chains still held were never written: abandoned, offered again on restart.
+        # Chains still held were never written: handed back, so the ring's
+        # next index to process is exact and they are taken again on restart.
+        held = list(self.held)
         self.held.clear()
+        self.queue.give_back(held)
 
 
 class _CtrlService(Service):
     batch = 16
+    eager_each = True
 
     def __init__(self, queue: Queue, device: NetDevice) -> None:
         super().__init__(queue)

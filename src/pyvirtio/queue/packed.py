@@ -116,6 +116,18 @@ class PackedRing:
     def in_flight(self) -> int:
         return self.in_flight_slots
 
+    def rewind(self, pos: int, slots: int) -> bool:
+        """Un-take the most recent chains, which start at slot `pos` and
+        occupy `slots` slots up to the avail cursor: the next fetch takes
+        them again. Returns False (nothing changed) when they are not that."""
+        if slots > self.in_flight_slots or (pos + slots - self.next_avail) % self.size:
+            return False
+        if slots > self.next_avail:  # they started before the cursor last wrapped
+            self.avail_wrap = not self.avail_wrap
+        self.next_avail = pos
+        self.in_flight_slots -= slots
+        return True
+
     # -- availability (read-only) ------------------------------------------------
 
     def _slot_available(self, slot: int, wrap: bool) -> bool:

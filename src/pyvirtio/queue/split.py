@@ -138,6 +138,15 @@ class SplitRing:
     def in_flight(self) -> int:
         return (self.last_avail - self.used_idx) & 0xFFFF
 
+    def rewind(self, pos: int, count: int) -> bool:
+        """Un-take the last `count` chains, the first at avail index `pos`
+        (they must be the most recent ones taken): the next fetch takes them
+        again. Returns False (nothing changed) when they are not."""
+        if (pos + count - self.last_avail) & 0xFFFF or count > self.in_flight():
+            return False
+        self.last_avail = pos
+        return True
+
     # -- availability (read-only) ------------------------------------------------
 
     def _load_idx(self) -> int:

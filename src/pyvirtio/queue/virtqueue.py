@@ -23,6 +23,7 @@ before sleeping and must not sleep unless it returns `ArmResult.SLEEP`.
 from __future__ import annotations
 
 import enum
+import itertools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -352,6 +353,35 @@ class Virtqueue:
         if notify:
             self.stats.interrupts += 1
         return notify
+
+    def give_back(self, chains: Sequence[Chain]) -> int:
+        """Hand back chains taken but never written (net rx buffers waiting
+        for frames when a ring stops): if they are the most recent ones
+        taken, in order, the ring's cursor moves back so that the driver's
+        next index to process is exact and they are taken again later;
+        otherwise each is completed with 0 bytes. Returns how many were
+        rewound."""
+        if not chains:
+            return 0
+        chains = list(chains)
+        ring = self.ring
+        if self._pending or self._redeliver or self._restored is not None:
+            ok = False
+        elif self.packed:
+            slots = sum(c.slots for c in chains)
+            contiguous = all((a.pos + a.slots) % self.size == b.pos for a, b in itertools.pairwise(chains))
+            ok = contiguous and ring.rewind(chains[0].pos, slots)
+        else:
+            contiguous = all((a.pos + 1) & 0xFFFF == b.pos for a, b in itertools.pairwise(chains))
+            ok = contiguous and ring.rewind(chains[0].pos, len(chains))
+        if ok:
+            for c in chains:
+                self.inflight.pop(c, None)
+            self.stats.chains -= len(chains)
+            return len(chains)
+        log.warning("%s: %d held chains are not the last taken: completed empty", self.name, len(chains))
+        self.complete_batch([(c, 0) for c in chains if c in self.inflight])
+        return 0
 
     # -- state -------------------------------------------------------------------------
 

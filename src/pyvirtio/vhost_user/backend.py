@@ -605,12 +605,19 @@ class Backend:
         state = self._stop_ring(ring) if ring.started else ring.saved
         ring.saved = None
         if state is not None:
-            # The used position: chains the device held untouched are offered again.
+            # The spec's value: the next index to process in the available
+            # ring. Stopping the loop finished what the device had started
+            # and handed back (rewound) what it held untouched, so nothing is
+            # in flight and, however requests completed (out of order
+            # included), used == avail here.
+            if state.in_flight:
+                log.error("ring %d: stopped with %d chains still in flight (a device that did not finish); "
+                          "they are lost to this hand-over", ring.index, len(state.in_flight))
             if state.packed:
-                ring.base = join_packed_vring_base(state.used_idx, state.used_wrap,
+                ring.base = join_packed_vring_base(state.last_avail, state.avail_wrap,
                                                    state.used_idx, state.used_wrap)
             else:
-                ring.base = state.used_idx
+                ring.base = state.last_avail
         if ring.kick_fd is not None:
             _close(ring.kick_fd)
         ring.kick_fd = None

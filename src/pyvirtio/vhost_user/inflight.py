@@ -558,6 +558,13 @@ class TrackedVirtqueue(Virtqueue):
     def _publish(self, items: list[tuple[Chain, int]]) -> bool:
         return self.tracker.publish(items, super()._publish)
 
+    def give_back(self, chains: Sequence[Chain]) -> int:
+        """Rewinding would leave the chains marked in flight in the shared
+        buffer (a restarted back-end would resubmit them): complete them
+        empty instead, which the tracker records."""
+        self.complete_batch([(c, 0) for c in chains if c in self.inflight])
+        return 0
+
 
 __all__ = [
     "PACKED_ENTRY",
