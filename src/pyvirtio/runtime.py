@@ -436,13 +436,15 @@ class QueueLoop:
                 t = max(d, 0.0)
         return t
 
-    def woke(self) -> None:
-        """Call after the sleep `step()` asked for ended."""
+    def woke(self, ready: Sequence[int] | None = None) -> None:
+        """Call after the sleep `step()` asked for ended (`ready`: the fds
+        that were readable, when known)."""
         self._sleeping = False
-        try:
-            os.eventfd_read(self.wake_fd)
-        except (BlockingIOError, OSError):
-            pass
+        if ready is None or self.wake_fd in ready:
+            try:
+                os.eventfd_read(self.wake_fd)
+            except (BlockingIOError, OSError):
+                pass
         svc = self.service
         if svc is not None:
             svc.after_sleep()
@@ -485,8 +487,9 @@ class QueueLoop:
         """Serve in this thread until `stop()` (looked at every pass, and
         every `stop_poll` seconds asleep) or `self.stop()`."""
         step = self.step
-        poll = select.poll
         c = self.counters
+        poller = select.poll()
+        registered: list[int] = []
         while True:
             if stop is not None and stop() and not self.stopping:
                 self.stopping = True
@@ -495,18 +498,22 @@ class QueueLoop:
                 continue
             if s is Step.STOPPED:
                 break
-            p = poll()
-            for fd in self.sleep_fds():
-                p.register(fd, select.POLLIN)
+            fds = self.sleep_fds()
+            if fds != registered:  # usually the same set as last time: keep the poll object
+                poller = select.poll()
+                for fd in fds:
+                    poller.register(fd, select.POLLIN)
+                registered = fds
             timeout = self.sleep_timeout()
             if timeout is None and stop is not None:
                 timeout = stop_poll  # look at stop() now and then
             c.sleeps += 1
             t = time.perf_counter_ns()
-            if not p.poll(None if timeout is None else max(1, int(timeout * 1000))):
+            events = poller.poll(None if timeout is None else max(1, int(timeout * 1000)))
+            if not events:
                 c.timeouts += 1
             c.sleep_us += (time.perf_counter_ns() - t) // 1000
-            self.woke()
+            self.woke([fd for fd, _ in events])
         svc = self.service
         if svc is not None:
             svc.stopped()
