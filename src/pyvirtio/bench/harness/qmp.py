@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import socket
 import time
-from typing import Any
+from typing import Any, Self
 
 
 class QMPError(RuntimeError):
@@ -48,7 +48,7 @@ class QMP:
                 raise QMPError("QMP connection closed")
             self._buf += data
         line, self._buf = self._buf.split(b"\n", 1)
-        return json.loads(line)  # type: ignore[no-any-return]
+        return json.loads(line)
 
     def command(self, name: str, **arguments: Any) -> Any:
         """Run one command; returns its "return" value or raises `QMPError`."""
@@ -68,7 +68,7 @@ class QMP:
     def close(self) -> None:
         self.sock.close()
 
-    def __enter__(self) -> QMP:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
