@@ -65,7 +65,7 @@ def test_stop_cont_cycles_during_out_of_order_writes_lose_and_repeat_nothing(
                     time.sleep(0.05)
                     qmp.command("cont")
                     cycles.append(time.monotonic())
-        except Exception as e:  # reported by the test, not lost in the thread
+        except Exception as e:  # noqa: BLE001 (reported by the test, not lost in the thread)
             problems.append(f"QMP: {e!r}")
 
     with guest:
