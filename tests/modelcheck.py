@@ -1,0 +1,989 @@
+"""A stateless model checker for the notification protocol (issue 13).
+
+It runs the real device loop (`pyvirtio.runtime.QueueLoop` over a
+`pyvirtio.queue.Virtqueue`) and the real driver model (`pyvirtio.driver`
+`SplitDriver` / `PackedDriver`) as two threads, and explores their
+interleavings the way loom and CHESS do: every execution starts from scratch,
+each choice the scheduler made is recorded, and the next execution replays a
+prefix of those choices and takes a different branch at the deepest point
+that still has one (depth-first over the choice points). Nothing is cached
+between executions, so the code under test needs no hooks: it only has to be
+deterministic for a given schedule, which the checker verifies on replay.
+
+Scheduling points
+    Every guest-memory access goes through `ModelMemory`/`ModelArea` (the
+    `GuestMemory`/`Area` interface the engine and the driver use; see
+    `pyvirtio.memory.CountingMemory` for the same surface). A thread parks at
+    each access another thread could observe or be affected by: a load that
+    its own store buffer does not fully satisfy, a fence whose buffer is not
+    empty, a kick (driver), an interrupt (device), draining the kick counter
+    (device), and blocking waits. A store only enters the thread's own store
+    buffer, which nobody else can see, so it needs no scheduling point of its
+    own: the *flush* of that store to memory is the observable event, and it
+    is a separate choice the scheduler explores.
+
+Memory model (x86-TSO-like store buffers)
+    Each thread has a FIFO store buffer. Its stores are appended there; its
+    loads read memory overlaid with its own buffer (store forwarding); a
+    full fence waits until its buffer has drained; moving the oldest
+    buffered store of any thread to memory is an action the scheduler may
+    take at any scheduling point. A bulk read or write of the engine (one
+    `Area` call: a slice of used elements, a descriptor, a run of avail
+    entries) is one atomic access; 2/4/8-byte fields never tear. The kick
+    and interrupt counters are eventfds: sequentially consistent, outside
+    the buffers. `pyvirtio.fence.acquire/release` are not modelled: on
+    x86 (`WEAK_ORDERING` False) the engine never calls them.
+
+Preemption bound
+    At each point the running thread has a default action: run its next
+    operation, or, when it waits in a fence, flush its own oldest store. Any
+    other choice (switching to the other thread, flushing a store early)
+    while the running thread could go on costs one preemption; choices made
+    while it is blocked or finished are free. Executions are explored up to
+    a bound on preemptions (2 by default, 3 in the deep run).
+
+Properties checked at every step
+    lost kick: the device sleeps, no kick is pending, the driver is not
+    between its publish and its kick, and memory shows a buffer the device
+    has not taken; lost interrupt: the driver waits for an interrupt it
+    asked for, none is pending, the device is not between its publish and
+    its interrupt, and memory shows a completion the driver has not reaped;
+    exactly once: every buffer comes back once, with the length the device
+    reported (a stale used element shows up as a wrong id or length);
+    deadlock: nothing can move and the driver is not done (classified with
+    the two above when they apply); a ring error the device or the driver
+    detects; an execution longer than `max_steps` (livelock).
+
+Run deeper from the command line::
+
+    PYTHONPATH=src python tests/modelcheck.py --preemptions 3 --buffers 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import itertools
+import struct
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from pyvirtio import spec
+from pyvirtio.driver import BufferPool, DeviceProtocolError, PackedDriver, SplitDriver, ring_layout
+from pyvirtio.memory import Area, AreaKind, GuestMemory, GuestMemoryError
+from pyvirtio.queue import Virtqueue
+from pyvirtio.queue.packed import PackedRing
+from pyvirtio.queue.split import SplitRing, _used_struct
+from pyvirtio.queue.virtqueue import ArmResult
+from pyvirtio.runtime import CallbackService, QueueLoop, Step
+from pyvirtio.spec import Feature
+
+RINGS = ("split", "packed")
+#: driver behaviours: `intr` keeps interrupts on and re-checks before it
+#: sleeps; `napi` turns them off while it reaps and on (with the re-check)
+#: only to sleep; `poll` turns them off for good (NO_INTERRUPT / event flags
+#: DISABLE / used_event parked) and polls the used ring.
+MODES = ("intr", "napi", "poll")
+MUTANTS = ("no-fence-after-arm", "no-recheck-after-arm", "used-before-element")
+
+BUF_LEN = 16      # each buffer: one device-writable segment of this size
+WRITTEN = 8       # what the device reports writing into each
+
+_BOTH = int(spec.PackedDescFlags.AVAIL | spec.PackedDescFlags.USED)
+_AVAIL = int(spec.PackedDescFlags.AVAIL)
+_USED = int(spec.PackedDescFlags.USED)
+
+
+class Abort(BaseException):
+    """Unwinds a parked model thread when its execution ends (never caught by
+    the code under test, which catches `Exception` at most)."""
+
+
+class Violation(Exception):
+    """A property failed; `kind` names which."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(f"{kind}: {message}")
+        self.kind = kind
+        self.message = message
+
+
+# -- ring field names for traces ------------------------------------------------------------
+
+
+class Namer:
+    """Names guest addresses after the ring field they hold."""
+
+    def __init__(self, packed: bool, q: int, desc: int, driver: int, device: int) -> None:
+        self.spans: list[tuple[int, int, Callable[[int], str]]] = []
+        dsz = spec.desc_table_size(q)
+        if packed:
+            fields = {0: "addr", 8: "len", 12: "id", 14: "flags"}
+            self.spans.append((desc, desc + dsz, lambda o: f"desc[{o // 16}].{self._field(fields, o % 16)}"))
+            ev = {0: "off_wrap", 2: "flags"}
+            self.spans.append((driver, driver + 4, lambda o: f"driver_event.{self._field(ev, o)}"))
+            self.spans.append((device, device + 4, lambda o: f"device_event.{self._field(ev, o)}"))
+        else:
+            fields = {0: "addr", 8: "len", 12: "flags", 14: "next"}
+            self.spans.append((desc, desc + dsz, lambda o: f"desc[{o // 16}].{self._field(fields, o % 16)}"))
+
+            def avail(o: int) -> str:
+                if o < 4:
+                    return "avail.flags" if o < 2 else "avail.idx"
+                if o < 4 + 2 * q:
+                    return f"avail.ring[{(o - 4) // 2}]"
+                return "used_event"
+
+            def used(o: int) -> str:
+                if o < 4:
+                    return "used.flags" if o < 2 else "used.idx"
+                if o < 4 + 8 * q:
+                    return f"used.ring[{(o - 4) // 8}].{'id' if (o - 4) % 8 < 4 else 'len'}"
+                return "avail_event"
+
+            self.spans.append((driver, driver + spec.avail_size(q), avail))
+            self.spans.append((device, device + spec.used_size(q), used))
+
+    @staticmethod
+    def _field(fields: dict[int, str], off: int) -> str:
+        return fields.get(off, f"+{off}")
+
+    def __call__(self, gpa: int, n: int) -> str:
+        for lo, hi, f in self.spans:
+            if lo <= gpa < hi:
+                name = f(gpa - lo)
+                return name if n <= 2 else f"{name}({n}B)"
+        return f"{gpa:#x}({n}B)"
+
+
+def _fmt_value(data: bytes) -> str:
+    n = len(data)
+    if n in (2, 4, 8):
+        return hex(int.from_bytes(data, "little"))
+    return data.hex(" ", -2) if n <= 32 else data[:32].hex(" ", -2) + " ..."
+
+
+# -- the memory model ---------------------------------------------------------------------
+
+
+class ModelArea(Area):
+    """An `Area` whose every access goes through the execution's memory model."""
+
+    __slots__ = ("x",)
+
+    def __init__(self, kind: AreaKind, gpa: int, mv: memoryview, x: Execution) -> None:
+        super().__init__(kind, gpa, mv)
+        self.x = x
+
+    def load16(self, off: int) -> int:
+        return int.from_bytes(self.x.load(self.gpa + off, 2), "little")
+
+    def load32(self, off: int) -> int:
+        return int.from_bytes(self.x.load(self.gpa + off, 4), "little")
+
+    def load64(self, off: int) -> int:
+        return int.from_bytes(self.x.load(self.gpa + off, 8), "little")
+
+    def store16(self, off: int, value: int) -> None:
+        self.x.store(self.gpa + off, int(value).to_bytes(2, "little"))
+
+    def store32(self, off: int, value: int) -> None:
+        self.x.store(self.gpa + off, int(value).to_bytes(4, "little"))
+
+    def store64(self, off: int, value: int) -> None:
+        self.x.store(self.gpa + off, int(value).to_bytes(8, "little"))
+
+    def load16s(self, off: int, count: int) -> list[int]:
+        return list(struct.unpack(f"<{count}H", self.x.load(self.gpa + off, 2 * count)))
+
+    def unpack(self, st: struct.Struct, off: int) -> tuple[int, ...]:
+        return st.unpack(self.x.load(self.gpa + off, st.size))
+
+    def unpack_many(self, st: struct.Struct, offsets: list[int]) -> list[tuple[int, ...]]:
+        return [self.unpack(st, off) for off in offsets]
+
+    def read(self, off: int, length: int) -> bytes:
+        return self.x.load(self.gpa + off, length)
+
+    def write(self, off: int, data: bytes | bytearray | memoryview) -> None:
+        self.x.store(self.gpa + off, bytes(data))
+
+    def _unmodelled(self, *_: Any) -> Any:
+        raise NotImplementedError("the model memory does not intercept numpy bulk accesses: "
+                                  "run services with bulk=False")
+
+    np_load16s = np_gather = np_scatter64 = np_load16_strided = np_store64_strided = np_write = _unmodelled
+
+
+class ModelMemory(GuestMemory):
+    """`GuestMemory` whose ring areas, reads, writes and fences are modelled.
+    Address translation and views (payload) are the wrapped memory's."""
+
+    def __init__(self, inner: GuestMemory, x: Execution) -> None:
+        self._regions = inner._regions
+        self._starts = inner._starts
+        self.x = x
+
+    def area(self, kind: AreaKind, gpa: int, size: int, align: int = 1) -> Area:
+        if align > 1 and gpa % align:
+            raise GuestMemoryError(f"{kind.value} area at {gpa:#x} is not {align}-byte aligned", gpa, size)
+        return ModelArea(kind, gpa, self.view(gpa, size), self.x)
+
+    def read(self, gpa: int, length: int, kind: AreaKind = AreaKind.PAYLOAD) -> bytes:
+        self.view(gpa, length)  # one region (the model has one)
+        return self.x.load(gpa, length)
+
+    def write(self, gpa: int, data: bytes | bytearray | memoryview, kind: AreaKind = AreaKind.PAYLOAD) -> None:
+        self.view(gpa, len(data))
+        self.x.store(gpa, bytes(data))
+
+    def fence(self) -> None:
+        self.x.fence()
+
+
+# -- model threads and operations -------------------------------------------------------------
+
+RUN, FLUSH = 0, 1
+
+
+class Op:
+    """A pending visible operation: `label` for traces and states; `ready`
+    says whether it can run now (None: always)."""
+
+    __slots__ = ("label", "ready")
+
+    def __init__(self, label: str, ready: Callable[[], bool] | None = None) -> None:
+        self.label = label
+        self.ready = ready
+
+
+_START = Op("start")
+_FENCE = "fence"
+
+
+class MThread:
+    __slots__ = ("buf", "done", "idx", "name", "ops", "pending", "sem", "thread")
+
+    def __init__(self, idx: int, name: str) -> None:
+        self.idx = idx
+        self.name = name
+        self.sem = threading.Semaphore(0)
+        self.pending: Op | None = _START
+        self.done = False
+        self.buf: deque[tuple[int, bytes]] = deque()
+        self.ops = 0          # visible operations executed (program position, for states)
+        self.thread: threading.Thread | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    ring: str = "split"
+    event_idx: bool = False
+    mode: str = "intr"
+    buffers: int = 2          # one buffer per publish
+    size: int = 4
+    preemptions: int = 2
+    mutant: str | None = None
+    max_steps: int = 4000
+
+    def label(self) -> str:
+        m = f" mutant={self.mutant}" if self.mutant else ""
+        return (f"{self.ring:6s} event_idx={'on ' if self.event_idx else 'off'} driver={self.mode:4s} "
+                f"K={self.buffers} P={self.preemptions}{m}")
+
+
+class Execution:
+    """One run of the scenario under a schedule: replays `prefix` (indices
+    into the options at each choice point), then takes the first option."""
+
+    def __init__(self, cfg: Config, raw: GuestMemory, prefix: list[int], expect: list[int] | None,
+                 states: set[int] | None) -> None:
+        self.cfg = cfg
+        self.raw = raw
+        self.gmv = raw.regions[0].mv  # memory as every thread sees it (region at gpa 0)
+        self.prefix = prefix
+        self.expect = expect          # option counts the previous run saw along the prefix
+        self.record: list[tuple[int, int, bool, int]] = []  # (options, chosen, had default, preemptions before)
+        self.preemptions = 0
+        self.steps = 0
+        self.states = states
+        self.trace: list[tuple[str, str, str, str]] = []
+        self.threads: list[MThread] = []
+        self.by_ident: dict[int, MThread] = {}
+        self.current: MThread | None = None
+        self.finished = threading.Event()
+        self.abort = False
+        self.violation: Violation | None = None
+        self.kicks = 0          # the kick eventfd's counter
+        self.irqs = 0           # the call eventfd's counter
+        self.driver_in_publish = False   # between publish() and the kick it decided
+        self.device_in_publish = False   # between the used-ring publication and its interrupt
+        self.driver_done = False
+        self.completed: dict[object, int] = {}
+        self._setup()
+
+    # -- scenario ---------------------------------------------------------------------------
+
+    def _setup(self) -> None:
+        cfg = self.cfg
+        packed = cfg.ring == "packed"
+        q = cfg.size
+        self.mem = ModelMemory(self.raw, self)
+        base = 0x1000
+        desc, driver, device, end = ring_layout(packed, q, base)
+        self.layout = (desc, driver, device)
+        self.ring_span = (base, end)
+        self.name = Namer(packed, q, desc, driver, device)
+        pool = BufferPool(self.raw, (end + 0xFFF) & ~0xFFF, 0x1000)
+        cls = PackedDriver if packed else SplitDriver
+        # set-up accesses (ring initialisation) happen before any model thread
+        # runs: they go straight to memory
+        self.drv = cls(self.mem, q, desc, driver, device, event_idx=cfg.event_idx, pool=pool)
+        self.bufs = [pool.alloc(BUF_LEN) for _ in range(cfg.buffers)]
+        features = int(Feature.VERSION_1)
+        if packed:
+            features |= Feature.RING_PACKED
+        if cfg.event_idx:
+            features |= Feature.RING_EVENT_IDX
+        self.vq = Virtqueue(self.mem, q, desc, driver, device, features=features, name="mc")
+        self.loop = QueueLoop(self.vq, _ModelKick(self), self._call)
+        self.loop.attach(lambda queue: CallbackService(
+            queue, lambda chains: [(c, WRITTEN) for c in chains], batch=64, bulk=False))
+        real_publish = self.loop.publish
+
+        def publish() -> None:  # marks "an interrupt may be on its way"
+            self.device_in_publish = True
+            real_publish()
+            self.device_in_publish = False
+
+        self.loop.publish = publish  # type: ignore[method-assign]
+        self.dev_t = MThread(0, "device")
+        self.drv_t = MThread(1, "driver")
+        self.threads = [self.dev_t, self.drv_t]
+
+    def _device(self) -> None:
+        loop, vq = self.loop, self.vq
+        me = self.dev_t
+        while True:
+            s = loop.step()
+            if vq.failed is not None or loop.counters.errors:
+                raise Violation("ring-error", f"the device retired the ring: {vq.failed!r}")
+            if s is Step.BUSY:
+                continue
+            if s is Step.STOPPED:
+                return
+            armed = loop._armed
+            self.wait(me, "sleep (armed)" if armed else "sleep (NOT armed)",
+                      lambda: armed and self.kicks > 0 and not self.driver_done)
+            loop.woke()
+
+    def _driver(self) -> None:
+        cfg, drv, me = self.cfg, self.drv, self.drv_t
+        if cfg.mode in ("poll", "napi"):
+            drv.disable_interrupts()
+        for tok in range(cfg.buffers):
+            drv.add([], [(self.bufs[tok], BUF_LEN)], token=tok)
+            self.driver_in_publish = True
+            if drv.publish():
+                self.counter_op(me, "kick", "kick")
+            self.driver_in_publish = False
+        got = self.completed
+        while len(got) < cfg.buffers:
+            try:
+                reaped = drv.get_used()
+            except DeviceProtocolError as e:
+                raise Violation("exactly-once", f"driver rejected a used element: {e}") from None
+            for tok, ln in reaped:
+                if tok in got:
+                    raise Violation("exactly-once", f"buffer {tok} completed twice")
+                if ln != WRITTEN:
+                    raise Violation("exactly-once", f"buffer {tok} came back with length {ln}, the device "
+                                    f"wrote {WRITTEN} (a stale used element)")
+                got[tok] = ln
+            if reaped:
+                continue
+            if cfg.mode == "poll":
+                self.wait(me, "poll the used ring", self.used_visible)
+                continue
+            if drv.enable_interrupts():
+                continue
+            self.wait(me, "wait for interrupt", lambda: self.irqs > 0)
+            self.irqs = 0  # the eventfd read
+            if cfg.mode == "napi":
+                drv.disable_interrupts()
+        self.driver_done = True
+
+    def _call(self) -> None:
+        self.counter_op(self.dev_t, "interrupt", "call")
+
+    # -- what memory shows (global, no scheduling) ------------------------------------------
+
+    def _u16(self, gpa: int) -> int:
+        return self.gmv[gpa] | self.gmv[gpa + 1] << 8
+
+    def unseen_avail(self) -> bool:
+        """Memory shows a published buffer the device has not taken."""
+        ring = self.vq.ring
+        if isinstance(ring, PackedRing):
+            f = self._u16(self.layout[0] + ring.next_avail * 16 + spec.PACKED_FLAGS)
+            return f & _BOTH == (_AVAIL if ring.avail_wrap else _USED)
+        return self._u16(self.layout[1] + spec.AVAIL_IDX) != ring.last_avail
+
+    def used_visible(self) -> bool:
+        """Memory shows a completion the driver has not reaped."""
+        drv = self.drv
+        if isinstance(drv, PackedDriver):
+            f = self._u16(self.layout[0] + drv.last_used * 16 + spec.PACKED_FLAGS)
+            return f & _BOTH == drv._used_want
+        return self._u16(self.layout[2] + spec.USED_IDX) != drv.last_used
+
+    # -- what the threads call ----------------------------------------------------------------
+
+    def _me(self) -> MThread | None:
+        return self.by_ident.get(threading.get_ident())
+
+    def load(self, gpa: int, n: int) -> bytes:
+        t = self._me()
+        if t is None:
+            return bytes(self.gmv[gpa : gpa + n])
+        if not self._covered(t, gpa, n):
+            self.point(t, Op(f"load {self.name(gpa, n)}"))
+            kind = "load"
+        else:
+            kind = "load (own buffer)"
+        data = self._overlay(t, gpa, n)
+        self.trace.append((t.name, kind, self.name(gpa, n), _fmt_value(data)))
+        return data
+
+    def store(self, gpa: int, data: bytes) -> None:
+        t = self._me()
+        if t is None:
+            self.gmv[gpa : gpa + len(data)] = data
+            return
+        t.buf.append((gpa, data))
+        self.trace.append((t.name, "store (buffered)", self.name(gpa, len(data)), _fmt_value(data)))
+
+    def fence(self) -> None:
+        t = self._me()
+        if t is None:
+            return
+        if t.buf:
+            self.point(t, Op(_FENCE, lambda: not t.buf))
+        self.trace.append((t.name, "fence", "", ""))
+
+    def counter_op(self, t: MThread, what: str, label: str) -> None:
+        self.point(t, Op(label))
+        if what == "kick":
+            self.kicks += 1
+            self.trace.append((t.name, "kick", "kick eventfd", f"-> {self.kicks}"))
+        else:
+            self.irqs += 1
+            self.trace.append((t.name, "interrupt", "call eventfd", f"-> {self.irqs}"))
+
+    def drain_kick(self) -> int:
+        t = self.dev_t
+        self.point(t, Op("drain kick"))
+        n, self.kicks = self.kicks, 0
+        self.trace.append((t.name, "drain kick", "kick eventfd", str(n)))
+        return n
+
+    def wait(self, t: MThread, label: str, ready: Callable[[], bool]) -> None:
+        self.trace.append((t.name, "block", label, ""))
+        self.point(t, Op(label, ready))
+        self.trace.append((t.name, "wake", label, ""))
+
+    @staticmethod
+    def _covered(t: MThread, gpa: int, n: int) -> bool:
+        if not t.buf:
+            return False
+        mask = 0
+        full = (1 << n) - 1
+        for a, d in t.buf:
+            lo, hi = max(a, gpa), min(a + len(d), gpa + n)
+            if lo < hi:
+                mask |= ((1 << (hi - lo)) - 1) << (lo - gpa)
+                if mask == full:
+                    return True
+        return False
+
+    def _overlay(self, t: MThread, gpa: int, n: int) -> bytes:
+        data = bytes(self.gmv[gpa : gpa + n])
+        if not t.buf:
+            return data
+        b = bytearray(data)
+        for a, d in t.buf:  # oldest first: newer stores win
+            lo, hi = max(a, gpa), min(a + len(d), gpa + n)
+            if lo < hi:
+                b[lo - gpa : hi - gpa] = d[lo - a : hi - a]
+        return bytes(b)
+
+    # -- the scheduler --------------------------------------------------------------------------
+
+    def point(self, t: MThread, op: Op) -> None:
+        """Park `t` before `op` until the scheduler runs it."""
+        t.pending = op
+        if not self._schedule(t):
+            t.sem.acquire()
+            if self.abort:
+                raise Abort
+        t.pending = None
+        t.ops += 1
+
+    def _ready(self, t: MThread) -> bool:
+        op = t.pending
+        if op is None or t.done:
+            return False
+        return op.ready is None or op.ready()
+
+    def _schedule(self, me: MThread | None) -> bool:
+        """Take actions until one is "run a thread". True: run `me` now
+        (the caller goes on); False: another thread runs (or the execution
+        ended) and the caller must park."""
+        while True:
+            self.steps += 1
+            if self.steps > self.cfg.max_steps:
+                self._fail(Violation("livelock", f"no end after {self.cfg.max_steps} steps"))
+                return False
+            if self.states is not None:
+                self.states.add(self._state())
+            v = self._check()
+            if v is not None:
+                self._fail(v)
+                return False
+            cur = self.current
+            default: tuple[int, MThread] | None = None
+            if cur is not None and cur.pending is not None and not cur.done:
+                if self._ready(cur):
+                    default = (RUN, cur)
+                elif cur.pending.label is _FENCE and cur.buf:
+                    default = (FLUSH, cur)
+            opts = [default] if default is not None else []
+            for t in self.threads:
+                if (default is None or default[1] is not t or default[0] != RUN) and self._ready(t):
+                    opts.append((RUN, t))
+            for t in self.threads:
+                if t.buf and (default is None or default[1] is not t or default[0] != FLUSH):
+                    opts.append((FLUSH, t))
+            if not opts:
+                self._terminal()
+                return False
+            kind, t = self._choose(opts, default is not None)
+            if kind == FLUSH:
+                gpa, data = t.buf.popleft()
+                self.gmv[gpa : gpa + len(data)] = data
+                self.trace.append((t.name, "flush", self.name(gpa, len(data)), _fmt_value(data)))
+                if t is cur and cur.pending is not None and cur.pending.label is _FENCE and not t.buf:
+                    return True if t is me else self._handoff(t)  # the fence completes
+                continue
+            return True if t is me else self._handoff(t)
+
+    def _handoff(self, t: MThread) -> bool:
+        if t is not self.current:
+            self.trace.append((t.name, "-- runs --", "", ""))
+        self.current = t
+        t.sem.release()
+        return False
+
+    def _choose(self, opts: list[tuple[int, MThread]], has_default: bool) -> tuple[int, MThread]:
+        n = len(opts)
+        if n == 1:
+            return opts[0]
+        d = len(self.record)
+        if d < len(self.prefix):
+            i = self.prefix[d]
+            if self.expect is not None and self.expect[d] != n:
+                raise RuntimeError(f"nondeterministic replay at choice {d}: {n} options, expected {self.expect[d]}")
+        else:
+            i = 0
+        self.record.append((n, i, has_default, self.preemptions))
+        if has_default and i:
+            self.preemptions += 1
+            self.trace.append(("", f"-- preemption {self.preemptions} --", "", ""))
+        return opts[i]
+
+    def _state(self) -> int:
+        lo, hi = self.ring_span
+        return hash((bytes(self.gmv[lo:hi]), self.kicks, self.irqs,
+                     tuple((tuple(t.buf), t.done, t.pending.label if t.pending else None, t.ops)
+                           for t in self.threads)))
+
+    def _check(self) -> Violation | None:
+        dev, drv = self.dev_t, self.drv_t
+        dp = dev.pending
+        if (dp is not None and dp.label.startswith("sleep") and self.kicks == 0 and not self.driver_in_publish
+                and not self.driver_done and self.unseen_avail()):
+            return Violation("lost-kick", "the device sleeps with no kick pending while memory shows "
+                             "a published buffer it has not taken, and the driver decided not to kick")
+        rp = drv.pending
+        if (rp is not None and rp.label == "wait for interrupt" and self.irqs == 0
+                and not self.device_in_publish and self.used_visible()):
+            return Violation("lost-interrupt", "the driver waits for an interrupt it asked for, none is "
+                             "pending, and memory shows a completion it has not reaped")
+        return None
+
+    def _terminal(self) -> None:
+        dev, drv = self.dev_t, self.drv_t
+        if self.driver_done and (dev.done or (dev.pending is not None and dev.pending.label.startswith("sleep"))):
+            if self.vq.stats.completed != self.cfg.buffers:
+                self._fail(Violation("exactly-once", f"the device completed {self.vq.stats.completed} chains "
+                                     f"for {self.cfg.buffers} buffers"))
+                return
+            self.finished.set()
+            return
+        what = f"device: {dev.pending.label if dev.pending else 'done'}; driver: " \
+               f"{drv.pending.label if drv.pending else 'done'}"
+        if self.unseen_avail():
+            kind = "lost-kick"
+        elif drv.pending is not None and drv.pending.label == "wait for interrupt" and self.used_visible():
+            kind = "lost-interrupt"
+        else:
+            kind = "deadlock"
+        self._fail(Violation(kind, f"deadlock: nothing can move ({what})"))
+
+    def _fail(self, v: Violation) -> None:
+        if self.violation is None:
+            self.violation = v
+        self.finished.set()
+
+    # -- running --------------------------------------------------------------------------------
+
+    def _body(self, t: MThread, fn: Callable[[], None]) -> None:
+        self.by_ident[threading.get_ident()] = t
+        t.sem.acquire()
+        if self.abort:
+            return
+        t.pending = None
+        try:
+            fn()
+        except Abort:
+            return
+        except Violation as v:
+            self._fail(v)
+            return
+        except Exception as e:  # the code under test failed: a counterexample too
+            self._fail(Violation("crash", f"{t.name} raised {type(e).__name__}: {e}"))
+            return
+        t.done = True
+        if not self._schedule(t):
+            return
+
+    def run(self) -> None:
+        for t, fn in ((self.dev_t, self._device), (self.drv_t, self._driver)):
+            t.thread = threading.Thread(target=self._body, args=(t, fn), daemon=True)
+            t.thread.start()
+        while len(self.by_ident) < 2:
+            time.sleep(0)
+        self._schedule(None)
+        self.finished.wait()
+        self.abort = True
+        for t in self.threads:
+            t.sem.release()
+        for t in self.threads:
+            assert t.thread is not None
+            t.thread.join(5)
+            if t.thread.is_alive():  # pragma: no cover
+                raise RuntimeError(f"model thread {t.name} did not stop")
+        self.loop.close()
+
+    def format_trace(self) -> str:
+        lines = []
+        for who, op, where, val in self.trace:
+            if who == "":
+                lines.append(f"      {op}")
+            else:
+                lines.append(f"      {who:6s} {op:18s} {where:24s} {val}".rstrip())
+        return "\n".join(lines)
+
+
+class _ModelKick:
+    """The kick eventfd as the device loop sees it."""
+
+    def __init__(self, x: Execution) -> None:
+        self.x = x
+
+    def fileno(self) -> int:
+        return -1
+
+    def drain(self) -> int:
+        return self.x.drain_kick()
+
+
+# -- exploration -------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Result:
+    config: Config
+    executions: int = 0
+    steps: int = 0
+    states: int = 0
+    seconds: float = 0.0
+    complete: bool = True     # the bounded search space was exhausted
+    violation: Violation | None = None
+    schedule: list[int] | None = None
+    trace: str = ""
+
+    def row(self) -> str:
+        found = self.violation.kind if self.violation else "none"
+        return (f"{self.config.label():60s} {self.executions:8d} {self.steps:9d} {self.states:8d} "
+                f"{self.seconds:7.2f}s  {found}")
+
+    def report(self) -> str:
+        if self.violation is None:
+            return f"{self.config.label()}: no counterexample in {self.executions} interleavings"
+        return (f"{self.config.label()}: COUNTEREXAMPLE after {self.executions} interleavings\n"
+                f"  {self.violation}\n  schedule: {self.schedule}\n{self.trace}")
+
+
+def explore(cfg: Config, *, stop_at_first: bool = True, max_executions: int | None = None,
+            count_states: bool = True) -> Result:
+    """Explore every interleaving of `cfg` within its preemption bound
+    (depth-first, stateless). Stops at the first counterexample unless told
+    otherwise."""
+    res = Result(cfg)
+    raw = GuestMemory.anonymous(0x4000, shared_fd=False)
+    states: set[int] | None = set() if count_states else None
+    prefix: list[int] = []
+    expect: list[int] = []
+    t0 = time.perf_counter()
+    try:
+        with mutant(cfg.mutant):
+            while True:
+                x = Execution(cfg, raw, prefix, expect, states)
+                x.run()
+                res.executions += 1
+                res.steps += x.steps
+                if x.violation is not None and res.violation is None:
+                    res.violation = x.violation
+                    res.schedule = [r[1] for r in x.record]
+                    res.trace = x.format_trace()
+                    if stop_at_first:
+                        break
+                nxt = _backtrack(x.record, cfg.preemptions)
+                if nxt is None:
+                    break
+                if max_executions is not None and res.executions >= max_executions:
+                    res.complete = False
+                    break
+                prefix, expect = nxt
+    finally:
+        raw.close()
+    res.seconds = time.perf_counter() - t0
+    res.states = len(states) if states is not None else 0
+    return res
+
+
+def _backtrack(record: list[tuple[int, int, bool, int]], bound: int) -> tuple[list[int], list[int]] | None:
+    """The next schedule prefix in depth-first order, or None when done."""
+    for d in range(len(record) - 1, -1, -1):
+        n, i, has_default, before = record[d]
+        if i + 1 < n and (not has_default or before + 1 <= bound):
+            return [r[1] for r in record[:d]] + [i + 1], [r[0] for r in record[: d + 1]]
+    return None
+
+
+def replay(cfg: Config, schedule: list[int]) -> Execution:
+    """Run one schedule again (for a counterexample's trace)."""
+    raw = GuestMemory.anonymous(0x4000, shared_fd=False)
+    try:
+        with mutant(cfg.mutant):
+            x = Execution(cfg, raw, schedule, None, None)
+            x.run()
+    finally:
+        raw.close()
+    return x
+
+
+# -- mutants: copies of engine functions with one protocol step removed -------------------------
+
+_WORK, _SLEEP = ArmResult.WORK, ArmResult.SLEEP
+
+
+def _arm_without_fence(self: Virtqueue) -> ArmResult:
+    """`Virtqueue.arm` without the full fence after enabling kicks."""
+    if self.failed is not None:
+        return _WORK if self._unreported is not None else _SLEEP
+    if self._restored is not None or self._redeliver:
+        return _WORK
+    ring = self.ring
+    if ring.unconsumed():
+        return _WORK
+    if self.armed or self.eager:
+        return _WORK if ring.peek() else _SLEEP
+    ring.enable_kicks()
+    self.armed = True
+    self.stats.arms += 1
+    # MUTANT: no self.mem.fence() here
+    if ring.recheck():
+        self.stats.rearm_hits += 1
+        return _WORK
+    return _SLEEP
+
+
+def _arm_without_recheck(self: Virtqueue) -> ArmResult:
+    """`Virtqueue.arm` that sleeps without looking at the ring after the fence."""
+    if self.failed is not None:
+        return _WORK if self._unreported is not None else _SLEEP
+    if self._restored is not None or self._redeliver:
+        return _WORK
+    ring = self.ring
+    if ring.unconsumed():
+        return _WORK
+    if self.armed or self.eager:
+        return _WORK if ring.peek() else _SLEEP
+    ring.enable_kicks()
+    self.armed = True
+    self.stats.arms += 1
+    self.mem.fence()
+    return _SLEEP  # MUTANT: no ring.recheck()
+
+
+def _split_publish_index_first(self: SplitRing, items: Any) -> bool:
+    """`SplitRing.publish` (chain path) storing used.idx before the used elements."""
+    q = self.size
+    old = self.used_idx
+    start = old & (q - 1)
+    used = self.used
+    k = len(items)
+    new = (old + k) & 0xFFFF
+    used.store16(spec.USED_IDX, new)  # MUTANT: the index first
+    flat: list[int] = []
+    for chain, written in items:
+        flat.append(chain.id)
+        flat.append(written)
+    if start + k <= q:
+        used.write(spec.USED_RING + 8 * start, _used_struct(k).pack(*flat))
+    else:
+        first = q - start
+        used.write(spec.USED_RING + 8 * start, _used_struct(first).pack(*flat[: 2 * first]))
+        used.write(spec.USED_RING, _used_struct(k - first).pack(*flat[2 * first :]))
+    self.used_idx = new
+    self.mem.fence()
+    if not self.signalled_valid:
+        self.signalled_valid = True
+        return True
+    if self.event_idx:
+        return spec.vring_need_event(self.used_event.load16(0), new, old)
+    return not self.avail.load16(spec.AVAIL_FLAGS) & int(spec.AvailFlags.NO_INTERRUPT)
+
+
+def _packed_publish_flags_first(self: PackedRing, items: Any) -> bool:
+    """`PackedRing.publish` (chain path) storing each used descriptor's flags
+    before its id and length (instead of one 8-byte len|id|flags store)."""
+    q = self.size
+    u = old = self.next_used
+    wrap = self.used_wrap
+    used_flags = _BOTH if wrap else 0
+    freed = 0
+    for chain, written in items:
+        word = used_flags | int(spec.PackedDescFlags.WRITE) if chain.writable_len else used_flags
+        off = u * spec.DESC_SIZE
+        self.desc.store16(off + spec.PACKED_FLAGS, word)  # MUTANT: flags first
+        self.desc.store32(off + spec.PACKED_LEN, written)
+        self.desc.store16(off + spec.PACKED_ID, chain.id)
+        u += chain.slots
+        freed += chain.slots
+        if u >= q:
+            u -= q
+            wrap = not wrap
+            used_flags = _BOTH if wrap else 0
+    self.next_used = u
+    self.used_wrap = wrap
+    self.in_flight_slots -= freed
+    self.mem.fence()
+    if not self.signalled_valid:
+        self.signalled_valid = True
+        return True
+    ev = self.driver_event.load32(0)
+    mode = ev >> 16 & 3
+    if mode == int(spec.EventFlags.DISABLE):
+        return False
+    if mode == int(spec.EventFlags.DESC) and self.event_idx:
+        return spec.packed_need_event(ev & 0xFFFF, u, old, int(wrap), q)
+    return True
+
+
+_MUTANT_PATCHES: dict[str, list[tuple[type, str, Callable[..., Any]]]] = {
+    "no-fence-after-arm": [(Virtqueue, "arm", _arm_without_fence)],
+    "no-recheck-after-arm": [(Virtqueue, "arm", _arm_without_recheck)],
+    "used-before-element": [(SplitRing, "publish", _split_publish_index_first),
+                            (PackedRing, "publish", _packed_publish_flags_first)],
+}
+
+
+@contextlib.contextmanager
+def mutant(name: str | None) -> Iterator[None]:
+    """Patch the engine with mutant `name` (None: the real code) for the block."""
+    if name is None:
+        yield
+        return
+    patches = _MUTANT_PATCHES[name]
+    saved = [(cls, attr, cls.__dict__[attr]) for cls, attr, _ in patches]
+    try:
+        for cls, attr, fn in patches:
+            setattr(cls, attr, fn)
+        yield
+    finally:
+        for cls, attr, fn in saved:
+            setattr(cls, attr, fn)
+
+
+# -- command line -------------------------------------------------------------------------------
+
+
+def configs(preemptions: int, buffers: int, rings: list[str], modes: list[str],
+            event_idx: list[bool]) -> list[Config]:
+    return [Config(ring=r, event_idx=e, mode=m, buffers=buffers, preemptions=preemptions,
+                   size=max(4, 1 << (buffers - 1).bit_length()))
+            for r, e, m in itertools.product(rings, event_idx, modes)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preemptions", type=int, default=3, help="preemption bound (default 3)")
+    p.add_argument("--buffers", type=int, default=3, help="buffers the driver posts, one per publish (default 3)")
+    p.add_argument("--ring", action="append", choices=RINGS, help="ring format (repeatable; default both)")
+    p.add_argument("--mode", action="append", choices=MODES, help="driver behaviour (repeatable; default all)")
+    p.add_argument("--event-idx", choices=("on", "off", "both"), default="both")
+    p.add_argument("--mutants", action="store_true", help="also run each mutant until its first counterexample")
+    p.add_argument("--max-executions", type=int, default=None, help="stop each configuration after this many")
+    p.add_argument("--trace", action="store_true", help="print the counterexample interleavings")
+    a = p.parse_args(argv)
+    ev = {"on": [True], "off": [False], "both": [False, True]}[a.event_idx]
+    cfgs = configs(a.preemptions, a.buffers, a.ring or list(RINGS), a.mode or list(MODES), ev)
+    print(f"{'configuration':60s} {'interl.':>8s} {'steps':>9s} {'states':>8s} {'time':>8s}  counterexample")
+    bad = 0
+    total = Result(Config())
+    for cfg in cfgs:
+        r = explore(cfg, max_executions=a.max_executions)
+        print(r.row() + ("" if r.complete else "  (cut short)"), flush=True)
+        total.executions += r.executions
+        total.steps += r.steps
+        total.seconds += r.seconds
+        if r.violation is not None:
+            bad += 1
+            print(r.report())
+    print(f"{'total':60s} {total.executions:8d} {total.steps:9d} {'':8s} {total.seconds:7.2f}s")
+    if a.mutants:
+        print()
+        for m in MUTANTS:
+            for ring in a.ring or list(RINGS):
+                cfg = Config(ring=ring, event_idx=False, mode="poll" if m == "used-before-element" else "intr",
+                             buffers=2, preemptions=a.preemptions, mutant=m)
+                r = explore(cfg)
+                print(r.row(), flush=True)
+                if r.violation is None:
+                    bad += 1
+                elif a.trace:
+                    print(r.report())
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
