@@ -117,55 +117,99 @@ class Violation(Exception):
 
 
 class Namer:
-    """Names guest addresses after the ring field they hold."""
+    """Names guest addresses after the ring field they hold, and decodes
+    the values traces show."""
 
     def __init__(self, packed: bool, q: int, desc: int, driver: int, device: int) -> None:
-        self.spans: list[tuple[int, int, Callable[[int], str]]] = []
-        dsz = spec.desc_table_size(q)
-        if packed:
-            fields = {0: "addr", 8: "len", 12: "id", 14: "flags"}
-            self.spans.append((desc, desc + dsz, lambda o: f"desc[{o // 16}].{self._field(fields, o % 16)}"))
-            ev = {0: "off_wrap", 2: "flags"}
-            self.spans.append((driver, driver + 4, lambda o: f"driver_event.{self._field(ev, o)}"))
-            self.spans.append((device, device + 4, lambda o: f"device_event.{self._field(ev, o)}"))
-        else:
-            fields = {0: "addr", 8: "len", 12: "flags", 14: "next"}
-            self.spans.append((desc, desc + dsz, lambda o: f"desc[{o // 16}].{self._field(fields, o % 16)}"))
+        self.packed = packed
+        self.q = q
+        self.desc, self.driver, self.device = desc, driver, device
+        self.desc_end = desc + spec.desc_table_size(q)
 
-            def avail(o: int) -> str:
-                if o < 4:
-                    return "avail.flags" if o < 2 else "avail.idx"
-                if o < 4 + 2 * q:
-                    return f"avail.ring[{(o - 4) // 2}]"
-                return "used_event"
-
-            def used(o: int) -> str:
-                if o < 4:
-                    return "used.flags" if o < 2 else "used.idx"
-                if o < 4 + 8 * q:
-                    return f"used.ring[{(o - 4) // 8}].{'id' if (o - 4) % 8 < 4 else 'len'}"
-                return "avail_event"
-
-            self.spans.append((driver, driver + spec.avail_size(q), avail))
-            self.spans.append((device, device + spec.used_size(q), used))
-
-    @staticmethod
-    def _field(fields: dict[int, str], off: int) -> str:
-        return fields.get(off, f"+{off}")
-
-    def __call__(self, gpa: int, n: int) -> str:
-        for lo, hi, f in self.spans:
-            if lo <= gpa < hi:
-                name = f(gpa - lo)
-                return name if n <= 2 else f"{name}({n}B)"
+    def name(self, gpa: int, n: int) -> str:
+        q = self.q
+        if self.desc <= gpa < self.desc_end:
+            i, o = divmod(gpa - self.desc, 16)
+            if o == 0 and n == 16:
+                return f"desc[{i}]"
+            if o == 0 and n % 16 == 0:
+                return f"desc[{i}..{i + n // 16 - 1}]"
+            if self.packed:
+                if (o, n) == (0, 14):
+                    return f"desc[{i}].addr|len|id"
+                f = {8: "len", 12: "id", 14: "flags"}.get(o, f"+{o}")
+                return f"desc[{i}].len|id|flags" if (o, n) == (8, 8) else f"desc[{i}].{f}"
+            return f"desc[{i}].{ {8: 'len', 12: 'flags', 14: 'next'}.get(o, f'+{o}') }"
+        if self.packed:
+            for base, what in ((self.driver, "driver_event"), (self.device, "device_event")):
+                if base <= gpa < base + 4:
+                    o = gpa - base
+                    return f"{what}" if n == 4 else f"{what}.{'off_wrap' if o == 0 else 'flags'}"
+            return f"{gpa:#x}({n}B)"
+        if self.driver <= gpa < self.driver + spec.avail_size(q):
+            o = gpa - self.driver
+            if o < 4:
+                return "avail.flags" if o < 2 else "avail.idx"
+            if o < 4 + 2 * q:
+                i = (o - 4) // 2
+                return f"avail.ring[{i}]" if n == 2 else f"avail.ring[{i}..{i + n // 2 - 1}]"
+            return "used_event"
+        if self.device <= gpa < self.device + spec.used_size(q):
+            o = gpa - self.device
+            if o < 4:
+                return "used.flags" if o < 2 else "used.idx"
+            if o < 4 + 8 * q:
+                i = (o - 4) // 8
+                return f"used.ring[{i}]" if n == 8 else f"used.ring[{i}..{i + n // 8 - 1}]"
+            return "avail_event"
         return f"{gpa:#x}({n}B)"
 
+    def value(self, gpa: int, data: bytes) -> str:
+        n = len(data)
+        name = self.name(gpa, n)
+        if name.startswith("desc[") and n % 16 == 0 and (gpa - self.desc) % 16 == 0:
+            out = []
+            for a, ln, x, f in struct.iter_unpack("<QIHH", data):
+                if self.packed:
+                    out.append(f"addr={a:#x} len={ln} id={x} flags={self._pflags(f)}")
+                else:
+                    out.append(f"addr={a:#x} len={ln} flags={x:#x} next={f}")
+            return "; ".join(out)
+        if name.endswith("addr|len|id"):
+            a, ln, x = struct.unpack("<QIH", data)
+            return f"addr={a:#x} len={ln} id={x}"
+        if name.startswith("avail.ring"):
+            return " ".join(str(h) for (h,) in struct.iter_unpack("<H", data))
+        if name.startswith("used.ring"):
+            return " ".join(f"(id={i} len={ln})" for i, ln in struct.iter_unpack("<II", data))
+        v = int.from_bytes(data, "little") if n <= 8 else None
+        if v is None:
+            return data.hex(" ", -2)
+        if name.endswith("len|id|flags"):
+            return f"len={v & 0xFFFFFFFF} id={v >> 32 & 0xFFFF} flags={self._pflags(v >> 48)}"
+        if name.endswith(".flags") and name.startswith("desc"):
+            return self._pflags(v)
+        if name == "used.flags":
+            return f"{v} ({'NO_NOTIFY' if v & 1 else 'notify'})"
+        if name == "avail.flags":
+            return f"{v} ({'NO_INTERRUPT' if v & 1 else 'interrupt'})"
+        if name.endswith("_event.flags"):
+            return f"{v} ({self._ev(v)})"
+        if name in ("driver_event", "device_event"):
+            return f"off={v & 0x7FFF} wrap={v >> 15 & 1} flags={self._ev(v >> 16)}"
+        if name.endswith("off_wrap"):
+            return f"off={v & 0x7FFF} wrap={v >> 15 & 1}"
+        return str(v)
 
-def _fmt_value(data: bytes) -> str:
-    n = len(data)
-    if n in (2, 4, 8):
-        return hex(int.from_bytes(data, "little"))
-    return data.hex(" ", -2) if n <= 32 else data[:32].hex(" ", -2) + " ..."
+    @staticmethod
+    def _ev(f: int) -> str:
+        return ("ENABLE", "DISABLE", "DESC", "RESERVED")[f & 3]
+
+    @staticmethod
+    def _pflags(f: int) -> str:
+        bits = [n for b, n in ((_AVAIL, "AVAIL"), (_USED, "USED"), (2, "WRITE"), (1, "NEXT"), (4, "INDIRECT"))
+                if f & b]
+        return "|".join(bits) or "0"
 
 
 # -- the memory model ---------------------------------------------------------------------
@@ -176,7 +220,7 @@ class ModelArea(Area):
 
     __slots__ = ("x",)
 
-    def __init__(self, kind: AreaKind, gpa: int, mv: memoryview, x: Execution) -> None:
+    def __init__(self, kind: AreaKind, gpa: int, mv: memoryview, x: Machine) -> None:
         super().__init__(kind, gpa, mv)
         self.x = x
 
@@ -224,7 +268,7 @@ class ModelMemory(GuestMemory):
     """`GuestMemory` whose ring areas, reads, writes and fences are modelled.
     Address translation and views (payload) are the wrapped memory's."""
 
-    def __init__(self, inner: GuestMemory, x: Execution) -> None:
+    def __init__(self, inner: GuestMemory, x: Machine) -> None:
         self._regions = inner._regions
         self._starts = inner._starts
         self.x = x
@@ -297,153 +341,56 @@ class Config:
                 f"K={self.buffers} P={self.preemptions}{m}")
 
 
-class Execution:
-    """One run of the scenario under a schedule: replays `prefix` (indices
-    into the options at each choice point), then takes the first option."""
+class Machine:
+    """The scheduler and the store-buffer memory, for any set of threads.
 
-    def __init__(self, cfg: Config, raw: GuestMemory, prefix: list[int], expect: list[int] | None,
-                 states: set[int] | None) -> None:
-        self.cfg = cfg
-        self.raw = raw
-        self.gmv = raw.regions[0].mv  # memory as every thread sees it (region at gpa 0)
+    One run under a schedule: replays `prefix` (indices into the options at
+    each choice point), then takes the first option (the default action)
+    wherever it has a choice. `expect` are the option counts the previous run
+    saw along the prefix (a mismatch means the code under test is not
+    deterministic). `gmv` is memory as every thread sees it.
+    """
+
+    #: byte range of `gmv` that makes up the shared state (for counting states)
+    state_span = (0, 0)
+
+    def __init__(self, gmv: memoryview, names: list[str], prefix: list[int], expect: list[int] | None,
+                 states: set[int] | None, max_steps: int) -> None:
+        self.gmv = gmv
         self.prefix = prefix
-        self.expect = expect          # option counts the previous run saw along the prefix
+        self.expect = expect
         self.record: list[tuple[int, int, bool, int]] = []  # (options, chosen, had default, preemptions before)
         self.preemptions = 0
         self.steps = 0
+        self.max_steps = max_steps
         self.states = states
-        self.trace: list[tuple[str, str, str, str]] = []
-        self.threads: list[MThread] = []
+        self.trace: list[tuple[Any, ...]] = []
+        self.threads = [MThread(i, n) for i, n in enumerate(names)]
         self.by_ident: dict[int, MThread] = {}
         self.current: MThread | None = None
         self.finished = threading.Event()
         self.abort = False
         self.violation: Violation | None = None
-        self.kicks = 0          # the kick eventfd's counter
-        self.irqs = 0           # the call eventfd's counter
-        self.driver_in_publish = False   # between publish() and the kick it decided
-        self.device_in_publish = False   # between the used-ring publication and its interrupt
-        self.driver_done = False
-        self.completed: dict[object, int] = {}
-        self._setup()
+        self.namer: Namer | None = None
 
-    # -- scenario ---------------------------------------------------------------------------
+    # -- hooks ----------------------------------------------------------------------------------
 
-    def _setup(self) -> None:
-        cfg = self.cfg
-        packed = cfg.ring == "packed"
-        q = cfg.size
-        self.mem = ModelMemory(self.raw, self)
-        base = 0x1000
-        desc, driver, device, end = ring_layout(packed, q, base)
-        self.layout = (desc, driver, device)
-        self.ring_span = (base, end)
-        self.name = Namer(packed, q, desc, driver, device)
-        pool = BufferPool(self.raw, (end + 0xFFF) & ~0xFFF, 0x1000)
-        cls = PackedDriver if packed else SplitDriver
-        # set-up accesses (ring initialisation) happen before any model thread
-        # runs: they go straight to memory
-        self.drv = cls(self.mem, q, desc, driver, device, event_idx=cfg.event_idx, pool=pool)
-        self.bufs = [pool.alloc(BUF_LEN) for _ in range(cfg.buffers)]
-        features = int(Feature.VERSION_1)
-        if packed:
-            features |= Feature.RING_PACKED
-        if cfg.event_idx:
-            features |= Feature.RING_EVENT_IDX
-        self.vq = Virtqueue(self.mem, q, desc, driver, device, features=features, name="mc")
-        self.loop = QueueLoop(self.vq, _ModelKick(self), self._call)
-        self.loop.attach(lambda queue: CallbackService(
-            queue, lambda chains: [(c, WRITTEN) for c in chains], batch=64, bulk=False))
-        real_publish = self.loop.publish
+    def check(self) -> Violation | None:
+        """A property that fails in the current state (checked at every step)."""
+        return None
 
-        def publish() -> None:  # marks "an interrupt may be on its way"
-            self.device_in_publish = True
-            real_publish()
-            self.device_in_publish = False
+    def terminal(self) -> None:
+        """Nothing can move: the run ended (all done) or is stuck."""
+        stuck = [t.name for t in self.threads if not t.done]
+        if stuck:
+            self._fail(Violation("deadlock", f"nothing can move; blocked: {', '.join(stuck)}"))
+        else:
+            self.finished.set()
 
-        self.loop.publish = publish  # type: ignore[method-assign]
-        self.dev_t = MThread(0, "device")
-        self.drv_t = MThread(1, "driver")
-        self.threads = [self.dev_t, self.drv_t]
+    def state_extra(self) -> tuple[Any, ...]:
+        return ()
 
-    def _device(self) -> None:
-        loop, vq = self.loop, self.vq
-        me = self.dev_t
-        while True:
-            s = loop.step()
-            if vq.failed is not None or loop.counters.errors:
-                raise Violation("ring-error", f"the device retired the ring: {vq.failed!r}")
-            if s is Step.BUSY:
-                continue
-            if s is Step.STOPPED:
-                return
-            armed = loop._armed
-            self.wait(me, "sleep (armed)" if armed else "sleep (NOT armed)",
-                      lambda: armed and self.kicks > 0 and not self.driver_done)
-            loop.woke()
-
-    def _driver(self) -> None:
-        cfg, drv, me = self.cfg, self.drv, self.drv_t
-        if cfg.mode in ("poll", "napi"):
-            drv.disable_interrupts()
-        for tok in range(cfg.buffers):
-            drv.add([], [(self.bufs[tok], BUF_LEN)], token=tok)
-            self.driver_in_publish = True
-            if drv.publish():
-                self.counter_op(me, "kick", "kick")
-            self.driver_in_publish = False
-        got = self.completed
-        while len(got) < cfg.buffers:
-            try:
-                reaped = drv.get_used()
-            except DeviceProtocolError as e:
-                raise Violation("exactly-once", f"driver rejected a used element: {e}") from None
-            for tok, ln in reaped:
-                if tok in got:
-                    raise Violation("exactly-once", f"buffer {tok} completed twice")
-                if ln != WRITTEN:
-                    raise Violation("exactly-once", f"buffer {tok} came back with length {ln}, the device "
-                                    f"wrote {WRITTEN} (a stale used element)")
-                got[tok] = ln
-            if reaped:
-                continue
-            if cfg.mode == "poll":
-                self.wait(me, "poll the used ring", self.used_visible)
-                continue
-            if drv.enable_interrupts():
-                continue
-            self.wait(me, "wait for interrupt", lambda: self.irqs > 0)
-            self.irqs = 0  # the eventfd read
-            if cfg.mode == "napi":
-                drv.disable_interrupts()
-        self.driver_done = True
-
-    def _call(self) -> None:
-        self.counter_op(self.dev_t, "interrupt", "call")
-
-    # -- what memory shows (global, no scheduling) ------------------------------------------
-
-    def _u16(self, gpa: int) -> int:
-        return self.gmv[gpa] | self.gmv[gpa + 1] << 8
-
-    def unseen_avail(self) -> bool:
-        """Memory shows a published buffer the device has not taken."""
-        ring = self.vq.ring
-        if isinstance(ring, PackedRing):
-            f = self._u16(self.layout[0] + ring.next_avail * 16 + spec.PACKED_FLAGS)
-            return f & _BOTH == (_AVAIL if ring.avail_wrap else _USED)
-        return self._u16(self.layout[1] + spec.AVAIL_IDX) != ring.last_avail
-
-    def used_visible(self) -> bool:
-        """Memory shows a completion the driver has not reaped."""
-        drv = self.drv
-        if isinstance(drv, PackedDriver):
-            f = self._u16(self.layout[0] + drv.last_used * 16 + spec.PACKED_FLAGS)
-            return f & _BOTH == drv._used_want
-        return self._u16(self.layout[2] + spec.USED_IDX) != drv.last_used
-
-    # -- what the threads call ----------------------------------------------------------------
-
+    # -- what the threads call (through ModelMemory) ---------------------------------------
     def _me(self) -> MThread | None:
         return self.by_ident.get(threading.get_ident())
 
@@ -452,12 +399,12 @@ class Execution:
         if t is None:
             return bytes(self.gmv[gpa : gpa + n])
         if not self._covered(t, gpa, n):
-            self.point(t, Op(f"load {self.name(gpa, n)}"))
+            self.point(t, Op(f"load@{gpa}"))
             kind = "load"
         else:
             kind = "load (own buffer)"
         data = self._overlay(t, gpa, n)
-        self.trace.append((t.name, kind, self.name(gpa, n), _fmt_value(data)))
+        self.trace.append((t.name, kind, gpa, data, _site()))
         return data
 
     def store(self, gpa: int, data: bytes) -> None:
@@ -466,7 +413,7 @@ class Execution:
             self.gmv[gpa : gpa + len(data)] = data
             return
         t.buf.append((gpa, data))
-        self.trace.append((t.name, "store (buffered)", self.name(gpa, len(data)), _fmt_value(data)))
+        self.trace.append((t.name, "store (buffered)", gpa, data, _site()))
 
     def fence(self) -> None:
         t = self._me()
@@ -474,23 +421,7 @@ class Execution:
             return
         if t.buf:
             self.point(t, Op(_FENCE, lambda: not t.buf))
-        self.trace.append((t.name, "fence", "", ""))
-
-    def counter_op(self, t: MThread, what: str, label: str) -> None:
-        self.point(t, Op(label))
-        if what == "kick":
-            self.kicks += 1
-            self.trace.append((t.name, "kick", "kick eventfd", f"-> {self.kicks}"))
-        else:
-            self.irqs += 1
-            self.trace.append((t.name, "interrupt", "call eventfd", f"-> {self.irqs}"))
-
-    def drain_kick(self) -> int:
-        t = self.dev_t
-        self.point(t, Op("drain kick"))
-        n, self.kicks = self.kicks, 0
-        self.trace.append((t.name, "drain kick", "kick eventfd", str(n)))
-        return n
+        self.trace.append((t.name, "fence", "", "", _site()))
 
     def wait(self, t: MThread, label: str, ready: Callable[[], bool]) -> None:
         self.trace.append((t.name, "block", label, ""))
@@ -522,8 +453,6 @@ class Execution:
                 b[lo - gpa : hi - gpa] = d[lo - a : hi - a]
         return bytes(b)
 
-    # -- the scheduler --------------------------------------------------------------------------
-
     def point(self, t: MThread, op: Op) -> None:
         """Park `t` before `op` until the scheduler runs it."""
         t.pending = op
@@ -546,12 +475,12 @@ class Execution:
         ended) and the caller must park."""
         while True:
             self.steps += 1
-            if self.steps > self.cfg.max_steps:
-                self._fail(Violation("livelock", f"no end after {self.cfg.max_steps} steps"))
+            if self.steps > self.max_steps:
+                self._fail(Violation("livelock", f"no end after {self.max_steps} steps"))
                 return False
             if self.states is not None:
                 self.states.add(self._state())
-            v = self._check()
+            v = self.check()
             if v is not None:
                 self._fail(v)
                 return False
@@ -570,13 +499,13 @@ class Execution:
                 if t.buf and (default is None or default[1] is not t or default[0] != FLUSH):
                     opts.append((FLUSH, t))
             if not opts:
-                self._terminal()
+                self.terminal()
                 return False
             kind, t = self._choose(opts, default is not None)
             if kind == FLUSH:
                 gpa, data = t.buf.popleft()
                 self.gmv[gpa : gpa + len(data)] = data
-                self.trace.append((t.name, "flush", self.name(gpa, len(data)), _fmt_value(data)))
+                self.trace.append((t.name, "flush", gpa, data))
                 if t is cur and cur.pending is not None and cur.pending.label is _FENCE and not t.buf:
                     return True if t is me else self._handoff(t)  # the fence completes
                 continue
@@ -606,13 +535,230 @@ class Execution:
             self.trace.append(("", f"-- preemption {self.preemptions} --", "", ""))
         return opts[i]
 
+    def _fail(self, v: Violation) -> None:
+        if self.violation is None:
+            self.violation = v
+        self.finished.set()
+
+    def _body(self, t: MThread, fn: Callable[[], None]) -> None:
+        self.by_ident[threading.get_ident()] = t
+        t.sem.acquire()
+        if self.abort:
+            return
+        t.pending = None
+        try:
+            fn()
+        except Abort:
+            return
+        except Violation as v:
+            self._fail(v)
+            return
+        except Exception as e:  # noqa: BLE001 - the code under test failed: a counterexample too
+            self._fail(Violation("crash", f"{t.name} raised {type(e).__name__}: {e}"))
+            return
+        t.done = True
+        if not self._schedule(t):
+            return
+
     def _state(self) -> int:
-        lo, hi = self.ring_span
-        return hash((bytes(self.gmv[lo:hi]), self.kicks, self.irqs,
+        lo, hi = self.state_span
+        return hash((bytes(self.gmv[lo:hi]), self.state_extra(),
                      tuple((tuple(t.buf), t.done, t.pending.label if t.pending else None, t.ops)
                            for t in self.threads)))
 
-    def _check(self) -> Violation | None:
+    def run(self, bodies: list[Callable[[], None]]) -> None:
+        """Run the threads' `bodies` under this schedule, to the end."""
+        for t, fn in zip(self.threads, bodies):
+            t.thread = threading.Thread(target=self._body, args=(t, fn), daemon=True)
+            t.thread.start()
+        while len(self.by_ident) < len(self.threads):
+            time.sleep(0)
+        self._schedule(None)
+        self.finished.wait()
+        self.abort = True
+        for t in self.threads:
+            t.sem.release()
+        for t in self.threads:
+            assert t.thread is not None
+            t.thread.join(5)
+            if t.thread.is_alive():  # pragma: no cover
+                raise RuntimeError(f"model thread {t.name} did not stop")
+
+    def format_trace(self) -> str:
+        """The interleaving, one line per operation: thread, operation,
+        ring field, value (stores enter the thread's buffer; a flush makes
+        one visible to the other thread)."""
+        lines = []
+        for who, op, where, val, *rest in self.trace:
+            site = rest[0] if rest else ""
+            if who == "":
+                lines.append(f"      {op}")
+                continue
+            if isinstance(where, int):
+                if self.namer is not None:
+                    where, val = self.namer.name(where, len(val)), self.namer.value(where, val)
+                else:
+                    where, val = f"{where:#x}", val.hex()
+            line = f"      {who:6s} {op:17s} {where:22s} {val}".rstrip()
+            if site:
+                line = f"{line:90s}  [{site}]"
+            lines.append(line)
+        if self.violation is not None:
+            lines.append(f"      => {self.violation}")
+        return "\n".join(lines)
+
+
+class Execution(Machine):
+    """One run of the scenario (the device loop and the driver) under a schedule."""
+
+    def __init__(self, cfg: Config, raw: GuestMemory, prefix: list[int], expect: list[int] | None,
+                 states: set[int] | None) -> None:
+        super().__init__(raw.regions[0].mv, ["device", "driver"], prefix, expect, states, cfg.max_steps)
+        self.cfg = cfg
+        self.raw = raw
+        self.kicks = 0          # the kick eventfd's counter
+        self.irqs = 0           # the call eventfd's counter
+        self.driver_in_publish = False   # between publish() and the kick it decided
+        self.device_in_publish = False   # between the used-ring publication and its interrupt
+        self.driver_done = False
+        self.completed: dict[object, int] = {}
+        self.cover: set[str] = set()   # protocol situations this execution reached
+        self._setup()
+
+    # -- scenario ---------------------------------------------------------------------------
+
+    def _setup(self) -> None:
+        cfg = self.cfg
+        packed = cfg.ring == "packed"
+        q = cfg.size
+        self.mem = ModelMemory(self.raw, self)
+        base = 0x1000
+        desc, driver, device, end = ring_layout(packed, q, base)
+        self.layout = (desc, driver, device)
+        self.state_span = (base, end)
+        self.namer = Namer(packed, q, desc, driver, device)
+        pool = BufferPool(self.raw, (end + 0xFFF) & ~0xFFF, 0x1000)
+        cls = PackedDriver if packed else SplitDriver
+        # set-up accesses (ring initialisation) happen before any model thread
+        # runs: they go straight to memory
+        self.drv = cls(self.mem, q, desc, driver, device, event_idx=cfg.event_idx, pool=pool)
+        self.bufs = [pool.alloc(BUF_LEN) for _ in range(cfg.buffers)]
+        features = int(Feature.VERSION_1)
+        if packed:
+            features |= Feature.RING_PACKED
+        if cfg.event_idx:
+            features |= Feature.RING_EVENT_IDX
+        self.vq = Virtqueue(self.mem, q, desc, driver, device, features=features, name="mc")
+        self.loop = QueueLoop(self.vq, _ModelKick(self), self._call)
+        self.loop.attach(lambda queue: CallbackService(
+            queue, lambda chains: [(c, WRITTEN) for c in chains], batch=64, bulk=False))
+        real_publish = self.loop.publish
+
+        def publish() -> None:  # marks "an interrupt may be on its way"
+            self.device_in_publish = True
+            real_publish()
+            self.device_in_publish = False
+
+        self.loop.publish = publish  # type: ignore[method-assign]
+        self.dev_t, self.drv_t = self.threads
+
+    def _device(self) -> None:
+        loop, vq = self.loop, self.vq
+        me = self.dev_t
+        while True:
+            s = loop.step()
+            if vq.failed is not None or loop.counters.errors:
+                raise Violation("ring-error", f"the device retired the ring: {vq.failed!r}")
+            if s is Step.BUSY:
+                continue
+            if s is Step.STOPPED:
+                return
+            if loop._armed:
+                self.wait(me, "sleep (armed)", lambda: self.kicks > 0 and not self.driver_done)
+            else:  # only the loop's own wake fd: nothing in this scenario writes it
+                self.wait(me, "sleep (NOT armed)", lambda: False)
+            loop.woke()
+
+    def _driver(self) -> None:
+        cfg, drv, me = self.cfg, self.drv, self.drv_t
+        if cfg.mode in ("poll", "napi"):
+            drv.disable_interrupts()
+        for tok in range(cfg.buffers):
+            drv.add([], [(self.bufs[tok], BUF_LEN)], token=tok)
+            self.driver_in_publish = True
+            if drv.publish():
+                self.counter_op(me, "kick", "kick")
+            else:
+                self.cover.add("driver skipped a kick (device asked for none)")
+            self.driver_in_publish = False
+        got = self.completed
+        while len(got) < cfg.buffers:
+            try:
+                reaped = drv.get_used()
+            except DeviceProtocolError as e:
+                raise Violation("exactly-once", f"driver rejected a used element: {e}") from None
+            for tok, ln in reaped:
+                if tok in got:
+                    raise Violation("exactly-once", f"buffer {tok} completed twice")
+                if ln != WRITTEN:
+                    raise Violation("exactly-once", f"buffer {tok} came back with length {ln}, the device "
+                                    f"wrote {WRITTEN} (a stale used element)")
+                got[tok] = ln
+            if reaped:
+                continue
+            if cfg.mode == "poll":
+                self.wait(me, "poll the used ring", self.used_visible)
+                continue
+            if drv.enable_interrupts():
+                self.cover.add("driver's re-check after enabling interrupts found a completion")
+                continue
+            self.wait(me, "wait for interrupt", lambda: self.irqs > 0)
+            self.irqs = 0  # the eventfd read
+            if cfg.mode == "napi":
+                drv.disable_interrupts()
+        self.driver_done = True
+
+    def _call(self) -> None:
+        self.counter_op(self.dev_t, "interrupt", "call")
+
+    # -- what memory shows (global, no scheduling) ------------------------------------------
+
+    def _u16(self, gpa: int) -> int:
+        return self.gmv[gpa] | self.gmv[gpa + 1] << 8
+
+    def unseen_avail(self) -> bool:
+        """Memory shows a published buffer the device has not taken."""
+        ring = self.vq.ring
+        if isinstance(ring, PackedRing):
+            f = self._u16(self.layout[0] + ring.next_avail * 16 + spec.PACKED_FLAGS)
+            return f & _BOTH == (_AVAIL if ring.avail_wrap else _USED)
+        return self._u16(self.layout[1] + spec.AVAIL_IDX) != ring.last_avail
+
+    def used_visible(self) -> bool:
+        """Memory shows a completion the driver has not reaped."""
+        drv = self.drv
+        if isinstance(drv, PackedDriver):
+            f = self._u16(self.layout[0] + drv.last_used * 16 + spec.PACKED_FLAGS)
+            return f & _BOTH == drv._used_want
+        return self._u16(self.layout[2] + spec.USED_IDX) != drv.last_used
+
+    def counter_op(self, t: MThread, what: str, label: str) -> None:
+        self.point(t, Op(label))
+        if what == "kick":
+            self.kicks += 1
+            self.trace.append((t.name, "kick", "kick eventfd", f"-> {self.kicks}"))
+        else:
+            self.irqs += 1
+            self.trace.append((t.name, "interrupt", "call eventfd", f"-> {self.irqs}"))
+
+    def drain_kick(self) -> int:
+        t = self.dev_t
+        self.point(t, Op("drain kick"))
+        n, self.kicks = self.kicks, 0
+        self.trace.append((t.name, "drain kick", "kick eventfd", str(n), _site()))
+        return n
+
+    def check(self) -> Violation | None:
         dev, drv = self.dev_t, self.drv_t
         dp = dev.pending
         if (dp is not None and dp.label.startswith("sleep") and self.kicks == 0 and not self.driver_in_publish
@@ -626,7 +772,22 @@ class Execution:
                              "pending, and memory shows a completion it has not reaped")
         return None
 
-    def _terminal(self) -> None:
+    def _coverage(self) -> None:
+        st = self.vq.stats
+        if st.rearm_hits:
+            self.cover.add("device's re-check after arming found work")
+        if st.publishes > st.interrupts:
+            self.cover.add("device skipped an interrupt (driver asked for none)")
+        if st.suppressions:
+            self.cover.add("device found work while armed (lazy kick suppression)")
+        # the two races the protocol exists for, both in one execution
+        if st.rearm_hits and "driver skipped a kick (device asked for none)" in self.cover:
+            self.cover.add("a skipped kick and a device re-check hit")
+        if (st.publishes > st.interrupts
+                and "driver's re-check after enabling interrupts found a completion" in self.cover):
+            self.cover.add("a skipped interrupt and a driver re-check hit")
+
+    def terminal(self) -> None:
         dev, drv = self.dev_t, self.drv_t
         if self.driver_done and (dev.done or (dev.pending is not None and dev.pending.label.startswith("sleep"))):
             if self.vq.stats.completed != self.cfg.buffers:
@@ -645,65 +806,38 @@ class Execution:
             kind = "deadlock"
         self._fail(Violation(kind, f"deadlock: nothing can move ({what})"))
 
-    def _fail(self, v: Violation) -> None:
-        if self.violation is None:
-            self.violation = v
-        self.finished.set()
+    def state_extra(self) -> tuple[Any, ...]:
+        return (self.kicks, self.irqs)
 
-    # -- running --------------------------------------------------------------------------------
-
-    def _body(self, t: MThread, fn: Callable[[], None]) -> None:
-        self.by_ident[threading.get_ident()] = t
-        t.sem.acquire()
-        if self.abort:
-            return
-        t.pending = None
+    def run(self) -> None:  # type: ignore[override]
         try:
-            fn()
-        except Abort:
-            return
-        except Violation as v:
-            self._fail(v)
-            return
-        except Exception as e:  # the code under test failed: a counterexample too
-            self._fail(Violation("crash", f"{t.name} raised {type(e).__name__}: {e}"))
-            return
-        t.done = True
-        if not self._schedule(t):
-            return
+            super().run([self._device, self._driver])
+            self._coverage()
+        finally:
+            self.loop.close()
 
-    def run(self) -> None:
-        for t, fn in ((self.dev_t, self._device), (self.drv_t, self._driver)):
-            t.thread = threading.Thread(target=self._body, args=(t, fn), daemon=True)
-            t.thread.start()
-        while len(self.by_ident) < 2:
-            time.sleep(0)
-        self._schedule(None)
-        self.finished.wait()
-        self.abort = True
-        for t in self.threads:
-            t.sem.release()
-        for t in self.threads:
-            assert t.thread is not None
-            t.thread.join(5)
-            if t.thread.is_alive():  # pragma: no cover
-                raise RuntimeError(f"model thread {t.name} did not stop")
-        self.loop.close()
 
-    def format_trace(self) -> str:
-        lines = []
-        for who, op, where, val in self.trace:
-            if who == "":
-                lines.append(f"      {op}")
-            else:
-                lines.append(f"      {who:6s} {op:18s} {where:24s} {val}".rstrip())
-        return "\n".join(lines)
+_HERE = __file__
+
+
+def _site() -> str:
+    """The engine or driver function doing the access (and its caller)."""
+    f = sys._getframe(2)
+    while f is not None and f.f_code.co_filename == _HERE:
+        f = f.f_back
+    if f is None:
+        return ""
+    name = f.f_code.co_qualname
+    g = f.f_back
+    if g is not None and g.f_code.co_filename != _HERE and "pyvirtio" in g.f_code.co_filename:
+        name = f"{name} < {g.f_code.co_qualname}"
+    return name
 
 
 class _ModelKick:
     """The kick eventfd as the device loop sees it."""
 
-    def __init__(self, x: Execution) -> None:
+    def __init__(self, x: Machine) -> None:
         self.x = x
 
     def fileno(self) -> int:
@@ -727,6 +861,8 @@ class Result:
     violation: Violation | None = None
     schedule: list[int] | None = None
     trace: str = ""
+    found_at: int | None = None     # the preemption bound the counterexample needed
+    coverage: dict[str, int] = dataclasses.field(default_factory=dict)  # situation -> executions reaching it
 
     def row(self) -> str:
         found = self.violation.kind if self.violation else "none"
@@ -736,7 +872,8 @@ class Result:
     def report(self) -> str:
         if self.violation is None:
             return f"{self.config.label()}: no counterexample in {self.executions} interleavings"
-        return (f"{self.config.label()}: COUNTEREXAMPLE after {self.executions} interleavings\n"
+        at = "" if self.found_at is None else f" (needs {self.found_at} preemption{'s' * (self.found_at != 1)})"
+        return (f"{self.config.label()}: COUNTEREXAMPLE after {self.executions} interleavings{at}\n"
                 f"  {self.violation}\n  schedule: {self.schedule}\n{self.trace}")
 
 
@@ -758,6 +895,8 @@ def explore(cfg: Config, *, stop_at_first: bool = True, max_executions: int | No
                 x.run()
                 res.executions += 1
                 res.steps += x.steps
+                for c in x.cover:
+                    res.coverage[c] = res.coverage.get(c, 0) + 1
                 if x.violation is not None and res.violation is None:
                     res.violation = x.violation
                     res.schedule = [r[1] for r in x.record]
@@ -776,6 +915,24 @@ def explore(cfg: Config, *, stop_at_first: bool = True, max_executions: int | No
     res.seconds = time.perf_counter() - t0
     res.states = len(states) if states is not None else 0
     return res
+
+
+def find_counterexample(cfg: Config) -> Result:
+    """Search with bounds 0, 1, ... up to `cfg.preemptions` (iterative
+    deepening): the first counterexample found needs the fewest preemptions,
+    which keeps its trace short. Counts add up over the rounds."""
+    total = Result(cfg)
+    for bound in range(cfg.preemptions + 1):
+        r = explore(dataclasses.replace(cfg, preemptions=bound))
+        total.executions += r.executions
+        total.steps += r.steps
+        total.states = max(total.states, r.states)
+        total.seconds += r.seconds
+        if r.violation is not None:
+            total.violation, total.schedule, total.trace = r.violation, r.schedule, r.trace
+            total.found_at = bound
+            break
+    return total
 
 
 def _backtrack(record: list[tuple[int, int, bool, int]], bound: int) -> tuple[list[int], list[int]] | None:
@@ -976,7 +1133,7 @@ def main(argv: list[str] | None = None) -> int:
             for ring in a.ring or list(RINGS):
                 cfg = Config(ring=ring, event_idx=False, mode="poll" if m == "used-before-element" else "intr",
                              buffers=2, preemptions=a.preemptions, mutant=m)
-                r = explore(cfg)
+                r = find_counterexample(cfg)
                 print(r.row(), flush=True)
                 if r.violation is None:
                     bad += 1
