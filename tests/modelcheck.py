@@ -885,14 +885,11 @@ def explore(cfg: Config, *, stop_at_first: bool = True, max_executions: int | No
     res = Result(cfg)
     raw = GuestMemory.anonymous(0x4000, shared_fd=False)
     states: set[int] | None = set() if count_states else None
-    prefix: list[int] = []
-    expect: list[int] = []
     t0 = time.perf_counter()
     try:
         with mutant(cfg.mutant):
-            while True:
-                x = Execution(cfg, raw, prefix, expect, states)
-                x.run()
+            for x in executions(lambda prefix, expect: Execution(cfg, raw, prefix, expect, states),
+                                cfg.preemptions):
                 res.executions += 1
                 res.steps += x.steps
                 for c in x.cover:
@@ -903,18 +900,29 @@ def explore(cfg: Config, *, stop_at_first: bool = True, max_executions: int | No
                     res.trace = x.format_trace()
                     if stop_at_first:
                         break
-                nxt = _backtrack(x.record, cfg.preemptions)
-                if nxt is None:
-                    break
                 if max_executions is not None and res.executions >= max_executions:
                     res.complete = False
                     break
-                prefix, expect = nxt
     finally:
         raw.close()
     res.seconds = time.perf_counter() - t0
     res.states = len(states) if states is not None else 0
     return res
+
+
+def executions(make: Callable[[list[int], list[int] | None], Machine], bound: int) -> Iterator[Any]:
+    """Every execution within `bound` preemptions, depth-first: `make(prefix,
+    expect)` builds a fresh machine; each is run and yielded."""
+    prefix: list[int] = []
+    expect: list[int] | None = []
+    while True:
+        x = make(prefix, expect)
+        x.run()
+        yield x
+        nxt = _backtrack(x.record, bound)
+        if nxt is None:
+            return
+        prefix, expect = nxt
 
 
 def find_counterexample(cfg: Config) -> Result:
@@ -954,6 +962,38 @@ def replay(cfg: Config, schedule: list[int]) -> Execution:
     finally:
         raw.close()
     return x
+
+
+class Litmus(Machine):
+    """A litmus test for the memory model itself: `programs` are per-thread
+    lists of ("st", addr, value), ("ld", addr) and ("fence",) over one-byte
+    cells; the outcome is the tuple of values loaded, in program order."""
+
+    def __init__(self, programs: list[list[tuple[Any, ...]]], prefix: list[int], expect: list[int] | None) -> None:
+        super().__init__(memoryview(bytearray(16)), [f"T{i}" for i in range(len(programs))], prefix, expect,
+                         None, 1000)
+        self.programs = programs
+        self.loaded: list[list[int]] = [[] for _ in programs]
+
+    def _thread(self, i: int) -> None:
+        for op in self.programs[i]:
+            if op[0] == "st":
+                self.store(op[1], bytes([op[2]]))
+            elif op[0] == "ld":
+                self.loaded[i].append(self.load(op[1], 1)[0])
+            else:
+                self.fence()
+
+    def run(self) -> None:  # type: ignore[override]
+        super().run([lambda i=i: self._thread(i) for i in range(len(self.programs))])
+
+    def outcome(self) -> tuple[int, ...]:
+        return tuple(v for regs in self.loaded for v in regs)
+
+
+def litmus(programs: list[list[tuple[Any, ...]]], bound: int = 2) -> set[tuple[int, ...]]:
+    """Every outcome of a litmus test within `bound` preemptions."""
+    return {x.outcome() for x in executions(lambda p, e: Litmus(programs, p, e), bound)}
 
 
 # -- mutants: copies of engine functions with one protocol step removed -------------------------
