@@ -31,7 +31,8 @@ Memory model (x86-TSO-like store buffers)
     `Area` call: a slice of used elements, a descriptor, a run of avail
     entries) is one atomic access; 2/4/8-byte fields never tear. The kick
     and interrupt counters are eventfds: sequentially consistent, outside
-    the buffers. `pyvirtio.fence.acquire/release` are not modelled: on
+    the buffers, and writing one is a release (the writer's buffer drains
+    first), as the kernel's locks make it. `pyvirtio.fence.acquire/release` are not modelled: on
     x86 (`WEAK_ORDERING` False) the engine never calls them.
 
 Preemption bound
@@ -76,7 +77,7 @@ from typing import Any
 from pyvirtio import spec
 from pyvirtio.driver import BufferPool, DeviceProtocolError, PackedDriver, SplitDriver, ring_layout
 from pyvirtio.memory import Area, AreaKind, GuestMemory, GuestMemoryError
-from pyvirtio.queue import Virtqueue
+from pyvirtio.queue import QueueState, Virtqueue
 from pyvirtio.queue.packed import PackedRing
 from pyvirtio.queue.split import SplitRing, _used_struct
 from pyvirtio.queue.virtqueue import ArmResult
@@ -89,7 +90,11 @@ RINGS = ("split", "packed")
 #: only to sleep; `poll` turns them off for good (NO_INTERRUPT / event flags
 #: DISABLE / used_event parked) and polls the used ring.
 MODES = ("intr", "napi", "poll")
-MUTANTS = ("no-fence-after-arm", "no-recheck-after-arm", "used-before-element")
+#: the three the issue asks for (device side, kick and completion), then two
+#: more that show the lost-interrupt check is live: the device's StoreLoad
+#: fence before its interrupt decision, the driver's re-check after enabling
+MUTANTS = ("no-fence-after-arm", "no-recheck-after-arm", "used-before-element",
+           "no-fence-before-interrupt-decision", "driver-sleeps-without-recheck")
 
 BUF_LEN = 16      # each buffer: one device-writable segment of this size
 WRITTEN = 8       # what the device reports writing into each
@@ -297,17 +302,18 @@ RUN, FLUSH = 0, 1
 
 class Op:
     """A pending visible operation: `label` for traces and states; `ready`
-    says whether it can run now (None: always)."""
+    says whether it can run now (None: always); `drains`: it waits until the
+    thread's own store buffer is empty (a fence, or a release)."""
 
-    __slots__ = ("label", "ready")
+    __slots__ = ("drains", "label", "ready")
 
-    def __init__(self, label: str, ready: Callable[[], bool] | None = None) -> None:
+    def __init__(self, label: str, ready: Callable[[], bool] | None = None, drains: bool = False) -> None:
         self.label = label
         self.ready = ready
+        self.drains = drains
 
 
 _START = Op("start")
-_FENCE = "fence"
 
 
 class MThread:
@@ -333,12 +339,17 @@ class Config:
     size: int = 4
     preemptions: int = 2
     mutant: str | None = None
+    #: start just before the wrap: split indices at 65535 (the u16 wraps and
+    #: the last ring slot comes first), packed at the last slot (the wrap
+    #: counters flip during the run)
+    wrap: bool = False
     max_steps: int = 4000
 
     def label(self) -> str:
         m = f" mutant={self.mutant}" if self.mutant else ""
+        w = " wrap" if self.wrap else ""
         return (f"{self.ring:6s} event_idx={'on ' if self.event_idx else 'off'} driver={self.mode:4s} "
-                f"K={self.buffers} P={self.preemptions}{m}")
+                f"K={self.buffers} P={self.preemptions}{w}{m}")
 
 
 class Machine:
@@ -420,7 +431,7 @@ class Machine:
         if t is None:
             return
         if t.buf:
-            self.point(t, Op(_FENCE, lambda: not t.buf))
+            self.point(t, Op("fence", lambda: not t.buf, True))
         self.trace.append((t.name, "fence", "", "", _site()))
 
     def wait(self, t: MThread, label: str, ready: Callable[[], bool]) -> None:
@@ -489,7 +500,7 @@ class Machine:
             if cur is not None and cur.pending is not None and not cur.done:
                 if self._ready(cur):
                     default = (RUN, cur)
-                elif cur.pending.label is _FENCE and cur.buf:
+                elif cur.pending.drains and cur.buf:
                     default = (FLUSH, cur)
             opts = [default] if default is not None else []
             for t in self.threads:
@@ -506,8 +517,8 @@ class Machine:
                 gpa, data = t.buf.popleft()
                 self.gmv[gpa : gpa + len(data)] = data
                 self.trace.append((t.name, "flush", gpa, data))
-                if t is cur and cur.pending is not None and cur.pending.label is _FENCE and not t.buf:
-                    return True if t is me else self._handoff(t)  # the fence completes
+                if t is cur and cur.pending is not None and cur.pending.drains and not t.buf:
+                    return True if t is me else self._handoff(t)  # the fence (or release) completes
                 continue
             return True if t is me else self._handoff(t)
 
@@ -641,14 +652,19 @@ class Execution(Machine):
         cls = PackedDriver if packed else SplitDriver
         # set-up accesses (ring initialisation) happen before any model thread
         # runs: they go straight to memory
-        self.drv = cls(self.mem, q, desc, driver, device, event_idx=cfg.event_idx, pool=pool)
+        start = (q - 1 if packed else 0xFFFF) if cfg.wrap else 0
+        self.drv = cls(self.mem, q, desc, driver, device, event_idx=cfg.event_idx, pool=pool, start_index=start)
         self.bufs = [pool.alloc(BUF_LEN) for _ in range(cfg.buffers)]
         features = int(Feature.VERSION_1)
         if packed:
             features |= Feature.RING_PACKED
         if cfg.event_idx:
             features |= Feature.RING_EVENT_IDX
-        self.vq = Virtqueue(self.mem, q, desc, driver, device, features=features, name="mc")
+        state = None
+        if start:  # the device resumes where the driver starts (vhost-user SET_VRING_BASE)
+            state = (QueueState(q, True, start, True, start, True) if packed
+                     else QueueState(q, False, last_avail=start, used_idx=start))
+        self.vq = Virtqueue(self.mem, q, desc, driver, device, features=features, name="mc", state=state)
         self.loop = QueueLoop(self.vq, _ModelKick(self), self._call)
         self.loop.attach(lambda queue: CallbackService(
             queue, lambda chains: [(c, WRITTEN) for c in chains], batch=64, bulk=False))
@@ -665,6 +681,7 @@ class Execution(Machine):
     def _device(self) -> None:
         loop, vq = self.loop, self.vq
         me = self.dev_t
+        woke_with: int | None = None  # chains taken when it last woke
         while True:
             s = loop.step()
             if vq.failed is not None or loop.counters.errors:
@@ -673,10 +690,13 @@ class Execution(Machine):
                 continue
             if s is Step.STOPPED:
                 return
+            if woke_with is not None and vq.stats.chains == woke_with:
+                self.cover.add("device woke to a stale kick and slept again (already armed)")
             if loop._armed:
                 self.wait(me, "sleep (armed)", lambda: self.kicks > 0 and not self.driver_done)
             else:  # only the loop's own wake fd: nothing in this scenario writes it
                 self.wait(me, "sleep (NOT armed)", lambda: False)
+            woke_with = vq.stats.chains
             loop.woke()
 
     def _driver(self) -> None:
@@ -743,7 +763,12 @@ class Execution(Machine):
         return self._u16(self.layout[2] + spec.USED_IDX) != drv.last_used
 
     def counter_op(self, t: MThread, what: str, label: str) -> None:
-        self.point(t, Op(label))
+        # An eventfd write goes through the kernel's locks: a release. The
+        # thread's earlier stores are visible before the counter moves.
+        if t.buf:
+            self.point(t, Op(label, lambda: not t.buf, True))
+        else:
+            self.point(t, Op(label))
         if what == "kick":
             self.kicks += 1
             self.trace.append((t.name, "kick", "kick eventfd", f"-> {self.kicks}"))
@@ -866,7 +891,7 @@ class Result:
 
     def row(self) -> str:
         found = self.violation.kind if self.violation else "none"
-        return (f"{self.config.label():60s} {self.executions:8d} {self.steps:9d} {self.states:8d} "
+        return (f"{self.config.label():84s} {self.executions:8d} {self.steps:9d} {self.states:8d} "
                 f"{self.seconds:7.2f}s  {found}")
 
     def report(self) -> str:
@@ -1105,11 +1130,41 @@ def _packed_publish_flags_first(self: PackedRing, items: Any) -> bool:
     return True
 
 
-_MUTANT_PATCHES: dict[str, list[tuple[type, str, Callable[..., Any]]]] = {
-    "no-fence-after-arm": [(Virtqueue, "arm", _arm_without_fence)],
-    "no-recheck-after-arm": [(Virtqueue, "arm", _arm_without_recheck)],
-    "used-before-element": [(SplitRing, "publish", _split_publish_index_first),
-                            (PackedRing, "publish", _packed_publish_flags_first)],
+def _without_fence(orig: Callable[..., bool]) -> Callable[..., bool]:
+    """A ring `publish` whose one fence (StoreLoad, before it reads the
+    driver's interrupt suppression) does nothing."""
+    def publish(self: Any, items: Any) -> bool:
+        self.mem.fence = lambda: None  # an instance attribute shadows the method
+        try:
+            return orig(self, items)
+        finally:
+            del self.mem.fence
+    return publish
+
+
+def _ignoring_recheck(orig: Callable[..., bool]) -> Callable[..., bool]:
+    """A driver `enable_interrupts` whose caller never hears that used
+    buffers arrived meanwhile (it sleeps anyway)."""
+    def enable_interrupts(self: Any, delayed: bool = False) -> bool:
+        orig(self, delayed)
+        return False
+    return enable_interrupts
+
+
+def _copy(fn: Callable[..., Any]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    return lambda orig: fn
+
+
+#: mutant -> (class, attribute, make(original) -> replacement)
+_MUTANT_PATCHES: dict[str, list[tuple[type, str, Callable[[Callable[..., Any]], Callable[..., Any]]]]] = {
+    "no-fence-after-arm": [(Virtqueue, "arm", _copy(_arm_without_fence))],
+    "no-recheck-after-arm": [(Virtqueue, "arm", _copy(_arm_without_recheck))],
+    "used-before-element": [(SplitRing, "publish", _copy(_split_publish_index_first)),
+                            (PackedRing, "publish", _copy(_packed_publish_flags_first))],
+    "no-fence-before-interrupt-decision": [(SplitRing, "publish", _without_fence),
+                                           (PackedRing, "publish", _without_fence)],
+    "driver-sleeps-without-recheck": [(SplitDriver, "enable_interrupts", _ignoring_recheck),
+                                      (PackedDriver, "enable_interrupts", _ignoring_recheck)],
 }
 
 
@@ -1122,8 +1177,8 @@ def mutant(name: str | None) -> Iterator[None]:
     patches = _MUTANT_PATCHES[name]
     saved = [(cls, attr, cls.__dict__[attr]) for cls, attr, _ in patches]
     try:
-        for cls, attr, fn in patches:
-            setattr(cls, attr, fn)
+        for cls, attr, make in patches:
+            setattr(cls, attr, make(cls.__dict__[attr]))
         yield
     finally:
         for cls, attr, fn in saved:
@@ -1133,28 +1188,41 @@ def mutant(name: str | None) -> Iterator[None]:
 # -- command line -------------------------------------------------------------------------------
 
 
+#: the driver behaviour each mutant is checked with: the interrupt-side ones
+#: need a driver that turns interrupts off and on again
+MUTANT_MODE = {"no-fence-after-arm": "intr", "no-recheck-after-arm": "intr", "used-before-element": "intr",
+               "no-fence-before-interrupt-decision": "napi", "driver-sleeps-without-recheck": "napi"}
+
+
 def configs(preemptions: int, buffers: int, rings: list[str], modes: list[str],
-            event_idx: list[bool]) -> list[Config]:
-    return [Config(ring=r, event_idx=e, mode=m, buffers=buffers, preemptions=preemptions,
+            event_idx: list[bool], wraps: list[bool]) -> list[Config]:
+    return [Config(ring=r, event_idx=e, mode=m, buffers=buffers, preemptions=preemptions, wrap=w,
                    size=max(4, 1 << (buffers - 1).bit_length()))
-            for r, e, m in itertools.product(rings, event_idx, modes)]
+            for w, r, e, m in itertools.product(wraps, rings, event_idx, modes)]
+
+
+HEADER = f"{'configuration':84s} {'interl.':>8s} {'steps':>9s} {'states':>8s} {'time':>8s}  counterexample"
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                epilog="Exit status 1 if the real code has a counterexample or a mutant has none.")
     p.add_argument("--preemptions", type=int, default=3, help="preemption bound (default 3)")
     p.add_argument("--buffers", type=int, default=3, help="buffers the driver posts, one per publish (default 3)")
     p.add_argument("--ring", action="append", choices=RINGS, help="ring format (repeatable; default both)")
     p.add_argument("--mode", action="append", choices=MODES, help="driver behaviour (repeatable; default all)")
     p.add_argument("--event-idx", choices=("on", "off", "both"), default="both")
-    p.add_argument("--mutants", action="store_true", help="also run each mutant until its first counterexample")
+    p.add_argument("--wrap", choices=("on", "off", "both"), default="off",
+                   help="start the rings just before their indices wrap (default off)")
+    p.add_argument("--no-mutants", action="store_true", help="skip the mutants")
     p.add_argument("--max-executions", type=int, default=None, help="stop each configuration after this many")
-    p.add_argument("--trace", action="store_true", help="print the counterexample interleavings")
+    p.add_argument("--trace", action="store_true", help="print each mutant's counterexample interleaving")
     a = p.parse_args(argv)
-    ev = {"on": [True], "off": [False], "both": [False, True]}[a.event_idx]
-    cfgs = configs(a.preemptions, a.buffers, a.ring or list(RINGS), a.mode or list(MODES), ev)
-    print(f"{'configuration':60s} {'interl.':>8s} {'steps':>9s} {'states':>8s} {'time':>8s}  counterexample")
+    both = {"on": [True], "off": [False], "both": [False, True]}
+    rings = a.ring or list(RINGS)
+    cfgs = configs(a.preemptions, a.buffers, rings, a.mode or list(MODES), both[a.event_idx], both[a.wrap])
+    print(f"real code, every interleaving within {a.preemptions} preemptions, {a.buffers} buffers")
+    print(HEADER)
     bad = 0
     total = Result(Config())
     for cfg in cfgs:
@@ -1166,15 +1234,16 @@ def main(argv: list[str] | None = None) -> int:
         if r.violation is not None:
             bad += 1
             print(r.report())
-    print(f"{'total':60s} {total.executions:8d} {total.steps:9d} {'':8s} {total.seconds:7.2f}s")
-    if a.mutants:
-        print()
+    print(f"{'total':84s} {total.executions:8d} {total.steps:9d} {'':8s} {total.seconds:7.2f}s")
+    if not a.no_mutants:
+        print(f"\nmutants, searched with 0, 1, ... {a.preemptions} preemptions until the first counterexample")
+        print(HEADER)
         for m in MUTANTS:
-            for ring in a.ring or list(RINGS):
-                cfg = Config(ring=ring, event_idx=False, mode="poll" if m == "used-before-element" else "intr",
-                             buffers=2, preemptions=a.preemptions, mutant=m)
+            for ring in rings:
+                cfg = Config(ring=ring, event_idx=True, mode=MUTANT_MODE[m], buffers=2,
+                             preemptions=a.preemptions, mutant=m)
                 r = find_counterexample(cfg)
-                print(r.row(), flush=True)
+                print(r.row() + (f" at {r.found_at}" if r.found_at is not None else ""), flush=True)
                 if r.violation is None:
                     bad += 1
                 elif a.trace:
