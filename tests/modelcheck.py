@@ -96,6 +96,7 @@ MODES = ("intr", "napi", "poll")
 MUTANTS = ("no-fence-after-arm", "no-recheck-after-arm", "used-before-element",
            "no-fence-before-interrupt-decision", "driver-sleeps-without-recheck")
 
+KICK_FD = 1 << 30  # the model kick's "fd": only ever compared, never polled
 BUF_LEN = 16      # each buffer: one device-writable segment of this size
 WRITTEN = 8       # what the device reports writing into each
 
@@ -692,7 +693,12 @@ class Execution(Machine):
                 return
             if woke_with is not None and vq.stats.chains == woke_with:
                 self.cover.add("device woke to a stale kick and slept again (already armed)")
-            if loop._armed:
+            # what the real thread would poll: the kick only if the loop armed
+            fds = loop.sleep_fds()
+            if (KICK_FD in fds) != loop._armed or loop.sleep_timeout() is not None:
+                raise Violation("crash", f"the loop sleeps on {fds} (timeout {loop.sleep_timeout()}) "
+                                f"with armed={loop._armed}")
+            if KICK_FD in fds:
                 self.wait(me, "sleep (armed)", lambda: self.kicks > 0 and not self.driver_done)
             else:  # only the loop's own wake fd: nothing in this scenario writes it
                 self.wait(me, "sleep (NOT armed)", lambda: False)
@@ -866,7 +872,7 @@ class _ModelKick:
         self.x = x
 
     def fileno(self) -> int:
-        return -1
+        return KICK_FD
 
     def drain(self) -> int:
         return self.x.drain_kick()
