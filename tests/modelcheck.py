@@ -32,16 +32,32 @@ Memory model (x86-TSO-like store buffers)
     entries) is one atomic access; 2/4/8-byte fields never tear. The kick
     and interrupt counters are eventfds: sequentially consistent, outside
     the buffers, and writing one is a release (the writer's buffer drains
-    first), as the kernel's locks make it. `pyvirtio.fence.acquire/release` are not modelled: on
-    x86 (`WEAK_ORDERING` False) the engine never calls them.
+    first), as the kernel's locks make it. `pyvirtio.fence.acquire/release`
+    are not modelled: on x86 (`WEAK_ORDERING` False) nothing calls them.
+    The litmus tests in tests/test_model_check.py pin the model down (store
+    buffering allowed without fences, forbidden with them; message passing
+    keeps store order).
 
 Preemption bound
     At each point the running thread has a default action: run its next
-    operation, or, when it waits in a fence, flush its own oldest store. Any
-    other choice (switching to the other thread, flushing a store early)
-    while the running thread could go on costs one preemption; choices made
-    while it is blocked or finished are free. Executions are explored up to
-    a bound on preemptions (2 by default, 3 in the deep run).
+    operation, or, when it waits for its own buffer to drain (a fence, a
+    kick, an interrupt), flush its oldest store. Any other choice (switching
+    to the other thread, flushing a store early) while the running thread
+    could go on costs one preemption; choices made while it is blocked or
+    finished are free. Executions are explored up to a bound on preemptions
+    (2 in the unit suite, 3 in the deep run).
+
+The scenario
+    Device thread: `loop.step()` until it returns `Step.SLEEP`, then block
+    on what `loop.sleep_fds()` names (the kick counter, only when the loop
+    armed), then `loop.woke()`. The service is a `CallbackService` with
+    `bulk=False`: the numpy bulk path reads guest memory through arrays the
+    model cannot intercept. Driver thread: post K device-writable buffers,
+    one per `publish()`, kicking when it says so; then reap with
+    `get_used()`; when nothing is there, enable interrupts (with its
+    re-check) and wait for one, or, when polling, wait until memory shows a
+    completion (a spin loop is modelled as that wait). No indirect
+    descriptors, no payload: the protocol is in the ring metadata.
 
 Properties checked at every step
     lost kick: the device sleeps, no kick is pending, the driver is not
@@ -55,9 +71,10 @@ Properties checked at every step
     the two above when they apply); a ring error the device or the driver
     detects; an execution longer than `max_steps` (livelock).
 
-Run deeper from the command line::
+Run deeper from the command line (a table; exit status 1 if the real code
+has a counterexample or a mutant survives)::
 
-    PYTHONPATH=src python tests/modelcheck.py --preemptions 3 --buffers 3
+    PYTHONPATH=src python tests/modelcheck.py --preemptions 3 --buffers 3 --wrap both
 """
 
 from __future__ import annotations
@@ -403,6 +420,7 @@ class Machine:
         return ()
 
     # -- what the threads call (through ModelMemory) ---------------------------------------
+
     def _me(self) -> MThread | None:
         return self.by_ident.get(threading.get_ident())
 
