@@ -604,7 +604,11 @@ class Machine:
         while len(self.by_ident) < len(self.threads):
             time.sleep(0)
         self._schedule(None)
-        self.finished.wait()
+        if not self.finished.wait(60):  # pragma: no cover - a checker bug, not a counterexample
+            self.abort = True
+            for t in self.threads:
+                t.sem.release()
+            raise RuntimeError("a model execution made no progress for 60 s")
         self.abort = True
         for t in self.threads:
             t.sem.release()
