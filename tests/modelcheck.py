@@ -782,6 +782,18 @@ class Execution(Machine):
             return f & _BOTH == (_AVAIL if ring.avail_wrap else _USED)
         return self._u16(self.layout[1] + spec.AVAIL_IDX) != ring.last_avail
 
+    def _avail_state(self) -> str:
+        ring = self.vq.ring
+        if isinstance(ring, PackedRing):
+            return f"desc[{ring.next_avail}] is available, the device's next slot"
+        return f"avail.idx {self._u16(self.layout[1] + spec.AVAIL_IDX)}, device took up to {ring.last_avail}"
+
+    def _used_state(self) -> str:
+        drv = self.drv
+        if isinstance(drv, PackedDriver):
+            return f"desc[{drv.last_used}] is used, the driver's next slot"
+        return f"used.idx {self._u16(self.layout[2] + spec.USED_IDX)}, driver reaped up to {drv.last_used}"
+
     def used_visible(self) -> bool:
         """Memory shows a completion the driver has not reaped."""
         drv = self.drv
@@ -817,12 +829,13 @@ class Execution(Machine):
         if (dp is not None and dp.label.startswith("sleep") and self.kicks == 0 and not self.driver_in_publish
                 and not self.driver_done and self.unseen_avail()):
             return Violation("lost-kick", "the device sleeps with no kick pending while memory shows "
-                             "a published buffer it has not taken, and the driver decided not to kick")
+                             f"a published buffer it has not taken ({self._avail_state()}), and the "
+                             "driver decided not to kick")
         rp = drv.pending
         if (rp is not None and rp.label == "wait for interrupt" and self.irqs == 0
                 and not self.device_in_publish and self.used_visible()):
             return Violation("lost-interrupt", "the driver waits for an interrupt it asked for, none is "
-                             "pending, and memory shows a completion it has not reaped")
+                             f"pending, and memory shows a completion it has not reaped ({self._used_state()})")
         return None
 
     def _coverage(self) -> None:
@@ -905,6 +918,12 @@ class _ModelKick:
 
 @dataclasses.dataclass
 class Result:
+    """What a search did: `executions` (interleavings run to the end),
+    `steps` (scheduler decisions over all of them), `states` (distinct
+    shared states seen: guest ring memory, store buffers, kick and interrupt
+    counters, and each thread's pending operation and position in its own
+    sequence of visible operations)."""
+
     config: Config
     executions: int = 0
     steps: int = 0
