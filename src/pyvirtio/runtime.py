@@ -141,6 +141,11 @@ class Service:
         """Fds whose readability should wake the loop while it sleeps."""
         return ()
 
+    def wake_write_fds(self) -> Sequence[int]:
+        """Fds whose writability should wake the loop while it sleeps (a
+        device holding bytes for a host socket that was full)."""
+        return ()
+
     def timer(self) -> float | None:
         """Seconds until the device wants `progress` called again while the
         loop sleeps (a timer); None: no timer."""
@@ -413,6 +418,12 @@ class QueueLoop:
             fds.extend(svc.wake_fds())
         return fds
 
+    def sleep_write_fds(self) -> Sequence[int]:
+        """What the SLEEP just returned also waits on for writability: the
+        device's `Service.wake_write_fds()`."""
+        svc = self.service
+        return svc.wake_write_fds() if svc is not None else ()
+
     def sleep_timeout(self) -> float | None:
         """None: sleep until woken. Polling mode naps instead of waiting for
         a kick; a device timer bounds the sleep too."""
@@ -484,8 +495,11 @@ class QueueLoop:
             if s is Step.STOPPED:
                 break
             p = poll()
-            for fd in self.sleep_fds():
+            reads = self.sleep_fds()
+            for fd in reads:
                 p.register(fd, select.POLLIN)
+            for fd in self.sleep_write_fds():  # POLLIN too if it is also a read fd
+                p.register(fd, select.POLLOUT | (select.POLLIN if fd in reads else 0))
             timeout = self.sleep_timeout()
             if timeout is None and stop is not None:
                 timeout = stop_poll  # look at stop() now and then
@@ -532,6 +546,9 @@ class QueueLoop:
             fds = self.sleep_fds()
             for fd in fds:
                 loop.add_reader(fd, woke.set)
+            wfds = list(self.sleep_write_fds())
+            for fd in wfds:
+                loop.add_writer(fd, woke.set)
             c.sleeps += 1
             try:
                 timeout = self.sleep_timeout()
@@ -545,6 +562,8 @@ class QueueLoop:
             finally:
                 for fd in fds:
                     loop.remove_reader(fd)
+                for fd in wfds:
+                    loop.remove_writer(fd)
             self.woke()
         if self.service is not None:
             self.service.stopped()
