@@ -5,9 +5,9 @@ bytes over stream sockets with host programs on the hybrid Unix sockets:
 - guest to host: `socat` in the guest connects to host port N (`VSOCK-CONNECT:2:N`)
   and sends a file of random bytes; a host thread accepts on `HOST_SOCK_N`
   and reads to the end;
-- host to guest: `socat` in the guest listens on port N (`VSOCK-LISTEN:N`);
-  a host thread connects to `HOST_SOCK`, writes `CONNECT N`, reads `OK`,
-  sends random bytes and half-closes.
+- host to guest: `socat` in the guest listens on port N (`VSOCK-LISTEN:N`)
+  and writes a tmpfs file; a host thread connects to `HOST_SOCK`, writes
+  `CONNECT N`, reads `OK`, sends random bytes and half-closes.
 
 Every connection's bytes are compared by sha256 on both ends (`sha256sum`
 in the guest). Time is the host's wall clock from the first connection's
@@ -226,9 +226,9 @@ def exchange(guest: Any, uds: str, *, to_host: int = 0, to_guest: int = 0, size:
         for i, e in enumerate(g2h):
             e.sent_sha = sums.get(f"/tmp/g2h.{i}", "?")
     if to_guest:
-        # listeners in the background; each writes its sum and a done mark
+        # listeners in the background, each into a tmpfs file (summed after the clock stops) and a done mark
         guest.check(f"rm -f /tmp/h2g.*; for i in $(seq 0 {to_guest - 1}); do "
-                    f"(socat -u -b 65536 VSOCK-LISTEN:$(({H2G_PORT} + i)) - | sha256sum > /tmp/h2g.$i.sum; "
+                    f"(socat -u -b 65536 VSOCK-LISTEN:$(({H2G_PORT} + i)) CREATE:/tmp/h2g.$i.bin; "
                     "touch /tmp/h2g.$i.done) </dev/null >/dev/null 2>&1 & done")
     payloads = [os.urandom(size) for _ in h2g]
     for e, p in zip(h2g, payloads):
@@ -266,11 +266,9 @@ def exchange(guest: Any, uds: str, *, to_host: int = 0, to_guest: int = 0, size:
             if done == str(to_guest):
                 break
             time.sleep(0.1)
-        # each .sum file holds sha256sum's "<sum>  -" for what that listener read
-        out = guest.check(f"for i in $(seq 0 {to_guest - 1}); do echo $i $(cut -d' ' -f1 /tmp/h2g.$i.sum); done")
-        got = dict(line.split() for line in out.splitlines() if len(line.split()) == 2)
+        sums = _guest_sums(guest, "/tmp/h2g.*.bin")
         for i, e in enumerate(h2g):
-            e.got_sha = got.get(str(i), "")
+            e.got_sha = sums.get(f"/tmp/h2g.{i}.bin", "")
     guest.check("rm -f /tmp/g2h.* /tmp/h2g.*")
     for e in g2h + h2g:
         if e.error:
