@@ -676,3 +676,22 @@ def test_counters_are_printed_at_exit() -> None:
     assert last["event"] == "exit"
     assert last["bytes_to_host"] == 2000 and last["bytes_to_guest"] == 1000
     assert last["guest_connects"] == 1
+
+
+def test_host_connect_the_guest_never_answers_is_closed_after_connect_timeout() -> None:
+    with vsock_backend("--connect-timeout", "0.5") as b, guest(b) as g:
+        seen: list[tuple[int, ...]] = []
+        g._packet = lambda hdr, payload: seen.append(hdr)  # type: ignore[method-assign]  # a guest that never answers
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.connect(str(b.uds))
+            s.sendall(b"CONNECT 5555\n")
+            s.setblocking(False)
+            t0 = time.monotonic()
+            assert eof(s, g, timeout=5)
+            assert 0.4 < time.monotonic() - t0 < 3
+            g.wait(lambda: len(seen) >= 2)
+            assert [VsockOp(h[6]) for h in seen] == [VsockOp.REQUEST, VsockOp.RST]  # the guest forgets it
+            assert seen[0][2:4] == seen[1][2:4] and seen[0][3] == 5555
+        finally:
+            s.close()

@@ -32,6 +32,9 @@ def register(sub: Any, bench_sub: Any) -> None:
                         "socket that does not keep up (default 262144)")
     p.add_argument("--max-connections", type=int, default=1024, metavar="N",
                    help="connections at once; more are refused (default 1024)")
+    p.add_argument("--connect-timeout", type=float, default=10.0, metavar="S",
+                   help="seconds a host program's CONNECT waits for the guest's answer, then its socket is "
+                        "closed (default 10)")
     p.set_defaults(func=_run)
 
     b = bench_sub.add_parser(
@@ -70,7 +73,7 @@ def _run(args: argparse.Namespace) -> int:
 
     try:
         device = VsockDevice(args.guest_cid, args.uds_path, buf_alloc=args.buf_alloc,
-                             max_connections=args.max_connections)
+                             max_connections=args.max_connections, connect_timeout=args.connect_timeout)
     except (OSError, ValueError) as e:
         print(f"pyvirtio vsock: {e}", file=sys.stderr)
         return 1

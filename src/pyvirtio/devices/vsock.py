@@ -45,12 +45,14 @@ after a migration), so with QEMU only rx and tx reach this device.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import select
 import socket
 import stat
 import threading
+import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
@@ -91,6 +93,8 @@ MAX_PENDING_RST = 1024
 CONNECT_LINE_MAX = 32
 #: rx chains one progress pass fills before the loop publishes them
 FILL_PER_PASS = 64
+#: seconds a host program's CONNECT waits for the guest's answer, then it is closed
+CONNECT_TIMEOUT = 10.0
 #: first host port given to host-initiated connections (as Firecracker: high, clear of well-known ports)
 HOST_PORT_BASE = 1 << 30
 
@@ -124,7 +128,7 @@ class VsockCounters:
 class _Conn:
     """One stream connection: a host socket and the guest's end (host_port, guest_port)."""
 
-    __slots__ = ("closed", "credit_asked", "fd", "fwd_cnt", "fwd_sent", "guest_port", "guest_shut", "host_eof",
+    __slots__ = ("closed", "credit_asked", "deadline", "fd", "fwd_cnt", "fwd_sent", "guest_port", "guest_shut", "host_eof",
                  "host_port", "host_wr_shut", "out", "out_bytes", "owed", "peer_buf_alloc", "peer_fwd_cnt",
                  "preamble", "queued", "rx_cnt", "shut_owed", "sock", "state", "tx_cnt")
 
@@ -154,6 +158,7 @@ class _Conn:
         self.queued = False      # in the device's `ready` queue
         self.credit_asked = False
         self.closed = False
+        self.deadline = 0.0      # CONNECTING: when to give up on the guest's answer
 
     def peer_credit(self) -> int:
         """Bytes the guest can take now."""
@@ -182,7 +187,8 @@ class VsockDevice(VirtioDevice):
     sockets: `uds_path` (host-initiated, `CONNECT N`) and `uds_path_N`
     (guest-initiated to host port N). `buf_alloc`: receive buffer advertised
     per connection (bounds the bytes the device holds for one slow host
-    reader); `max_connections`: connections at once."""
+    reader); `max_connections`: connections at once; `connect_timeout`:
+    seconds a host program's CONNECT waits for the guest to answer."""
 
     name = "vsock"
     num_queues = 3
@@ -191,7 +197,8 @@ class VsockDevice(VirtioDevice):
     features = int(Feature.VERSION_1 | Feature.RING_EVENT_IDX | Feature.RING_INDIRECT_DESC | Feature.RING_PACKED)
 
     def __init__(self, guest_cid: int, uds_path: str, *, buf_alloc: int = DEFAULT_BUF_ALLOC,
-                 max_connections: int = DEFAULT_MAX_CONNECTIONS, batch: int = 64) -> None:
+                 max_connections: int = DEFAULT_MAX_CONNECTIONS, connect_timeout: float = CONNECT_TIMEOUT,
+                 batch: int = 64) -> None:
         if not 3 <= guest_cid <= 0xFFFFFFFE:
             raise ValueError(f"guest CID {guest_cid} is not in 3..{0xFFFFFFFE}")
         if not 4 * KiB <= buf_alloc <= 1 << 30:
@@ -200,6 +207,7 @@ class VsockDevice(VirtioDevice):
         self.uds_path = uds_path
         self.buf_alloc = buf_alloc
         self.max_connections = max_connections
+        self.connect_timeout = connect_timeout
         self.batch = batch
         self.loops = {}
         self.lock = threading.RLock()
@@ -209,6 +217,7 @@ class VsockDevice(VirtioDevice):
         self.ready: deque[_Conn] = deque()   # connections owing the guest control packets
         self.rsts: deque[tuple[int, int]] = deque()  # (host port, guest port) of RSTs for unknown connections
         self.events: deque[int] = deque()    # event ids for the event queue
+        self.connecting: set[_Conn] = set()  # host-initiated, waiting for the guest's RESPONSE
         self.rr = 0                          # round-robin start among readable connections
         self.next_port = HOST_PORT_BASE
         self.negotiated = 0
@@ -313,13 +322,17 @@ class VsockDevice(VirtioDevice):
         if c.closed:
             return
         c.closed = True
+        self.connecting.discard(c)
         self.conns.pop((c.host_port, c.guest_port), None)
         self.by_fd.pop(c.fd, None)
-        try:
+        # shutdown first: the other loop may be polling this fd right now, and
+        # its poll keeps the socket open after close() until it returns
+        with contextlib.suppress(OSError):
+            c.sock.shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(OSError):
             c.sock.close()
-        except OSError:
-            pass
         c.out.clear()
+        self.wake_all()  # no loop keeps sleeping on the closed fd
 
     def _reset(self, c: _Conn, why: str) -> None:
         """End `c`: close the host socket and owe the guest an RST."""
@@ -410,6 +423,7 @@ class VsockDevice(VirtioDevice):
                 self._reset(c, "unexpected RESPONSE")
                 return
             c.state = _Conn.CONNECTED
+            self.connecting.discard(c)
             counts.host_connects += 1
             line = f"OK {c.host_port}\n".encode()
             c.out.append(memoryview(line))
@@ -555,6 +569,8 @@ class VsockDevice(VirtioDevice):
         with self.lock:
             moved = self._accept()
             moved |= self._read_connect_lines()
+            if self.connecting:
+                moved |= self._expire_connects()
             k = len(done)
             # buffers too small for a header: back to the guest empty
             while held and held[0].writable_len < VSOCK_HDR_SIZE:
@@ -648,6 +664,22 @@ class VsockDevice(VirtioDevice):
             conns = still
         # control packets owed on the way (SHUTDOWN after EOF) go out with the next pass
 
+    def _expire_connects(self) -> bool:
+        now = time.monotonic()
+        late = [c for c in self.connecting if c.deadline <= now]
+        for c in late:
+            log.info("vsock: host CONNECT %d: no answer from the guest in %gs", c.guest_port, self.connect_timeout)
+            self.counts.host_refused += 1
+            self._reset(c, "no answer to REQUEST")  # the RST makes the guest forget a late REQUEST
+        return bool(late)
+
+    def rx_timer(self) -> float | None:
+        """Seconds until the next host CONNECT times out (None: none waits)."""
+        with self.lock:
+            if not self.connecting:
+                return None
+            return max(0.0, min(c.deadline for c in self.connecting) - time.monotonic())
+
     def rx_wake_fds(self, holding: bool) -> list[int]:
         with self.lock:
             fds = [self.listener.fileno(), *self.pending]
@@ -715,6 +747,8 @@ class VsockDevice(VirtioDevice):
                 continue
             guest_port = int(words[1])
             c = _Conn(s, self._new_host_port(guest_port), guest_port, _Conn.CONNECTING)
+            c.deadline = time.monotonic() + self.connect_timeout
+            self.connecting.add(c)
             self.conns[(c.host_port, guest_port)] = c
             self.by_fd[c.fd] = c
             self._owe(c, VsockOp.REQUEST)
@@ -769,6 +803,9 @@ class _RxService(Service):
 
     def before_sleep(self) -> bool:
         return bool(self.held) and self.device.rx_has_work()
+
+    def timer(self) -> float | None:
+        return self.device.rx_timer()
 
     def stopped(self) -> None:
         self.held.clear()  # never written: offered again when the ring restarts
