@@ -695,3 +695,22 @@ def test_host_connect_the_guest_never_answers_is_closed_after_connect_timeout() 
             assert seen[0][2:4] == seen[1][2:4] and seen[0][3] == 5555
         finally:
             s.close()
+
+
+def test_connections_beyond_max_connections_are_refused_both_ways() -> None:
+    with (vsock_backend("--max-connections", "2") as b, guest(b) as g, host_listener(b.host_path(2100)) as lst):
+        g.listening.add(6300)
+        c1 = g.connect(2100)
+        s1 = accept(lst)
+        s2, c2 = host_connect(b, g, 6300)
+        try:
+            assert g.connect(2100).state == "reset"  # a third from the guest
+            s3 = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # a third from the host
+            with s3:
+                s3.connect(str(b.uds))
+                s3.setblocking(False)
+                assert eof(s3, g)
+            transfer(g, [(s1, c1, b"one" * 1000, b"two" * 1000), (s2, c2, b"three" * 1000, b"four" * 1000)])
+        finally:
+            s1.close()
+            s2.close()
