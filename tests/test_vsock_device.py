@@ -132,6 +132,7 @@ class VsockGuest:
         self.listening: set[int] = set()
         self.accepted: list[GConn] = []
         self.unknown: list[tuple[VsockOp, int, int]] = []  # packets for no connection
+        self.other_cids: list[tuple[VsockOp, int, int, int]] = []  # packets not from the host
         self.next_port = 50000
         fe = self.fe
         fe.negotiate()
@@ -150,7 +151,8 @@ class VsockGuest:
     # -- packets --------------------------------------------------------------------------------
 
     def send_pkt(self, host_port: int, guest_port: int, op: VsockOp, payload: bytes = b"", flags: int = 0,
-                 conn: GConn | None = None, typ: int = VsockType.STREAM, src_cid: int = CID) -> None:
+                 conn: GConn | None = None, typ: int = VsockType.STREAM, src_cid: int = CID,
+                 dst_cid: int = VSOCK_CID_HOST) -> None:
         fe = self.fe
         tx = fe.rings[1].driver
         deadline = time.monotonic() + 10
@@ -161,7 +163,7 @@ class VsockGuest:
         fwd = 0
         if conn is not None:
             fwd = conn.fwd_sent = conn.fwd_cnt
-        hdr = VSOCK_HDR.pack(src_cid, VSOCK_CID_HOST, guest_port, host_port, len(payload), typ, op, flags,
+        hdr = VSOCK_HDR.pack(src_cid, dst_cid, guest_port, host_port, len(payload), typ, op, flags,
                              self.buf_alloc, fwd)
         g1 = fe.pool.alloc(VSOCK_HDR_SIZE)
         fe.mem.mem.write(g1, hdr)
@@ -209,8 +211,11 @@ class VsockGuest:
     def _packet(self, hdr: tuple[int, ...], payload: bytes) -> None:
         src_cid, dst_cid, sp, dp, length, typ, op_, flags, buf_alloc, fwd_cnt = hdr
         op = VsockOp(op_)
-        assert (src_cid, dst_cid, typ) == (VSOCK_CID_HOST, CID, VsockType.STREAM)
+        assert (dst_cid, typ) == (CID, VsockType.STREAM)
         assert length == len(payload)
+        if src_cid != VSOCK_CID_HOST:
+            self.other_cids.append((VsockOp(op_), src_cid, sp, dp))
+            return
         key = (sp, dp)
         c = self.conns.get(key)
         if op == VsockOp.REQUEST:
@@ -637,9 +642,11 @@ def test_packets_for_no_connection_and_other_socket_types_are_answered_with_rst(
         g.send_pkt(2000, 60000, VsockOp.RW, b"stray")
         g.send_pkt(2000, 60001, VsockOp.REQUEST, typ=VsockType.SEQPACKET)
         g.send_pkt(2000, 60002, VsockOp.REQUEST, src_cid=CID + 1)  # not this guest: ignored
-        g.wait(lambda: len(g.unknown) >= 2)
+        g.send_pkt(2000, 60003, VsockOp.REQUEST, dst_cid=7)  # a CID that is not the host: refused by "CID 7"
+        g.wait(lambda: len(g.unknown) >= 2 and len(g.other_cids) >= 1)
         g.pump(0.2)
         assert sorted(g.unknown) == [(VsockOp.RST, 2000, 60000), (VsockOp.RST, 2000, 60001)]
+        assert g.other_cids == [(VsockOp.RST, 7, 2000, 60003)]
 
 
 def test_many_connections_both_ways_at_once() -> None:
@@ -711,6 +718,25 @@ def test_connections_beyond_max_connections_are_refused_both_ways() -> None:
                 s3.setblocking(False)
                 assert eof(s3, g)
             transfer(g, [(s1, c1, b"one" * 1000, b"two" * 1000), (s2, c2, b"three" * 1000, b"four" * 1000)])
+        finally:
+            s1.close()
+            s2.close()
+
+
+def test_slow_guest_reader_does_not_stall_another_host_connection() -> None:
+    with vsock_backend() as b, guest(b, buf_alloc=32 * KiB) as g:
+        g.listening.update({6400, 6401})
+        s1, slow = host_connect(b, g, 6400)
+        s2, fast = host_connect(b, g, 6401)
+        try:
+            pushed = 0
+            with contextlib.suppress(BlockingIOError):
+                while pushed < 4 * MiB:  # the guest never reads this one: its credit runs out
+                    pushed += s1.send(bytes(64 * KiB))
+            transfer(g, [(s2, fast, data(1 * MiB, 11), data(256 * KiB, 12))])
+            assert len(slow.data) == 32 * KiB  # exactly its credit, no more
+            got = bytearray()
+            g.wait(lambda: (got.extend(g.read(slow)), len(got) == pushed)[1], timeout=20)
         finally:
             s1.close()
             s2.close()

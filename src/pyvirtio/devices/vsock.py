@@ -215,7 +215,7 @@ class VsockDevice(VirtioDevice):
         self.by_fd: dict[int, _Conn] = {}
         self.pending: dict[int, tuple[socket.socket, bytearray]] = {}  # host sockets yet to send CONNECT
         self.ready: deque[_Conn] = deque()   # connections owing the guest control packets
-        self.rsts: deque[tuple[int, int]] = deque()  # (host port, guest port) of RSTs for unknown connections
+        self.rsts: deque[tuple[int, int, int]] = deque()  # (from CID, host port, guest port): RSTs, unknown connections
         self.events: deque[int] = deque()    # event ids for the event queue
         self.connecting: set[_Conn] = set()  # host-initiated, waiting for the guest's RESPONSE
         self.rr = 0                          # round-robin start among readable connections
@@ -340,11 +340,11 @@ class VsockDevice(VirtioDevice):
         self._close(c)
         self._queue_rst(c.host_port, c.guest_port, known=True)
 
-    def _queue_rst(self, host_port: int, guest_port: int, known: bool = False) -> None:
+    def _queue_rst(self, host_port: int, guest_port: int, known: bool = False, cid: int = VSOCK_CID_HOST) -> None:
         if not known and len(self.rsts) >= MAX_PENDING_RST:
             self.counts.rst_dropped += 1
             return
-        self.rsts.append((host_port, guest_port))
+        self.rsts.append((cid, host_port, guest_port))
         self._wake(VSOCK_RX)
 
     def _owe(self, c: _Conn, op: VsockOp, shut: int = 0) -> None:
@@ -383,6 +383,11 @@ class VsockDevice(VirtioDevice):
         hdr = chain.read(VSOCK_HDR_SIZE)
         (src_cid, dst_cid, src_port, dst_port, length, typ, op, flags, buf_alloc,
          fwd_cnt) = VSOCK_HDR.unpack(hdr)
+        if dst_cid != VSOCK_CID_HOST and src_cid == self.guest_cid and op not in (VsockOp.RST, VsockOp.INVALID):
+            # a peer that is not here (another VM's CID): refuse at once rather than let the guest time out
+            counts.bad_packets += 1
+            self._queue_rst(dst_port, src_port, cid=dst_cid & 0xFFFFFFFF)
+            return
         if src_cid != self.guest_cid or dst_cid != VSOCK_CID_HOST or length > chain.readable_len - VSOCK_HDR_SIZE:
             counts.bad_packets += 1
             log.debug("vsock: packet %d:%d -> %d:%d (%d bytes) ignored", src_cid, src_port, dst_cid, dst_port,
@@ -554,13 +559,12 @@ class VsockDevice(VirtioDevice):
     # -- packets for the guest (rx queue) -------------------------------------------------------
 
     def _header(self, host_port: int, guest_port: int, op: int, length: int = 0, flags: int = 0,
-                c: _Conn | None = None) -> bytes:
+                c: _Conn | None = None, cid: int = VSOCK_CID_HOST) -> bytes:
         if c is not None:
             c.fwd_sent = c.fwd_cnt
             return VSOCK_HDR.pack(VSOCK_CID_HOST, self.guest_cid, host_port, guest_port, length, VsockType.STREAM,
                                   op, flags, self.buf_alloc, c.fwd_cnt)
-        return VSOCK_HDR.pack(VSOCK_CID_HOST, self.guest_cid, host_port, guest_port, length, VsockType.STREAM, op,
-                              flags, 0, 0)
+        return VSOCK_HDR.pack(cid, self.guest_cid, host_port, guest_port, length, VsockType.STREAM, op, flags, 0, 0)
 
     def rx_fill(self, held: deque[Chain], done: list[Completion]) -> bool:
         """Accept host connections, read CONNECT lines, then fill the held
@@ -576,9 +580,9 @@ class VsockDevice(VirtioDevice):
             while held and held[0].writable_len < VSOCK_HDR_SIZE:
                 done.append((held.popleft(), 0))
             while held and self.rsts:
-                hp, gp = self.rsts.popleft()
+                cid, hp, gp = self.rsts.popleft()
                 ch = held.popleft()
-                done.append((ch, ch.write(self._header(hp, gp, VsockOp.RST))))
+                done.append((ch, ch.write(self._header(hp, gp, VsockOp.RST, cid=cid))))
                 self.counts.resets_to_guest += 1
             ready = self.ready
             while held and ready:
