@@ -25,6 +25,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -125,8 +126,9 @@ class GConn:
 class VsockGuest:
     """Drives rx (0) and tx (1) as Linux's virtio_transport does."""
 
-    def __init__(self, sock: Path, buf_alloc: int = 64 * KiB, rx_buffers: int = 64, rx_size: int = 4096) -> None:
-        self.fe = NetFrontend(str(sock), queue_size=128, mem_size=16 * MiB)
+    def __init__(self, sock: Path, buf_alloc: int = 64 * KiB, rx_buffers: int = 64, rx_size: int = 4096,
+                 packed: bool = False) -> None:
+        self.fe = NetFrontend(str(sock), packed=packed, queue_size=128, mem_size=16 * MiB)
         self.buf_alloc = buf_alloc
         self.conns: dict[tuple[int, int], GConn] = {}
         self.listening: set[int] = set()
@@ -291,7 +293,7 @@ class VsockGuest:
 
 
 @contextlib.contextmanager
-def guest(backend: Backend, **kw: int) -> Iterator[VsockGuest]:
+def guest(backend: Backend, **kw: Any) -> Iterator[VsockGuest]:
     g = VsockGuest(backend.sock, **kw)
     try:
         yield g
@@ -426,8 +428,9 @@ def test_config_space_holds_the_guest_cid() -> None:
         assert int.from_bytes(c.body.payload, "little") == CID
 
 
-def test_guest_connects_to_host_port_socket_and_bytes_flow_both_ways_intact() -> None:
-    with vsock_backend() as b, guest(b) as g, host_listener(b.host_path(1234)) as lst:
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+def test_guest_connects_to_host_port_socket_and_bytes_flow_both_ways_intact(packed: bool) -> None:
+    with vsock_backend() as b, guest(b, packed=packed) as g, host_listener(b.host_path(1234)) as lst:
         c = g.connect(1234)
         assert c.state == "connected" and c.peer_buf_alloc == DEVICE_BUF_ALLOC
         s = accept(lst)
