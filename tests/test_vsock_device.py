@@ -743,3 +743,18 @@ def test_slow_guest_reader_does_not_stall_another_host_connection() -> None:
         finally:
             s1.close()
             s2.close()
+
+
+def test_host_socket_that_never_sends_its_connect_line_is_closed_after_connect_timeout() -> None:
+    with vsock_backend("--connect-timeout", "0.5") as b, guest(b) as g:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.connect(str(b.uds))
+            s.sendall(b"CONN")  # and nothing more
+            s.setblocking(False)
+            t0 = time.monotonic()
+            assert eof(s, g, timeout=5)
+            assert 0.4 < time.monotonic() - t0 < 3
+            assert b.stats()["connecting_host_sockets"] == 0
+        finally:
+            s.close()

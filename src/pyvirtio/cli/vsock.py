@@ -33,8 +33,8 @@ def register(sub: Any, bench_sub: Any) -> None:
     p.add_argument("--max-connections", type=int, default=1024, metavar="N",
                    help="connections at once; more are refused (default 1024)")
     p.add_argument("--connect-timeout", type=float, default=10.0, metavar="S",
-                   help="seconds a host program's CONNECT waits for the guest's answer, then its socket is "
-                        "closed (default 10)")
+                   help="seconds a host program gets to send its CONNECT line, and then the guest to answer "
+                        "it, before its socket is closed (default 10)")
     p.set_defaults(func=_run)
 
     b = bench_sub.add_parser(

@@ -93,7 +93,7 @@ MAX_PENDING_RST = 1024
 CONNECT_LINE_MAX = 32
 #: rx chains one progress pass fills before the loop publishes them
 FILL_PER_PASS = 64
-#: seconds a host program's CONNECT waits for the guest's answer, then it is closed
+#: seconds a host program gets to send its CONNECT line, and then the guest to answer, before it is closed
 CONNECT_TIMEOUT = 10.0
 #: first host port given to host-initiated connections (as Firecracker: high, clear of well-known ports)
 HOST_PORT_BASE = 1 << 30
@@ -212,8 +212,8 @@ class VsockDevice(VirtioDevice):
         self.loops = {}
         self.lock = threading.RLock()
         self.conns: dict[tuple[int, int], _Conn] = {}   # (host port, guest port) -> connection
-        self.by_fd: dict[int, _Conn] = {}
-        self.pending: dict[int, tuple[socket.socket, bytearray]] = {}  # host sockets yet to send CONNECT
+        # host sockets yet to send their CONNECT line: fd -> (socket, the line so far, deadline)
+        self.pending: dict[int, tuple[socket.socket, bytearray, float]] = {}
         self.ready: deque[_Conn] = deque()   # connections owing the guest control packets
         self.rsts: deque[tuple[int, int, int]] = deque()  # (from CID, host port, guest port): RSTs, unknown connections
         self.events: deque[int] = deque()    # event ids for the event queue
@@ -276,7 +276,7 @@ class VsockDevice(VirtioDevice):
     def close(self) -> None:
         self.reset()
         with self.lock:
-            for s, _ in self.pending.values():
+            for s, _, _ in self.pending.values():
                 s.close()
             self.pending.clear()
         self.listener.close()
@@ -324,7 +324,6 @@ class VsockDevice(VirtioDevice):
         c.closed = True
         self.connecting.discard(c)
         self.conns.pop((c.host_port, c.guest_port), None)
-        self.by_fd.pop(c.fd, None)
         # shutdown first: the other loop may be polling this fd right now, and
         # its poll keeps the socket open after close() until it returns
         with contextlib.suppress(OSError):
@@ -449,7 +448,7 @@ class VsockDevice(VirtioDevice):
     def _guest_connect(self, host_port: int, guest_port: int, buf_alloc: int, fwd_cnt: int) -> None:
         path = f"{self.uds_path}_{host_port}"
         if len(self.conns) + len(self.pending) >= self.max_connections:
-            log.warning("vsock: guest port %d -> host port %d refused: %d connections", guest_port, host_port,
+            log.info("vsock: guest port %d -> host port %d refused: %d connections", guest_port, host_port,
                         len(self.conns))
             self.counts.guest_refused += 1
             self._queue_rst(host_port, guest_port)
@@ -468,7 +467,6 @@ class VsockDevice(VirtioDevice):
         c.peer_buf_alloc = buf_alloc
         c.peer_fwd_cnt = fwd_cnt
         self.conns[(host_port, guest_port)] = c
-        self.by_fd[c.fd] = c
         self.counts.guest_connects += 1
         self._owe(c, VsockOp.RESPONSE)
 
@@ -678,11 +676,13 @@ class VsockDevice(VirtioDevice):
         return bool(late)
 
     def rx_timer(self) -> float | None:
-        """Seconds until the next host CONNECT times out (None: none waits)."""
+        """Seconds until the next host CONNECT (its line, or the guest's
+        answer) times out (None: none waits)."""
         with self.lock:
-            if not self.connecting:
+            if not self.connecting and not self.pending:
                 return None
-            return max(0.0, min(c.deadline for c in self.connecting) - time.monotonic())
+            first = min([c.deadline for c in self.connecting] + [p[2] for p in self.pending.values()])
+            return max(0.0, first - time.monotonic())
 
     def rx_wake_fds(self, holding: bool) -> list[int]:
         with self.lock:
@@ -711,17 +711,22 @@ class VsockDevice(VirtioDevice):
                 break
             moved = True
             if len(self.conns) + len(self.pending) >= self.max_connections:
-                log.warning("vsock: host connection refused: %d connections", len(self.conns))
+                log.info("vsock: host connection refused: %d connections", len(self.conns))
                 self.counts.host_refused += 1
                 s.close()
                 continue
             s.setblocking(False)
-            self.pending[s.fileno()] = (s, bytearray())
+            self.pending[s.fileno()] = (s, bytearray(), time.monotonic() + self.connect_timeout)
         return moved
 
     def _read_connect_lines(self) -> bool:
         moved = False
-        for fd, (s, line) in list(self.pending.items()):
+        now = time.monotonic()
+        for fd, (s, line, deadline) in list(self.pending.items()):
+            if deadline <= now:
+                self._refuse_line(fd, s, line)
+                moved = True
+                continue
             try:
                 peek = s.recv(CONNECT_LINE_MAX, socket.MSG_PEEK)
             except BlockingIOError:
@@ -754,7 +759,6 @@ class VsockDevice(VirtioDevice):
             c.deadline = time.monotonic() + self.connect_timeout
             self.connecting.add(c)
             self.conns[(c.host_port, guest_port)] = c
-            self.by_fd[c.fd] = c
             self._owe(c, VsockOp.REQUEST)
         return moved
 
