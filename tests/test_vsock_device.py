@@ -758,3 +758,13 @@ def test_host_socket_that_never_sends_its_connect_line_is_closed_after_connect_t
             assert b.stats()["connecting_host_sockets"] == 0
         finally:
             s.close()
+
+
+def test_rsts_owed_to_a_guest_without_rx_buffers_are_bounded() -> None:
+    from pyvirtio.devices.vsock import MAX_PENDING_RST
+
+    with vsock_backend() as b, guest(b, rx_buffers=0) as g:
+        n = MAX_PENDING_RST + 200
+        for i in range(n):  # stray packets, each owed an RST, and no rx buffer to put one in
+            g.send_pkt(2000, 10000 + i, VsockOp.RW, b"x")
+        g.wait(lambda: b.stats()["bad_packets"] == 0 and b.stats()["rst_dropped"] == 200, timeout=20)
