@@ -4,7 +4,7 @@
 #
 #   scripts/setup.sh            # the package, its compiled fence, test tools
 #   scripts/setup.sh --peers    # also QEMU 7.2, a Linux 6.1 kernel, busybox,
-#                               # iperf3, DPDK 22.11 (real peers for tests/benchmarks)
+#                               # iperf3, socat, DPDK 22.11 (real peers for tests/benchmarks)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,7 +26,7 @@ sys.exit(0 if os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Pyt
 PY
 if [ "$peers" = 1 ]; then
   for p in qemu-system-x86 qemu-system-common qemu-utils linux-image-amd64 busybox-static iperf3 \
-           dpdk dpdk-dev iproute2 cpio kmod; do
+           dpdk dpdk-dev iproute2 cpio kmod socat; do
     dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
   done
 fi

@@ -146,6 +146,11 @@ class Service:
         """Fds whose readability should wake the loop while it sleeps."""
         return ()
 
+    def wake_write_fds(self) -> Sequence[int]:
+        """Fds whose writability should wake the loop while it sleeps (a
+        device holding bytes for a host socket that was full)."""
+        return ()
+
     def timer(self) -> float | None:
         """Seconds until the device wants `progress` called again while the
         loop sleeps (a timer); None: no timer."""
@@ -425,6 +430,12 @@ class QueueLoop:
             fds.extend(svc.wake_fds())
         return fds
 
+    def sleep_write_fds(self) -> Sequence[int]:
+        """What the SLEEP just returned also waits on for writability: the
+        device's `Service.wake_write_fds()`."""
+        svc = self.service
+        return svc.wake_write_fds() if svc is not None else ()
+
     def sleep_timeout(self) -> float | None:
         """None: sleep until woken. Polling mode naps instead of waiting for
         a kick; a device timer bounds the sleep too."""
@@ -490,6 +501,7 @@ class QueueLoop:
         c = self.counters
         poller = select.poll()
         registered: list[int] = []
+        registered_w: list[int] = []
         while True:
             if stop is not None and stop() and not self.stopping:
                 self.stopping = True
@@ -498,12 +510,16 @@ class QueueLoop:
                 continue
             if s is Step.STOPPED:
                 break
-            fds = self.sleep_fds()
-            if fds != registered:  # usually the same set as last time: keep the poll object
+            reads = self.sleep_fds()
+            writes = list(self.sleep_write_fds())
+            if reads != registered or writes or registered_w:  # usually the same set: keep the poll object
                 poller = select.poll()
-                for fd in fds:
+                for fd in reads:
                     poller.register(fd, select.POLLIN)
-                registered = fds
+                for fd in writes:  # POLLIN too if it is also a read fd
+                    poller.register(fd, select.POLLOUT | (select.POLLIN if fd in reads else 0))
+                registered = reads
+                registered_w = writes
             timeout = self.sleep_timeout()
             if timeout is None and stop is not None:
                 timeout = stop_poll  # look at stop() now and then
@@ -551,6 +567,9 @@ class QueueLoop:
             fds = self.sleep_fds()
             for fd in fds:
                 loop.add_reader(fd, woke.set)
+            wfds = list(self.sleep_write_fds())
+            for fd in wfds:
+                loop.add_writer(fd, woke.set)
             c.sleeps += 1
             try:
                 timeout = self.sleep_timeout()
@@ -564,6 +583,8 @@ class QueueLoop:
             finally:
                 for fd in fds:
                     loop.remove_reader(fd)
+                for fd in wfds:
+                    loop.remove_writer(fd)
             self.woke()
         if self.service is not None:
             self.service.stopped()

@@ -311,3 +311,56 @@ DWZ_UNMAP = 1
 #: max_secure_erase_seg u32, secure_erase_sector_alignment u32
 BLK_CONFIG = struct.Struct("<QIIHBBIBBHIBBHIIIIIB3xIII")
 CONFIG_WCE_OFFSET = 32
+
+
+# --- virtio-vsock (virtio 1.2 5.10) -------------------------------------------------------
+
+class VsockFeature(enum.IntFlag):
+    """virtio-vsock device feature bits (virtio 1.2 5.10.3; STREAM is 1.3's)."""
+
+    STREAM = 1 << 0
+    SEQPACKET = 1 << 1
+
+
+#: queue indices (5.10.2)
+VSOCK_RX = 0
+VSOCK_TX = 1
+VSOCK_EVENT = 2
+
+#: virtio_vsock_hdr (44 bytes): src_cid u64, dst_cid u64, src_port u32,
+#: dst_port u32, len u32, type u16, op u16, flags u32, buf_alloc u32, fwd_cnt u32
+VSOCK_HDR = struct.Struct("<QQIIIHHIII")
+VSOCK_HDR_SIZE = 44
+#: virtio_vsock_config: guest_cid u64 (only the low 32 bits are used)
+VSOCK_CONFIG = struct.Struct("<Q")
+#: virtio_vsock_event: id u32
+VSOCK_EVENT_ID = struct.Struct("<I")
+VSOCK_EVENT_TRANSPORT_RESET = 0
+
+#: well-known CIDs: the hypervisor, local loopback, the host
+VSOCK_CID_HYPERVISOR = 0
+VSOCK_CID_LOCAL = 1
+VSOCK_CID_HOST = 2
+
+
+class VsockType(enum.IntEnum):
+    STREAM = 1
+    SEQPACKET = 2
+
+
+class VsockOp(enum.IntEnum):
+    INVALID = 0
+    REQUEST = 1        # connect
+    RESPONSE = 2       # connection accepted
+    RST = 3            # refused, or reset
+    SHUTDOWN = 4       # flags: what the sender will no longer do
+    RW = 5             # payload
+    CREDIT_UPDATE = 6  # buf_alloc / fwd_cnt changed
+    CREDIT_REQUEST = 7  # please send a CREDIT_UPDATE
+
+
+class VsockShutdown(enum.IntFlag):
+    """SHUTDOWN flags: the sender will receive (RCV) / send (SEND) no more."""
+
+    RCV = 1
+    SEND = 2

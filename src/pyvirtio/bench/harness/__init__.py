@@ -65,6 +65,7 @@ from pyvirtio.bench.harness.qemu import (
     vhost_user_blk_args,
     vhost_user_net_args,
     vhost_user_rng_args,
+    vhost_user_vsock_args,
     virtio_net_device_args,
 )
 
@@ -107,6 +108,7 @@ __all__ = [
     "vhost_user_blk_args",
     "vhost_user_net_args",
     "vhost_user_rng_args",
+    "vhost_user_vsock_args",
     "virtio_net_device_args",
     "wrap_command",
 ]

@@ -330,6 +330,24 @@ def vhost_user_rng_args(
     return ["-chardev", chardev, "-device", _device("vhost-user-rng-pci", props)]
 
 
+def vhost_user_vsock_args(
+    socket_path: str | os.PathLike[str],
+    *,
+    chardev_id: str = "vsock0-chr",
+    vectors0: bool = True,
+    extra: Mapping[str, object] | None = None,
+) -> list[str]:
+    """Return QEMU args for a virtio-vsock device served by a vhost-user
+    back-end at `socket_path` (`vhost-user-vsock-pci`). The guest's CID
+    comes from the back-end (QEMU reads the config space with GET_CONFIG);
+    QEMU serves the event queue itself. `vectors0=True` by default (INTx).
+    """
+    props: dict[str, object] = {"chardev": chardev_id, "vectors": 0 if vectors0 else None}
+    props.update(extra or {})
+    return ["-chardev", f"socket,id={chardev_id},path={qemu_escape(socket_path)}",
+            "-device", _device("vhost-user-vsock-pci", props)]
+
+
 # --- the guest ----------------------------------------------------------------------------------
 
 
