@@ -319,6 +319,28 @@ def test_without_a_channel_a_resize_is_logged_and_the_config_still_changes(tmp_p
             fe.close()
 
 
+def test_a_resize_while_no_ring_runs_is_told_when_the_driver_starts_one(tmp_path: Path) -> None:
+    """A guest rebooting (QEMU stops the rings with GET_VRING_BASE): the
+    config change is deferred, then sent once the ring starts again, so that
+    QEMU 7.2 (which ignores it for a stopped device) re-reads the config."""
+    path = image(tmp_path, 4 * MiB)
+    with serving_blk(tmp_path, path) as (sock, dev, be), blk_with_channel(sock) as (fe, ch):
+        c = fe.client
+        assert c is not None
+        c.call(Request.GET_VRING_BASE, VringState(0, 0))
+        result = dev.resize(6 * MiB)
+        assert result.notice.wait(0) is Outcome.DEFERRED  # type: ignore[attr-defined]
+        assert ch.poll(0.3) == []
+        c.send(Request.SET_VRING_KICK, VringFd(0, fe.kick, False))  # the driver starts again
+        assert [m.request for m in ch.poll(5.0)] == [BackendRequest.CONFIG_CHANGE_MSG]
+        assert ch.capacities == [6 * SECTORS_PER_MIB]
+        deadline = time.monotonic() + 5
+        while be.stats()["backend_channel"]["acked"] != 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert be.stats()["backend_channel"]["acked"] == 1 and be.stats()["backend_channel"]["deferred"] == 1
+        assert fe.do(T_OUT, 6 * SECTORS_PER_MIB - 1, b"\x22" * 512)[0] == S_OK
+
+
 def test_shrinking_is_refused_with_a_clear_error(tmp_path: Path) -> None:
     path = image(tmp_path, 8 * MiB)
     dev = BlkDevice(path, io_threads=0)

@@ -13,7 +13,8 @@ Commands (`BlkControl`, for `pyvirtio blk --control-socket PATH`):
   tell the guest; `{"cmd": "resize", "size": N}`: grow the image file to N
   bytes first. Answer: old and new capacity (512-byte sectors), the size in
   bytes, whether it changed, and what became of the guest notification
-  (`notified`: acked, sent, timeout, failed, no-channel; or unchanged).
+  (`notified`: acked, sent, timeout, failed, no-channel, deferred while the
+  guest's driver runs no queue; or unchanged).
   Shrinking is refused with an error.
 - `{"cmd": "stats"}`: the back-end's counters (what SIGUSR1 prints).
 - `{"cmd": "help"}`: the commands.

@@ -34,7 +34,10 @@ SET_BACKEND_REQ_FD hands over a socket, kept per connection as a
 `config_changed()` lands in `notify_config_change`, which sends
 CONFIG_CHANGE_MSG on it (NEED_REPLY with REPLY_ACK; the server thread
 collects the ack, bounded by `channel_timeout`), or logs that the driver
-cannot be told when the front-end set up no channel.
+cannot be told when the front-end set up no channel. While no ring runs
+(no driver, or a guest rebooting) the message is held back and sent when a
+ring starts: QEMU 7.2 acks but ignores it for a stopped vhost-user-blk
+device and would keep handing the driver its old copy of the config.
 
 RESET_DEVICE (offered) and the deprecated RESET_OWNER return the device to
 its initial state on the same connection: every ring stopped and disabled,
@@ -55,6 +58,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
@@ -265,6 +269,8 @@ class Backend:
         #: called (from any thread) when the back-end channel changed or has a
         #: new deadline: the server re-reads `channel` and its sleep
         self.on_channel_change: Callable[[], None] | None = None
+        self._notify_lock = threading.Lock()
+        self._config_pending = False  # a config change no running driver was told of yet
         device.on_config_change = self.notify_config_change
         self.mem = GuestMemory()
         self.offered_features = int(device.features) | VHOST_USER_F_PROTOCOL_FEATURES
@@ -474,8 +480,17 @@ class Backend:
     def notify_config_change(self) -> Notice:
         """Tell the driver the device config changed: CONFIG_CHANGE_MSG on the
         back-end channel (thread-safe). The returned `Notice` says what became
-        of it; `wait()` on it for the ack. Without a channel this is logged:
-        the driver sees the new config only when it reads it again."""
+        of it; `wait()` on it for the ack. While no ring runs the message is
+        deferred to the next ring start (DEFERRED). Without a channel this is
+        logged: the driver sees the new config only when it reads it again."""
+        with self._notify_lock:
+            if not any(r.started for r in self._rings):
+                self._config_pending = True
+                self.channel_counters.count(Outcome.DEFERRED)
+                log.info("%s: config changed while no ring runs: CONFIG_CHANGE_MSG deferred until the "
+                         "driver starts one", self.device.name)
+                return Notice.final(BackendRequest.CONFIG_CHANGE_MSG, Outcome.DEFERRED)
+            self._config_pending = False
         channel = self.session.channel
         if channel is None or channel.closed:
             self.channel_counters.count(Outcome.NO_CHANNEL)
@@ -825,6 +840,11 @@ class Backend:
         self.device.start_queue(loop)
         if tracker is not None and tracker.reconnected:
             loop.signal()  # an interrupt lost with the previous back-end would stall the driver
+        with self._notify_lock:
+            pending = self._config_pending
+        if pending:
+            log.info("%s: telling the driver of the config change deferred while no ring ran", self.device.name)
+            self.notify_config_change()
 
     def _initial_state(self, ring: _Ring, num: int, packed: bool, used_gpa: int) -> QueueState:
         base = ring.base

@@ -56,6 +56,7 @@ class Outcome(enum.Enum):
     TIMEOUT = "timeout"        #: no ack within the timeout
     FAILED = "failed"          #: could not be sent (the front-end does not read its channel, or it closed)
     NO_CHANNEL = "no-channel"  #: the front-end set up no back-end channel (BACKEND_REQ not negotiated)
+    DEFERRED = "deferred"      #: no ring runs (no driver): sent when the driver starts a ring
 
 
 _FINAL = frozenset(Outcome) - {Outcome.PENDING}
@@ -98,10 +99,12 @@ class ChannelCounters:
     failed: int = 0
     late_acks: int = 0
     no_channel: int = 0
+    deferred: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return {"sent": self.sent, "acked": self.acked, "refused": self.refused, "timeouts": self.timeouts,
-                "failed": self.failed, "late_acks": self.late_acks, "no_channel": self.no_channel}
+                "failed": self.failed, "late_acks": self.late_acks, "no_channel": self.no_channel,
+                "deferred": self.deferred}
 
     def count(self, outcome: Outcome) -> None:
         if outcome is Outcome.ACKED:
@@ -114,6 +117,8 @@ class ChannelCounters:
             self.failed += 1
         elif outcome is Outcome.NO_CHANNEL:
             self.no_channel += 1
+        elif outcome is Outcome.DEFERRED:
+            self.deferred += 1
 
 
 def _name(request: int) -> str:
