@@ -303,6 +303,20 @@ def test_a_late_ack_after_a_timeout_is_dropped(tmp_path: Path, caplog) -> None:
         assert fe.client is not None and capacity(fe.client) == 5 * SECTORS_PER_MIB
 
 
+def test_a_channel_the_frontend_closes_is_dropped_and_the_connection_goes_on(tmp_path: Path) -> None:
+    path = image(tmp_path, 4 * MiB)
+    with serving_blk(tmp_path, path) as (sock, dev, be), blk_with_channel(sock) as (fe, ch):
+        assert fe.client is not None
+        ch.close()  # the front-end's end of the channel goes away
+        deadline = time.monotonic() + 5
+        while be.stats()["backend_channel"]["up"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not be.stats()["backend_channel"]["up"]
+        assert dev.resize(5 * MiB).notice.wait(0) is Outcome.NO_CHANNEL  # type: ignore[attr-defined]
+        assert capacity(fe.client) == 5 * SECTORS_PER_MIB
+        assert fe.do(T_OUT, 5 * SECTORS_PER_MIB - 1, b"\x33" * 512)[0] == S_OK
+
+
 def test_without_a_channel_a_resize_is_logged_and_the_config_still_changes(tmp_path: Path, caplog) -> None:
     caplog.set_level(logging.INFO, logger="pyvirtio")
     path = image(tmp_path, 4 * MiB)

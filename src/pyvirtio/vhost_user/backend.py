@@ -948,7 +948,8 @@ class Backend:
                 "connections": self.connections, "features": self.session.features,
                 "status": self.session.status,
                 "backend_channel": {"up": self.session.channel is not None and not self.session.channel.closed,
-                                    **self.channel_counters.as_dict()}, **self.device.stats(), "totals": totals, "queues": queues}
+                                    **self.channel_counters.as_dict()},
+                **self.device.stats(), "totals": totals, "queues": queues}
 
 
 def _name(request: int) -> str:

@@ -6,9 +6,10 @@ them. One `BackendChannel` per connection (the `Backend` creates it from the
 fd and closes it when the connection ends or the front-end replaces it).
 
 Threads: `send()` may be called from any thread (a device's control thread
-telling the driver its config changed). The server thread owns reading: it
-selects on `fileno()`, calls `on_readable()`, and `expire()` at
-`next_deadline()`. Nothing ever blocks: a request is written with a
+telling the driver its config changed). The server thread owns reading and
+closing: it selects on `fileno()`, calls `on_readable()`, `expire()` at
+`next_deadline()`, and `close()` once `closed` (a failed send only marks
+the channel given up, so that no fd is closed under the server's selector). Nothing ever blocks: a request is written with a
 non-blocking `sendmsg`, and with REPLY_ACK its ack is awaited by the server
 loop, which keeps serving the main socket meanwhile. That matters: QEMU 7.2
 answers a CONFIG_CHANGE_MSG only after a GET_CONFIG round trip on the main
@@ -151,13 +152,15 @@ class BackendChannel:
         self.counters = counters if counters is not None else ChannelCounters()
         self.on_change: Callable[[], None] | None = None
         self._fileno = sock.fileno()
+        self._broken = False  # given up in `send` (another thread): the server thread closes it
         self._lock = threading.Lock()
         self._waiting: deque[Notice] = deque()
         self._decoder = BackendReplyDecoder()
 
     @property
     def closed(self) -> bool:
-        return self._sock is None
+        """No longer usable (closed, or given up after a failed send)."""
+        return self._sock is None or self._broken
 
     def fileno(self) -> int:
         """The socket's fd (still valid for unregistering after `close()`)."""
@@ -169,40 +172,42 @@ class BackendChannel:
         """Send one request; returns its `Notice` (final at once unless an ack is awaited)."""
         data = encode_backend_request(request, payload, need_reply=self.need_reply)
         with self._lock:
-            sock = self._sock
-            if sock is None:
-                notice = Notice.final(request, Outcome.NO_CHANNEL)
-                self.counters.count(notice.outcome)
-                return notice
+            outcome = self._send_locked(request, data)
             notice = Notice(request)
-            try:
-                n = sock.send(data, socket.MSG_NOSIGNAL)
-            except BlockingIOError:
-                log.warning("back-end channel: %s not sent: the front-end does not read its channel "
-                            "(socket buffer full)", _name(request))
-                n = -1
-            except OSError as e:
-                log.warning("back-end channel: %s not sent (%s); closing the channel", _name(request), e)
-                self._close_locked()
-                n = -1
-            if n != len(data):
-                if n > 0:  # a torn message would desynchronise the stream: give the channel up
-                    log.warning("back-end channel: %s sent in part; closing the channel", _name(request))
-                    self._close_locked()
-                notice.finish(Outcome.FAILED)
-                self.counters.count(notice.outcome)
-                return notice
-            self.counters.sent += 1
-            if not self.need_reply:
-                notice.finish(Outcome.SENT)
-                log.info("back-end channel: %s sent (no ack asked: REPLY_ACK not negotiated)", _name(request))
-                return notice
-            self._waiting.append(notice)
-        log.info("back-end channel: %s sent, waiting up to %gs for the ack", _name(request), self.ack_timeout)
-        wake = self.on_change
-        if wake is not None:
-            wake()
+            if outcome is Outcome.PENDING:
+                self._waiting.append(notice)
+            else:
+                notice.finish(outcome)
+                self.counters.count(outcome)
+            wake = outcome is Outcome.PENDING or self._broken
+        if outcome is Outcome.PENDING:
+            log.info("back-end channel: %s sent, waiting up to %gs for the ack", _name(request), self.ack_timeout)
+        elif outcome is Outcome.SENT:
+            log.info("back-end channel: %s sent (no ack asked: REPLY_ACK not negotiated)", _name(request))
+        if wake and self.on_change is not None:
+            self.on_change()  # a new deadline, or a channel for the server thread to close
         return notice
+
+    def _send_locked(self, request: int, data: bytes) -> Outcome:
+        sock = self._sock
+        if sock is None or self._broken:
+            return Outcome.NO_CHANNEL
+        try:
+            n = sock.send(data, socket.MSG_NOSIGNAL)
+        except BlockingIOError:
+            log.warning("back-end channel: %s not sent: the front-end does not read its channel "
+                        "(socket buffer full)", _name(request))
+            return Outcome.FAILED
+        except OSError as e:
+            log.warning("back-end channel: %s not sent (%s); giving the channel up", _name(request), e)
+            self._give_up_locked()
+            return Outcome.FAILED
+        if n != len(data):  # a torn message would desynchronise the stream
+            log.warning("back-end channel: %s sent in part; giving the channel up", _name(request))
+            self._give_up_locked()
+            return Outcome.FAILED
+        self.counters.sent += 1
+        return Outcome.PENDING if self.need_reply else Outcome.SENT
 
     # -- the server thread ---------------------------------------------------------------
 
@@ -228,7 +233,7 @@ class BackendChannel:
         the caller unregisters it; the main connection goes on."""
         with self._lock:
             sock = self._sock
-            if sock is None:
+            if sock is None or self._broken:
                 return False
             try:
                 data, anc, _flags, _ = sock.recvmsg(4096, socket.CMSG_SPACE(4 * 4))
@@ -283,15 +288,24 @@ class BackendChannel:
         with self._lock:
             self._close_locked()
 
+    def _give_up_locked(self) -> None:
+        # Not closed here: the fd may be registered in the server's selector,
+        # and a number closed under it could come back as another socket.
+        self._broken = True
+        self._fail_waiting_locked()
+
+    def _fail_waiting_locked(self) -> None:
+        while self._waiting:
+            notice = self._waiting.popleft()
+            notice.finish(Outcome.FAILED)
+            self.counters.count(notice.outcome)
+
     def _close_locked(self) -> None:
         sock, self._sock = self._sock, None
         if sock is not None:
             sock.close()
         self._decoder.close()
-        while self._waiting:
-            notice = self._waiting.popleft()
-            notice.finish(Outcome.FAILED)
-            self.counters.count(notice.outcome)
+        self._fail_waiting_locked()
 
 
 __all__ = ["ACK_TIMEOUT", "BackendChannel", "ChannelCounters", "Notice", "Outcome"]

@@ -250,11 +250,13 @@ class Server:
         if current is not None and current.closed:
             current = None
         if current is not self._channel:
-            if self._channel is not None:
+            old = self._channel
+            if old is not None:
                 try:
-                    self._sel.unregister(self._channel)
+                    self._sel.unregister(old)
                 except (KeyError, ValueError, OSError):
                     pass
+                old.close()  # given up or replaced: closed here, after it left the selector
             self._channel = current
             if current is not None:
                 current.on_change = self._wake
