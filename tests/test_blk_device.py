@@ -92,13 +92,15 @@ class BlkFrontend:
     """QEMU's vhost-user-blk message order, one request queue, in this process."""
 
     def __init__(self, path: str, *, packed: bool = False, event_idx: bool = True, indirect: bool = True,
-                 queue_size: int = 128, mem_size: int = 16 * MiB, inflight: bool = True) -> None:
+                 queue_size: int = 128, mem_size: int = 16 * MiB, inflight: bool = True,
+                 proto_extra: int = 0) -> None:
         self.path = path
         self.packed = packed
         self.event_idx = event_idx
         self.indirect = indirect
         self.queue_size = queue_size
         self.inflight = inflight
+        self.proto_extra = proto_extra  # protocol features wanted beyond PROTO_WANTED
         self.mem = Memfd(mem_size)
         self.pool = BufferPool(self.mem.mem, 1 * MiB, mem_size - 1 * MiB)
         desc, drv, dev, _ = ring_layout(packed, queue_size, 0x1000)
@@ -128,7 +130,7 @@ class BlkFrontend:
         if self.indirect:
             want |= Feature.RING_INDIRECT_DESC
         proto = c.call(Request.GET_PROTOCOL_FEATURES).body.value  # type: ignore[union-attr]
-        mine = PROTO_WANTED if self.inflight else PROTO_WANTED & ~ProtocolFeature.INFLIGHT_SHMFD
+        mine = (PROTO_WANTED if self.inflight else PROTO_WANTED & ~ProtocolFeature.INFLIGHT_SHMFD) | self.proto_extra
         c.send(Request.SET_PROTOCOL_FEATURES, Features(proto & mine))
         c.send(Request.SET_OWNER)
         c.send(Request.SET_FEATURES, Features(want))

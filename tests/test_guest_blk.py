@@ -11,6 +11,12 @@ driver under QEMU 7.2 (TCG, `vhost-user-blk-pci`, `vectors=0`).
   I/O error. Split and packed rings.
 - the RAM disk of `examples/ramdisk_blk.py` (public API only), formatted and
   mounted by the guest.
+- online resize: the image grows under the running guest, the operator
+  tells the back-end through its control socket (`pyvirtio blk-ctl`), the
+  back-end sends CONFIG_CHANGE_MSG on the back-end channel, QEMU re-reads the
+  config and the guest sees the new capacity without a restart and writes
+  and reads past the old end; a resize while the driver is unbound reaches
+  it when it binds again.
 
 Deselected by default (root, QEMU, a kernel); run with
 
@@ -290,6 +296,76 @@ def test_backend_killed_repeatedly_during_guest_writes_loses_nothing(tmp_path: P
     assert lost == 0 and corrupt == 0
     assert host_bad == []
     assert resubmitted >= 1, "no kill caught a request in flight"
+
+
+# --- online resize -------------------------------------------------------------------------------
+
+
+def _blk_ctl(ctl: Path, *args: str) -> tuple[int, dict]:  # type: ignore[type-arg]
+    p = subprocess.run([sys.executable, "-m", "pyvirtio", "blk-ctl", "--control-socket", str(ctl), *args],
+                       capture_output=True, text=True, timeout=60, check=False)
+    return p.returncode, json.loads(p.stdout)
+
+
+def test_guest_sees_an_online_resize_without_a_restart(tmp_path: Path, cleanup: list[object]) -> None:
+    t0 = time.monotonic()
+    image = _image(tmp_path, 64 * MiB)
+    ctl = tmp_path / "ctl.sock"
+    be = _blk_backend(tmp_path, image, "--control-socket", str(ctl))
+    cleanup.append(be)
+    be.start()
+    guest = Guest(device_args=vhost_user_blk_args(be.sock, num_queues=1), log_dir=tmp_path)
+    cleanup.append(guest)
+    with guest:
+        assert guest.check("cat /sys/block/vda/size") == str(64 * MiB // 512)
+        # the operator grows the image, then tells the back-end
+        subprocess.run(["truncate", "-s", "+64M", str(image)], check=True)
+        rc, answer = _blk_ctl(ctl, "resize")
+        assert rc == 0 and answer["changed"] and answer["capacity"] == 128 * MiB // 512, answer
+        assert answer["notified"] == "acked", answer  # QEMU answered CONFIG_CHANGE_MSG
+        wait = ("i=0; while [ $(cat /sys/block/vda/size) != {n} ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); "
+                "done; cat /sys/block/vda/size")
+        assert guest.check(wait.format(n=128 * MiB // 512), timeout=60) == str(128 * MiB // 512)
+        dmesg = guest.check("dmesg | grep -i -E 'capacity change|new size' || true")
+        assert "capacity change from 131072 to 262144" in dmesg, dmesg
+        # write and read back past the old end (at 100 MiB), direct I/O
+        guest.check("dd if=/dev/urandom of=/tmp/p bs=1M count=4 2>/dev/null")
+        guest.check("dd if=/tmp/p of=/dev/vda bs=1M seek=100 count=4 oflag=direct conv=fsync 2>/dev/null",
+                    timeout=60)
+        guest.check("dd if=/dev/vda of=/tmp/g bs=1M skip=100 count=4 iflag=direct 2>/dev/null", timeout=60)
+        assert guest.check("cmp /tmp/p /tmp/g && echo same") == "same"
+        want = guest.check("md5sum /tmp/p").split()[0]
+        # the back-end grows the file itself: --size
+        rc, answer = _blk_ctl(ctl, "resize", "--size", "192M")
+        assert rc == 0 and answer["notified"] == "acked" and answer["capacity"] == 192 * MiB // 512, answer
+        assert guest.check(wait.format(n=192 * MiB // 512), timeout=60) == str(192 * MiB // 512)
+        guest.check("dd if=/tmp/p of=/dev/vda bs=1M seek=188 count=4 oflag=direct conv=fsync 2>/dev/null",
+                    timeout=60)
+        # shrinking is refused; the guest keeps its disk
+        rc, answer = _blk_ctl(ctl, "resize", "--size", "32M")
+        assert rc == 1 and not answer["ok"] and "shrinking" in answer["error"], answer
+        assert guest.check("cat /sys/block/vda/size") == str(192 * MiB // 512)
+        # a resize while no driver runs the disk (unbound: QEMU stops the rings) is told when it runs again
+        dev = guest.check("basename $(readlink /sys/block/vda/device)")
+        guest.check(f"echo {dev} > /sys/bus/virtio/drivers/virtio_blk/unbind")
+        rc, answer = _blk_ctl(ctl, "resize", "--size", "256M")
+        assert rc == 0 and answer["notified"] == "deferred", answer
+        guest.check(f"echo {dev} > /sys/bus/virtio/drivers/virtio_blk/bind")
+        assert guest.check(wait.format(n=256 * MiB // 512), timeout=60) == str(256 * MiB // 512)
+        guest.check("dd if=/dev/vda of=/tmp/g bs=1M skip=188 count=4 iflag=direct 2>/dev/null", timeout=60)
+        assert guest.check("cmp /tmp/p /tmp/g && echo same") == "same"
+        assert guest.check("dmesg | grep -c -i -E 'I/O error|blk_update_request' || true") == "0"
+    assert image.stat().st_size == 256 * MiB
+    with open(image, "rb") as f:
+        for at in (100, 188):
+            f.seek(at * MiB)
+            assert hashlib.md5(f.read(4 * MiB)).hexdigest() == want
+    be.stop()
+    stats = _exit_stats(be.text())
+    print(f"\nresizes: {stats['resizes']}, back-end channel: {stats['backend_channel']}\n"
+          f"guest: {dmesg.strip()}\ntest time: {time.monotonic() - t0:.1f} s")
+    channel = stats["backend_channel"]
+    assert (channel["acked"], channel["deferred"], channel["timeouts"]) == (3, 1, 0)
 
 
 # --- the public API example -----------------------------------------------------------------------

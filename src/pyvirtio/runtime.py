@@ -624,6 +624,22 @@ class VirtioDevice(abc.ABC):
     #: ring index -> its running loop (the defaults below manage it)
     loops: dict[int, QueueLoop]
 
+    #: Set by the transport hosting the device: tells the driver that
+    #: `config()` changed on the device's own initiative (vhost-user: a
+    #: CONFIG_CHANGE_MSG on the back-end channel). Any thread; returns the
+    #: transport's receipt. None while no transport hosts the device.
+    on_config_change: Callable[[], object] | None = None
+
+    def config_changed(self) -> object:
+        """Call after `config()` changed by itself (blk: the image grew) so
+        the driver re-reads it. Returns the transport's receipt (vhost-user:
+        a `pyvirtio.vhost_user.channel.Notice`), None without a transport."""
+        notify = self.on_config_change
+        if notify is None:
+            log.warning("%s: config changed, but no transport hosts the device to tell the driver", self.name)
+            return None
+        return notify()
+
     def config(self) -> bytes:
         """The device config space."""
         return b""

@@ -35,9 +35,26 @@ def register(sub: Any, bench_sub: Any) -> None:
                    help="data segments per request, <= ring size - 2 (default 126, for QEMU's 128-entry rings)")
     p.add_argument("--serial", metavar="ID", help="GET_ID answer (default: the image's file name)")
     p.add_argument("--batch", type=int, default=64, metavar="N", help="requests taken per ring step (default 64)")
+    p.add_argument("--control-socket", metavar="PATH",
+                   help="operator control socket, line-delimited JSON: {\"cmd\": \"resize\"} re-reads the image "
+                        "size and tells the guest, {\"cmd\": \"resize\", \"size\": N} grows the file to N bytes, "
+                        "{\"cmd\": \"stats\"}; see pyvirtio blk-ctl. SIGHUP also re-reads the image size")
     p.add_argument("--inject-latency-ms", type=float, default=0.0, metavar="MS",
                    help=argparse.SUPPRESS)  # testing aid: keep requests in flight (see BlkDevice)
     p.set_defaults(func=_run)
+
+    c = sub.add_parser(
+        "blk-ctl", help="talk to a running pyvirtio blk's control socket (resize, stats)",
+        description="Send one command to the --control-socket of a running pyvirtio blk and print its JSON "
+                    "answer. resize: after growing the image (truncate -s +64M disk.img), or with --size to let "
+                    "the back-end grow the file; the guest sees the new capacity at once. Shrinking is refused.")
+    c.add_argument("--control-socket", required=True, metavar="PATH")
+    csub = c.add_subparsers(dest="ctl", required=True)
+    r = csub.add_parser("resize", help="re-read the image size (or grow it to --size) and tell the guest")
+    r.add_argument("--size", type=parse_size, metavar="BYTES",
+                   help="grow the image file to this size (bytes, or with a K/M/G/T suffix: 1G = 2**30)")
+    csub.add_parser("stats", help="the back-end's counters")
+    c.set_defaults(func=_ctl)
 
     from pyvirtio.bench.guest_blk import TARGETS
 
@@ -80,6 +97,41 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+_SUFFIX = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """Bytes from "1073741824", "1G", "512M", "64k" (binary multiples)."""
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = t[-1:] if t[-1:] in _SUFFIX and t[-1:] else ""
+    number = t[:-1] if unit else t
+    try:
+        value = int(number) * _SUFFIX[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (bytes, or a number with K/M/G/T)") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive size")
+    return value
+
+
+def _ctl(args: argparse.Namespace) -> int:
+    from pyvirtio.control import request
+
+    msg: dict[str, Any] = {"cmd": args.ctl}
+    if args.ctl == "resize" and args.size is not None:
+        msg["size"] = args.size
+    try:
+        answer = request(args.control_socket, msg)
+    except (OSError, ValueError, TypeError) as e:
+        print(f"pyvirtio blk-ctl: {args.control_socket}: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(answer, indent=1))
+    if not answer.get("ok"):
+        print(f"pyvirtio blk-ctl: {answer.get('error', 'refused')}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _run(args: argparse.Namespace) -> int:
     early = early_exit("blk", args, CAPABILITIES)
     if early is not None:
@@ -88,6 +140,7 @@ def _run(args: argparse.Namespace) -> int:
         print("pyvirtio blk: --blk-file is required", file=sys.stderr)
         return 2
 
+    from pyvirtio.control import BlkControl
     from pyvirtio.devices.blk import BlkDevice
 
     try:
@@ -99,5 +152,7 @@ def _run(args: argparse.Namespace) -> int:
         return 1
     where = args.socket_path or f"fd {args.fd}"
     ro = ", read-only" if args.read_only else ""
+    ctl = BlkControl(device)
     return serve_device("blk", device, args, f"blk device {args.blk_file} ({device.capacity} sectors{ro}) on "
-                                             f"{where}, {args.queues} queue(s), pid {os.getpid()}")
+                                             f"{where}, {args.queues} queue(s), pid {os.getpid()}",
+                        control=ctl.bind, on_hup=ctl.on_hup)

@@ -75,11 +75,16 @@ class StatsWriter:
                 f.write(line + "\n")
 
 
-def serve_device(command: str, device: Any, args: argparse.Namespace, started: str) -> int:
+def serve_device(command: str, device: Any, args: argparse.Namespace, started: str, *,
+                 control: Callable[[Any], Callable[[dict[str, Any]], dict[str, Any]]] | None = None,
+                 on_hup: Callable[[], None] | None = None) -> int:
     """Serve `device` on --socket-path/--fd until SIGTERM; counters on
     SIGUSR1, every --stats-interval and at exit. `started` is logged once
     the socket is ready. `device` is a `pyvirtio.Device` or a
-    `VirtioDevice`. Returns the exit status."""
+    `VirtioDevice`. `control(backend)` gives the handler of the operator's
+    control socket (`pyvirtio.control`), served on --control-socket when
+    given; `on_hup` runs on SIGHUP. Returns the exit status."""
+    from pyvirtio.control import ControlServer
     from pyvirtio.device import as_virtio_device
     from pyvirtio.vhost_user.backend import Backend
     from pyvirtio.vhost_user.server import Server
@@ -88,17 +93,30 @@ def serve_device(command: str, device: Any, args: argparse.Namespace, started: s
     stats = StatsWriter(backend, args.stats_file)
     try:
         server = Server(backend, socket_path=args.socket_path, fd=args.fd, mode=args.socket_mode,
-                        on_tick=stats, tick_interval=args.stats_interval, on_usr1=lambda: stats("signal"))
+                        on_tick=stats, tick_interval=args.stats_interval, on_usr1=lambda: stats("signal"),
+                        on_hup=on_hup)
     except (OSError, ValueError) as e:
         print(f"pyvirtio {command}: {e}", file=sys.stderr)
         backend.close()
         return 1
+    ctl = None
+    control_path = getattr(args, "control_socket", None)
+    if control is not None and control_path:
+        try:
+            ctl = ControlServer(control_path, control(backend), mode=args.socket_mode)
+        except OSError as e:
+            print(f"pyvirtio {command}: control socket {control_path}: {e}", file=sys.stderr)
+            server.close()
+            backend.close()
+            return 1
     server.install_signal_handlers()
     faulthandler.register(signal.SIGUSR2, all_threads=True)  # thread dump for debugging a stall
     log.info("%s", started)
     try:
         server.serve_forever()
     finally:
+        if ctl is not None:
+            ctl.close()
         backend.close()
         stats("exit")
     return 0

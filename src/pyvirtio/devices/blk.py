@@ -33,6 +33,13 @@ FLUSH means `fdatasync` done before the status is written. The write cache
 is the driver's choice through CONFIG_WCE (config byte 32): in writethrough
 mode every write is `RWF_DSYNC` (durable when it completes).
 
+Online resize: the image grows while the guest runs. `BlkDevice.resize()`
+re-reads the image's size (an operator grew it: `truncate -s +64M`,
+`lvextend`) or grows the file itself (`resize(size)`); the capacity in the
+config space follows and `config_changed()` tells the driver (vhost-user:
+CONFIG_CHANGE_MSG; Linux then logs "capacity change"). Shrinking is refused:
+the guest may have data past the new end.
+
 With the INFLIGHT_SHMFD protocol feature (offered), the back-end records
 every request in the front-end's inflight buffer (`pyvirtio.vhost_user.
 inflight`), so a back-end killed mid-write and restarted resubmits exactly
@@ -196,6 +203,25 @@ def _transfer(op: Callable[..., int], fd: int, views: list[memoryview], offset: 
         if n == 0:
             raise OSError(errno.EIO, f"short transfer at byte {offset + done} (file shorter than the disk?)")
         done += n
+
+
+class ResizeError(ValueError):
+    """A resize the device refuses (shrinking, a size it cannot set)."""
+
+
+@dataclass(slots=True, frozen=True)
+class ResizeResult:
+    """What `BlkDevice.resize` did: capacities in 512-byte sectors, and the
+    transport's receipt for the config-change notification (None when
+    nothing changed or no transport hosts the device)."""
+
+    old_capacity: int
+    capacity: int
+    notice: object = None
+
+    @property
+    def changed(self) -> bool:
+        return self.capacity != self.old_capacity
 
 
 @dataclass(slots=True)
@@ -419,6 +445,8 @@ class BlkDevice(VirtioDevice):
         self._io_errors_logged = 0
         #: RWF_NOWAIT reads work here (cleared on the first EOPNOTSUPP)
         self._nowait = True
+        self._resize_lock = threading.Lock()
+        self.resizes = 0
 
     # -- VirtioDevice -------------------------------------------------------------------
 
@@ -482,10 +510,66 @@ class BlkDevice(VirtioDevice):
         return f"req{index}"
 
     def stats(self) -> dict[str, Any]:
-        return {"image": self.path, "capacity_sectors": self.capacity, "read_only": self.read_only,
+        return {"image": self.path, "capacity_sectors": self.capacity, "resizes": self.resizes,
+                "read_only": self.read_only,
                 "direct": self.direct, "io_threads": self.io_threads,
                 "write_cache": "writethrough" if self.writethrough else "writeback",
                 "negotiated": features_str(self.negotiated, BlkFeature), "requests": self.counts.as_dict()}
+
+    # -- online resize -------------------------------------------------------------------------
+
+    def image_size(self) -> int:
+        """The image's size in bytes as the host sees it now."""
+        if self.is_blockdev:
+            buf = fcntl.ioctl(self.fd, BLKGETSIZE64, b"\0" * 8)
+            return int(struct.unpack("<Q", buf)[0])
+        return os.fstat(self.fd).st_size
+
+    def resize(self, size: int | None = None) -> ResizeResult:
+        """Grow the disk while the guest runs (thread-safe).
+
+        `size` None: take the image's current size (the operator grew the
+        file or the block device). `size` N bytes: grow the file to N first
+        (a regular, writable image; N a multiple of the logical block size).
+        Raises `ResizeError` for anything that would shrink the disk below
+        its current capacity, and `OSError` when the host refuses. When the
+        capacity changed, `config_changed()` tells the driver; its receipt
+        is in the result.
+        """
+        with self._resize_lock:
+            old = self.capacity
+            if size is not None:
+                if size < 0 or size % self.logical_block_size:
+                    raise ResizeError(f"size {size} is not a multiple of the {self.logical_block_size}-byte "
+                                      "logical block size")
+                if size < self.size:
+                    raise ResizeError(f"shrinking from {self.size} to {size} bytes is refused (the guest may "
+                                      "have data past the new end)")
+                if self.is_blockdev:
+                    raise ResizeError("a block device's size is set by its owner (lvextend, ...): grow it, "
+                                      "then resize without a size")
+                if self.read_only:
+                    raise ResizeError("the image is served read-only: grow it elsewhere, then resize "
+                                      "without a size")
+                if self.image_size() < size:
+                    os.ftruncate(self.fd, size)
+                new_size = size
+            else:
+                now = self.image_size()
+                new_size = now - now % SECTOR
+                if new_size < self.size:
+                    raise ResizeError(f"the image shrank from {self.size} to {now} bytes; the disk keeps "
+                                      f"{self.capacity} sectors (shrinking is refused: grow the image back)")
+            if new_size == self.size:
+                log.info("blk: resize: %s is still %d bytes (%d sectors); nothing to tell", self.path,
+                         self.size, self.capacity)
+                return ResizeResult(old, old)
+            # Growing only: a request checked against the old capacity is still in range.
+            self.size = new_size
+            self.capacity = new_size // SECTOR
+            self.resizes += 1
+            log.info("blk: %s resized from %d to %d sectors (%d bytes)", self.path, old, self.capacity, new_size)
+            return ResizeResult(old, self.capacity, self.config_changed())
 
     # -- requests ----------------------------------------------------------------------------
 
@@ -746,5 +830,7 @@ __all__ = [
     "BlkFeature",
     "BlkStats",
     "IOPool",
+    "ResizeError",
+    "ResizeResult",
     "fallocate",
 ]

@@ -17,7 +17,10 @@ Message flow (what a back-end sees, in order)::
     stop: GET_VRING_BASE per ring
 
 Bracketed steps happen when the back-end offers the matching feature
-(VHOST_USER_F_PROTOCOL_FEATURES, MQ, STATUS). With REPLY_ACK every request
+(VHOST_USER_F_PROTOCOL_FEATURES, MQ, STATUS). With `backend_channel=True`
+and BACKEND_REQ offered, SET_BACKEND_REQ_FD follows the protocol features
+(where QEMU sends it): a `BackendChannelEnd` then receives the back-end's
+requests (CONFIG_CHANGE_MSG) and acks them; `poll_backend()` serves it. With REPLY_ACK every request
 without a reply of its own is sent with NEED_REPLY (`ack_all=True`, the
 default) or only SET_MEM_TABLE is (`ack_all=False`, what QEMU does), so a
 refusal surfaces at the message that caused it. Without REPLY_ACK a
@@ -43,7 +46,7 @@ import socket
 import struct
 import time
 from array import array
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from types import TracebackType
 from typing import Self
 
@@ -64,6 +67,8 @@ from pyvirtio.vhost_user import (
     U64,
     VHOST_F_LOG_ALL,
     VHOST_USER_F_PROTOCOL_FEATURES,
+    BackendReqFd,
+    BackendRequestDecoder,
     Features,
     MemoryRegion,
     Message,
@@ -77,6 +82,7 @@ from pyvirtio.vhost_user import (
     VringAddrFlags,
     VringFd,
     VringState,
+    encode_backend_ack,
     encode_request,
 )
 from pyvirtio.vhost_user.protocol import REQUESTS_WITH_RESPONSE
@@ -136,6 +142,75 @@ class FrontendError(Exception):
     `BackendProtocolError` instead. Either way the connection is unusable."""
 
 
+class BackendChannelEnd:
+    """The front-end's end of the back-end request channel (SET_BACKEND_REQ_FD).
+
+    Makes a socket pair: `theirs` goes to the back-end (send it with
+    SET_BACKEND_REQ_FD, then `release_theirs()`), the other end stays here.
+    `poll(timeout)` reads the back-end's requests, runs `handler(msg)` on
+    each (what QEMU does: for CONFIG_CHANGE_MSG it re-reads the config with
+    GET_CONFIG on the main socket, then answers) and, when the request set
+    NEED_REPLY, acks it: 0 when the handler returned True, 1 otherwise.
+    `answer=False` models a front-end that never acks (the back-end must
+    not hang on it). Requests received are kept in `received`.
+    """
+
+    def __init__(self, handler: Callable[[Message], bool] | None = None, *, answer: bool = True) -> None:
+        self._sock, self.theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        self.handler = handler
+        self.answer = answer
+        self.received: list[Message] = []
+        self.acks_sent = 0
+        self._decoder = BackendRequestDecoder()
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def release_theirs(self) -> None:
+        """Close our copy of the back-end's end (after it was sent)."""
+        self.theirs.close()
+
+    def poll(self, timeout: float = 0.0) -> list[Message]:
+        """Serve the requests that arrive within `timeout` seconds (at least
+        those already there); returns them. Raises `BackendProtocolError` for
+        a malformed request, `FrontendError` when the back-end closed it."""
+        out: list[Message] = []
+        deadline = time.monotonic() + timeout
+        while True:
+            left = max(0.0, deadline - time.monotonic())
+            r, _, _ = select.select([self._sock], [], [], left if not out else 0)
+            if not r:
+                return out
+            data, anc, _flags, _ = self._sock.recvmsg(4096, socket.CMSG_SPACE(MAX_FDS * 4))
+            fds: list[int] = []
+            for level, kind, payload in anc:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    a = array("i")
+                    a.frombytes(payload[: len(payload) - len(payload) % 4])
+                    fds.extend(a)
+            if not data:
+                for fd in fds:
+                    os.close(fd)
+                raise FrontendError("the back-end closed its request channel")
+            self._decoder.feed(data, fds)
+            while True:
+                msg = self._decoder.next_message()
+                if msg is None:
+                    break
+                msg.close_fds()
+                self.received.append(msg)
+                out.append(msg)
+                ok = self.handler(msg) if self.handler is not None else True
+                if msg.need_reply and self.answer:
+                    self._sock.sendall(encode_backend_ack(msg, ok))
+                    self.acks_sent += 1
+
+    def close(self) -> None:
+        self._sock.close()
+        self.theirs.close()
+        self._decoder.close()
+
+
 def _eventfd() -> int:
     return os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
 
@@ -180,7 +255,9 @@ class VhostUserFrontend:
                  tx_segments: int = 1, rx_buffer_size: int = 2048, gpa_base: int = 0,
                  want_protocol_features: int = int(ProtocolFeature.REPLY_ACK | ProtocolFeature.MQ
                                                    | ProtocolFeature.STATUS),
-                 ack_all: bool = True, timeout: float = 5.0, connect_timeout: float = 5.0) -> None:
+                 ack_all: bool = True, timeout: float = 5.0, connect_timeout: float = 5.0,
+                 backend_channel: bool = False,
+                 on_backend_request: Callable[[Message], bool] | None = None) -> None:
         """Configure; nothing is opened until `connect()`.
 
         `packed` requires RING_PACKED from the back-end (else `FrontendError`);
@@ -190,6 +267,9 @@ class VhostUserFrontend:
         must hold a header and a full frame unless MRG_RXBUF is negotiated.
         `timeout` bounds each wait for a reply or a ring slot;
         `connect_timeout` how long to retry a socket that does not accept yet.
+        `backend_channel`: negotiate BACKEND_REQ when offered and hand the
+        back-end a request channel (`self.channel`), whose requests go to
+        `on_backend_request` (default: acked with success).
         """
         if tx_segments not in (1, 2):
             raise ValueError(f"tx_segments must be 1 or 2, not {tx_segments}")
@@ -209,6 +289,10 @@ class VhostUserFrontend:
         self.gpa_base = gpa_base
         self.want_protocol_features = want_protocol_features
         self.ack_all = ack_all
+        self.want_backend_channel = backend_channel
+        self.on_backend_request = on_backend_request
+        #: the back-end request channel, once set up
+        self.channel: BackendChannelEnd | None = None
         self.timeout = timeout
         self.connect_timeout = connect_timeout
 
@@ -412,11 +496,16 @@ class VhostUserFrontend:
             pf = self._u64(Request.GET_PROTOCOL_FEATURES)
             self.offered_protocol_features = pf
             self.protocol_features = 0  # no acks until SET_PROTOCOL_FEATURES is through
-            acked = pf & self.want_protocol_features
+            want_pf = self.want_protocol_features
+            if self.want_backend_channel:
+                want_pf |= ProtocolFeature.BACKEND_REQ
+            acked = pf & want_pf
             self.request(Request.SET_PROTOCOL_FEATURES, Features(acked), need_reply=False)
             self.protocol_features = acked
             if acked & ProtocolFeature.MQ:
                 self.queue_num = self._u64(Request.GET_QUEUE_NUM)
+            if acked & ProtocolFeature.BACKEND_REQ:
+                self._setup_backend_channel()
         features = offered & want
         self.request(Request.SET_FEATURES, Features(features))
         self.features = features
@@ -442,6 +531,25 @@ class VhostUserFrontend:
         log.info("connected to %s: features %s, protocol features %s", self.socket_path,
                  "|".join(feature_names(features)) or "0",
                  "|".join(protocol_feature_names(self.protocol_features or 0)) or "-")
+
+    def _setup_backend_channel(self) -> None:
+        """SET_BACKEND_REQ_FD with one end of a new socket pair (NEED_REPLY
+        with REPLY_ACK, as QEMU 7.2's vhost_setup_slave_channel does)."""
+        channel = BackendChannelEnd(self.on_backend_request)
+        try:
+            self.request(Request.SET_BACKEND_REQ_FD, BackendReqFd(channel.theirs.fileno()),
+                         need_reply=self.reply_ack)
+        except BaseException:
+            channel.close()
+            raise
+        channel.release_theirs()
+        self.channel = channel
+
+    def poll_backend(self, timeout: float = 0.0) -> list[Message]:
+        """Serve the back-end's requests arriving within `timeout` seconds."""
+        if self.channel is None:
+            raise FrontendError("no back-end channel (not asked for, or BACKEND_REQ not offered)")
+        return self.channel.poll(timeout)
 
     def _setup_memory(self) -> None:
         size, off = self._layout()
@@ -749,6 +857,9 @@ class VhostUserFrontend:
             self._sock = None
         if self._decoder is not None:
             self._decoder.close()
+        if self.channel is not None:
+            self.channel.close()
+            self.channel = None
         for fd in self._kick + self._call:
             os.close(fd)
         self._kick.clear()

@@ -28,6 +28,25 @@ from guest memory; when they differ the buffers in between are offered again
 answers the used position for the same reason: chains the device holds but
 never completed (rx buffers waiting for frames) are handed back, not lost.
 
+The back-end request channel (BACKEND_REQ, offered with a config space):
+SET_BACKEND_REQ_FD hands over a socket, kept per connection as a
+`pyvirtio.vhost_user.channel.BackendChannel`. The device's
+`config_changed()` lands in `notify_config_change`, which sends
+CONFIG_CHANGE_MSG on it (NEED_REPLY with REPLY_ACK; the server thread
+collects the ack, bounded by `channel_timeout`), or logs that the driver
+cannot be told when the front-end set up no channel. While no ring runs
+(no driver, or a guest rebooting) the message is held back and sent when a
+ring starts: QEMU 7.2 acks but ignores it for a stopped vhost-user-blk
+device and would keep handing the driver its old copy of the config.
+
+RESET_DEVICE (offered) and the deprecated RESET_OWNER return the device to
+its initial state on the same connection: every ring stopped and disabled,
+ring sizes, addresses, bases and saved state forgotten, device state reset
+(`VirtioDevice.reset`), features and status cleared. Ownership, the
+negotiated protocol features, the memory table, the call/err eventfds and
+the back-end channel are the connection's and stay; the front-end sets the
+rest up again before it starts a ring.
+
 Whose fault: anything the front-end asked for that cannot be done (a ring
 address outside its memory, a feature it was never offered, a region past
 the end of its file) raises `FrontendProtocolError`, and the server drops
@@ -39,6 +58,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
@@ -56,8 +76,10 @@ from pyvirtio.spec import (
     is_power_of_two,
     used_size,
 )
+from pyvirtio.vhost_user.channel import ACK_TIMEOUT, BackendChannel, ChannelCounters, Notice, Outcome
 from pyvirtio.vhost_user.codec import (
     U64,
+    BackendReqFd,
     Config,
     Decoder,
     Features,
@@ -82,6 +104,7 @@ from pyvirtio.vhost_user.inflight import InflightRegion, TrackedVirtqueue
 from pyvirtio.vhost_user.protocol import (
     MAX_CONFIG_SIZE,
     VHOST_USER_F_PROTOCOL_FEATURES,
+    BackendRequest,
     ProtocolFeature,
     Request,
 )
@@ -90,7 +113,7 @@ log = logging.getLogger(__name__)
 
 #: Protocol features the back-end itself implements for every device.
 BASE_PROTOCOL_FEATURES = (ProtocolFeature.REPLY_ACK | ProtocolFeature.STATUS
-                          | ProtocolFeature.CONFIGURE_MEM_SLOTS)
+                          | ProtocolFeature.CONFIGURE_MEM_SLOTS | ProtocolFeature.RESET_DEVICE)
 #: Memory slots offered with CONFIGURE_MEM_SLOTS (libvhost-user's number).
 MAX_MEM_SLOTS = 32
 
@@ -116,8 +139,8 @@ def protocol_features_for(device: VirtioDevice) -> int:
     proto = 0
     if device.multiqueue or device.num_queues > 1:
         proto |= ProtocolFeature.MQ
-    if device.config_space:
-        proto |= ProtocolFeature.CONFIG
+    if device.config_space:  # a config space the device may change: the channel tells the driver
+        proto |= ProtocolFeature.CONFIG | ProtocolFeature.BACKEND_REQ
     if device.mtu_control:
         proto |= ProtocolFeature.NET_MTU
     if device.inflight_tracking:
@@ -222,6 +245,7 @@ class _Session:
     owner: bool = False
     status: int = 0
     slots: list[MemoryRegion] = field(default_factory=list)
+    channel: BackendChannel | None = None  # SET_BACKEND_REQ_FD
 
 
 class Backend:
@@ -233,11 +257,21 @@ class Backend:
     ends. Not thread-safe: one control thread drives it.
     """
 
-    def __init__(self, device: VirtioDevice, *, policy: Policy = "lazy") -> None:
+    def __init__(self, device: VirtioDevice, *, policy: Policy = "lazy",
+                 channel_timeout: float = ACK_TIMEOUT) -> None:
         if policy not in ("lazy", "eager"):
             raise ValueError(f"unknown policy {policy!r}")
         self.device = device
         self.policy = policy
+        #: seconds a back-end request waits for the front-end's ack
+        self.channel_timeout = channel_timeout
+        self.channel_counters = ChannelCounters()
+        #: called (from any thread) when the back-end channel changed or has a
+        #: new deadline: the server re-reads `channel` and its sleep
+        self.on_channel_change: Callable[[], None] | None = None
+        self._notify_lock = threading.Lock()
+        self._config_pending = False  # a config change no running driver was told of yet
+        device.on_config_change = self.notify_config_change
         self.mem = GuestMemory()
         self.offered_features = int(device.features) | VHOST_USER_F_PROTOCOL_FEATURES
         self.offered_protocol = int(BASE_PROTOCOL_FEATURES) | protocol_features_for(device)
@@ -253,8 +287,9 @@ class Backend:
             Request.GET_PROTOCOL_FEATURES: self._get_protocol_features,
             Request.SET_PROTOCOL_FEATURES: self._set_protocol_features,
             Request.SET_OWNER: self._set_owner,
-            Request.RESET_OWNER: self._reset_owner,
-            Request.RESET_DEVICE: self._reset_owner,
+            Request.RESET_OWNER: self._reset_device,
+            Request.RESET_DEVICE: self._reset_device,
+            Request.SET_BACKEND_REQ_FD: self._set_backend_req_fd,
             Request.GET_QUEUE_NUM: self._get_queue_num,
             Request.SET_MEM_TABLE: self._set_mem_table,
             Request.GET_MAX_MEM_SLOTS: self._get_max_mem_slots,
@@ -298,6 +333,7 @@ class Backend:
         self.device.reset()
         self._unmap_all()
         self._replace_inflight(None)
+        self._replace_channel(None)
         self.session = _Session()
 
     def close(self) -> None:
@@ -385,16 +421,83 @@ class Backend:
             log.debug("SET_OWNER again on the same connection")
         self.session.owner = True
 
-    def _reset_owner(self, msg: Message) -> None:
+    def _reset_device(self, msg: Message) -> None:
+        # RESET_DEVICE: "disable all rings and reset all internal device state
+        # to the initial state, ready to be reinitialized"; the back-end keeps
+        # ownership. RESET_OWNER (deprecated) gets the same treatment.
         for ring in self._rings:
             self._stop_ring(ring)
             ring.saved = None
             ring.failed = False
             ring.base = 0
+            ring.num = None
+            ring.addr = None
+            ring.enabled = False
+            if ring.kick_fd is not None:
+                _close(ring.kick_fd)
+            ring.kick_fd = None
+            ring.kick_set = False
         self.device.reset()
         self.session.features = 0
         self.session.features_set = False
         self.session.status = 0
+        log.info("%s: device reset (%s)", self.device.name, _name(msg.request))
+
+    # -- the back-end request channel ---------------------------------------------
+
+    @property
+    def channel(self) -> BackendChannel | None:
+        """This connection's back-end channel, if the front-end set one up."""
+        return self.session.channel
+
+    def _set_backend_req_fd(self, msg: Message) -> bool:
+        assert isinstance(msg.body, BackendReqFd)
+        if not self.session.protocol_features & ProtocolFeature.BACKEND_REQ:
+            msg.close_fds()
+            log.warning("SET_BACKEND_REQ_FD without the negotiated BACKEND_REQ protocol feature: refused")
+            return False
+        try:
+            channel = BackendChannel(msg.body.fd, ack_timeout=self.channel_timeout,
+                                     need_reply=bool(self.session.protocol_features & ProtocolFeature.REPLY_ACK),
+                                     counters=self.channel_counters)
+        except (OSError, ValueError) as e:
+            msg.close_fds()
+            log.warning("SET_BACKEND_REQ_FD: unusable socket (%s): refused", e)
+            return False
+        self._replace_channel(channel)
+        log.info("back-end channel set up (acks %s)", "awaited" if channel.need_reply else "not asked")
+        return True
+
+    def _replace_channel(self, channel: BackendChannel | None) -> None:
+        old, self.session.channel = self.session.channel, channel
+        if old is not None:
+            old.close()
+        if channel is not None or old is not None:
+            notify = self.on_channel_change
+            if notify is not None:
+                notify()
+
+    def notify_config_change(self) -> Notice:
+        """Tell the driver the device config changed: CONFIG_CHANGE_MSG on the
+        back-end channel (thread-safe). The returned `Notice` says what became
+        of it; `wait()` on it for the ack. While no ring runs the message is
+        deferred to the next ring start (DEFERRED). Without a channel this is
+        logged: the driver sees the new config only when it reads it again."""
+        with self._notify_lock:
+            if not any(r.started for r in self._rings):
+                self._config_pending = True
+                self.channel_counters.count(Outcome.DEFERRED)
+                log.info("%s: config changed while no ring runs: CONFIG_CHANGE_MSG deferred until the "
+                         "driver starts one", self.device.name)
+                return Notice.final(BackendRequest.CONFIG_CHANGE_MSG, Outcome.DEFERRED)
+            self._config_pending = False
+        channel = self.session.channel
+        if channel is None or channel.closed:
+            self.channel_counters.count(Outcome.NO_CHANNEL)
+            log.warning("%s: config changed, but the front-end set up no back-end channel (BACKEND_REQ): "
+                        "the driver is not told until it reads the config again", self.device.name)
+            return Notice.final(BackendRequest.CONFIG_CHANGE_MSG, Outcome.NO_CHANNEL)
+        return channel.send(BackendRequest.CONFIG_CHANGE_MSG)
 
     def _get_queue_num(self, msg: Message) -> int:
         return self.device.queue_num
@@ -744,6 +847,11 @@ class Backend:
         self.device.start_queue(loop)
         if tracker is not None and tracker.reconnected:
             loop.signal()  # an interrupt lost with the previous back-end would stall the driver
+        with self._notify_lock:
+            pending = self._config_pending
+        if pending:
+            log.info("%s: telling the driver of the config change deferred while no ring ran", self.device.name)
+            self.notify_config_change()
 
     def _initial_state(self, ring: _Ring, num: int, packed: bool, used_gpa: int) -> QueueState:
         base = ring.base
@@ -845,7 +953,10 @@ class Backend:
         return {"device": self.device.name, "policy": self.policy,
                 "uptime_s": round(time.monotonic() - self._started_at, 3),
                 "connections": self.connections, "features": self.session.features,
-                "status": self.session.status, **self.device.stats(), "totals": totals, "queues": queues}
+                "status": self.session.status,
+                "backend_channel": {"up": self.session.channel is not None and not self.session.channel.closed,
+                                    **self.channel_counters.as_dict()},
+                **self.device.stats(), "totals": totals, "queues": queues}
 
 
 def _name(request: int) -> str:

@@ -406,21 +406,37 @@ def _as_request(request: int) -> int:
         return request
 
 
+def _backend_request_name(request: int) -> str:
+    try:
+        return f"BACKEND_{BackendRequest(request).name}"
+    except ValueError:
+        return f"back-end request {request}"
+
+
+def _as_backend_request(request: int) -> int:
+    try:
+        return BackendRequest(request)
+    except ValueError:
+        return request
+
+
 class _Parse:
     """One message being decoded: its payload, fds, and how to complain."""
 
-    __slots__ = ("error", "fds", "max_queues", "payload", "request")
+    __slots__ = ("error", "fds", "max_queues", "name", "payload", "request")
 
     def __init__(self, request: int, payload: bytes, fds: list[int],
-                 error: type[ProtocolError], max_queues: int | None) -> None:
+                 error: type[ProtocolError], max_queues: int | None,
+                 name: Callable[[int], str] = _request_name) -> None:
         self.request = request
         self.payload = payload
         self.fds = fds
         self.error = error
         self.max_queues = max_queues
+        self.name = name
 
     def fail(self, why: str) -> NoReturn:
-        raise self.error(f"{_request_name(self.request)}: {why}", self.request)
+        raise self.error(f"{self.name(self.request)}: {why}", self.request)
 
     def size(self, expected: int) -> None:
         if len(self.payload) != expected:
@@ -691,6 +707,10 @@ class _FrameDecoder:
 
     _error: type[ProtocolError] = ProtocolError
     _peer = "peer"
+    #: how request codes are named and typed (front-end requests by default;
+    #: the back-end channel's decoders use `BackendRequest`)
+    _name = staticmethod(_request_name)
+    _code = staticmethod(_as_request)
 
     def __init__(self, *, max_queues: int | None = None) -> None:
         """`max_queues`: if given, any vring index >= it is a protocol error."""
@@ -765,7 +785,7 @@ class _FrameDecoder:
         # would make us hold thousands of fds (the whole fd table) until the
         # message completes and is refused.
         if self.pending_fds > MAX_FDS:
-            name = "a message" if request is None else _request_name(request)
+            name = "a message" if request is None else self._name(request)
             raise self._error(f"{name}: carries more than {MAX_FDS} file descriptors "
                               f"({self.pending_fds} so far, before it is complete)", request)
 
@@ -798,17 +818,17 @@ class _FrameDecoder:
                 fds.extend(self._fd_chunks.popleft()[1])
             if expect is not None and request != expect:
                 raise self._error(
-                    f"reply to {_request_name(request)} while waiting for {_request_name(expect)}", request)
-            p = _Parse(request, payload, fds, self._error, self._max_queues)
+                    f"reply to {self._name(request)} while waiting for {self._name(expect)}", request)
+            p = _Parse(request, payload, fds, self._error, self._max_queues, self._name)
             body = self._decode_body(p)
         except ProtocolError as exc:
             _close_fds(fds)
             self._fatal = exc
             self._drop()
             raise
-        msg = Message(_as_request(request), HeaderFlag(flags), body, tuple(p.fds))
+        msg = Message(self._code(request), HeaderFlag(flags), body, tuple(p.fds))
         if _log.isEnabledFor(logging.DEBUG):
-            _log.debug("%s -> %s flags=%#x size=%d fds=%d", self._peer, _request_name(request),
+            _log.debug("%s -> %s flags=%#x size=%d fds=%d", self._peer, self._name(request),
                        flags, size, len(msg.fds))
         return msg
 
@@ -883,6 +903,98 @@ class ReplyDecoder(_FrameDecoder):
             return decode(p)
         if p.request in _REQUEST_DECODERS and p.request not in REQUESTS_WITH_RESPONSE:
             return _d_u64(p)  # an ack
+        return _d_unknown(p)
+
+
+# --- the back-end request channel (SET_BACKEND_REQ_FD) ---------------------------------
+
+#: Back-end requests whose answer is a plain u64 ack (0 = success): the
+#: requests QEMU 7.2 handles and the shared-object ones of later QEMUs.
+_BACKEND_ACKED = frozenset({
+    BackendRequest.IOTLB_MSG,
+    BackendRequest.CONFIG_CHANGE_MSG,
+    BackendRequest.VRING_HOST_NOTIFIER_MSG,
+    BackendRequest.SHARED_OBJECT_ADD,
+    BackendRequest.SHARED_OBJECT_REMOVE,
+})
+
+
+def backend_request_flags(acked_protocol_features: int) -> HeaderFlag:
+    """The header flags of a back-end request: NEED_REPLY exactly when
+    REPLY_ACK was negotiated (the front-end then answers with an ack, QEMU
+    7.2 with u64 0 for success and 1 for failure)."""
+    if acked_protocol_features & ProtocolFeature.REPLY_ACK:
+        return HeaderFlag.VERSION | HeaderFlag.NEED_REPLY
+    return HeaderFlag.VERSION
+
+
+class BackendRequestDecoder(_FrameDecoder):
+    """Front-end side of the back-end channel: decodes the back-end's requests.
+
+    Raises `BackendProtocolError` for a header version other than 1, the
+    REPLY flag on a request, request code 0, an oversized payload, or a
+    CONFIG_CHANGE_MSG with a payload or fds (it has neither). Other codes
+    come out as `Unknown` with whatever fds they carried.
+    """
+
+    _error = BackendProtocolError
+    _peer = "backend (channel)"
+    _name = staticmethod(_backend_request_name)
+    _code = staticmethod(_as_backend_request)
+
+    def next_message(self) -> Message | None:
+        """The next complete back-end request, or None until more bytes are fed."""
+        return self._next()
+
+    def _check_header(self, request: int, flags: int, size: int) -> None:
+        name = _backend_request_name(request)
+        if flags & VERSION_MASK != VHOST_USER_VERSION:
+            raise BackendProtocolError(f"{name}: header version {flags & VERSION_MASK}, expected 1", request)
+        if flags & HeaderFlag.REPLY:
+            raise BackendProtocolError(f"{name}: a request carries the REPLY flag", request)
+        if size > MAX_PAYLOAD_SIZE:
+            raise BackendProtocolError(f"{name}: payload size {size} exceeds {MAX_PAYLOAD_SIZE}", request)
+        if request == BackendRequest.NONE:
+            raise BackendProtocolError("back-end request code 0 is not a request", request)
+
+    def _decode_body(self, p: _Parse) -> Body:
+        if p.request == BackendRequest.CONFIG_CHANGE_MSG:
+            _d_empty(p)
+            return None
+        return _d_unknown(p)
+
+
+class BackendReplyDecoder(_FrameDecoder):
+    """Back-end side of the back-end channel: decodes the front-end's answers.
+
+    A reply has flags exactly VERSION|REPLY (QEMU clears NEED_REPLY and sets
+    REPLY on the request's header) and, for the acked requests, a u64 body
+    (`U64`, 0 = success); other codes come out as `Unknown`. Raises
+    `FrontendProtocolError` otherwise, or for a reply to another request
+    than the awaited one.
+    """
+
+    _error = FrontendProtocolError
+    _peer = "frontend (channel)"
+    _name = staticmethod(_backend_request_name)
+    _code = staticmethod(_as_backend_request)
+
+    def next_message(self, expect: int | None = None) -> Message | None:
+        """The next complete reply, or None until more bytes are fed.
+        `expect`: the back-end request being answered; any other is an error."""
+        return self._next(expect)
+
+    def _check_header(self, request: int, flags: int, size: int) -> None:
+        name = _backend_request_name(request)
+        if flags != REPLY_FLAGS:
+            raise FrontendProtocolError(f"{name}: reply flags {flags:#x}, expected {int(REPLY_FLAGS):#x}",
+                                        request)
+        if size > MAX_PAYLOAD_SIZE:
+            raise FrontendProtocolError(f"{name}: payload size {size} exceeds {MAX_PAYLOAD_SIZE}", request)
+
+    def _decode_body(self, p: _Parse) -> Body:
+        if p.request in _BACKEND_ACKED:
+            return _d_u64(p)
         return _d_unknown(p)
 
 
@@ -1026,9 +1138,30 @@ def encode_request(request: int, body: Body = None, need_reply: bool = False) ->
 
 
 def encode_backend_request(request: BackendRequest | int, payload: bytes = b"", need_reply: bool = False) -> bytes:
-    """A back-end -> front-end request on the SET_BACKEND_REQ_FD channel
-    (e.g. CONFIG_CHANGE_MSG, empty payload). Fds, if any, go alongside."""
+    """A back-end -> front-end request on the SET_BACKEND_REQ_FD channel.
+    Fds, if any, go alongside in the same `sendmsg`.
+
+    CONFIG_CHANGE_MSG has no payload ("re-read the config space"); giving
+    it one raises `LocalProtocolError`. `need_reply` sets NEED_REPLY: only
+    with REPLY_ACK negotiated (`backend_request_flags`), the front-end then
+    answers with an ack (`BackendReplyDecoder`).
+    """
+    if request == BackendRequest.NONE:
+        raise LocalProtocolError("back-end request code 0 is not a request")
+    if request == BackendRequest.CONFIG_CHANGE_MSG and payload:
+        raise LocalProtocolError(f"CONFIG_CHANGE_MSG has no payload ({len(payload)} bytes given)")
+    if len(payload) > MAX_PAYLOAD_SIZE:
+        raise LocalProtocolError(f"{_backend_request_name(request)}: payload of {len(payload)} bytes "
+                                 f"exceeds {MAX_PAYLOAD_SIZE}")
     return encode_frame(request, HeaderFlag.VERSION | (HeaderFlag.NEED_REPLY if need_reply else 0), payload)
+
+
+def encode_backend_ack(msg: Message, ok: bool = True) -> bytes:
+    """The front-end's REPLY_ACK answer to a back-end request that set
+    NEED_REPLY: u64 0 for success, 1 for failure (what QEMU 7.2 sends)."""
+    if not msg.need_reply:
+        raise LocalProtocolError(f"{_backend_request_name(msg.request)} did not ask for a reply")
+    return encode_frame(msg.request, REPLY_FLAGS, U64_PAYLOAD.pack(0 if ok else 1))
 
 
 # --- replies (back-end side) -----------------------------------------------------------

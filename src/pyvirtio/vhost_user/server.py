@@ -12,6 +12,12 @@ listens; `fd` is an inherited socket: accepted on if it is listening
 (SO_ACCEPTCONN), else used as the connected socket (the server then exits
 when it closes). The server never daemonizes; SIGTERM/SIGINT stop it
 promptly and cleanly (socket removed, rings stopped, memory unmapped).
+
+The back-end request channel (SET_BACKEND_REQ_FD) is served by the same
+loop: its socket is selected on beside the connection, the front-end's acks
+are read as they come and overdue ones time out, so waiting for an ack never
+stops the main socket from being served (QEMU answers a CONFIG_CHANGE_MSG
+only after asking GET_CONFIG on it). SIGHUP runs `on_hup` in the loop.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from collections.abc import Callable
 from types import FrameType
 
 from pyvirtio.vhost_user.backend import Backend
+from pyvirtio.vhost_user.channel import BackendChannel
 from pyvirtio.vhost_user.codec import Decoder, Message, ProtocolError
 from pyvirtio.vhost_user.protocol import MAX_FDS, MAX_MESSAGE_SIZE, Request
 
@@ -106,12 +113,14 @@ class Server:
     """Serve one `Backend` on a unix socket until `stop()` or a signal.
 
     `on_tick` (with `tick_interval` seconds) runs periodically in the server
-    thread (stats printing); `on_usr1` runs on SIGUSR1.
+    thread (stats printing); `on_usr1` runs on SIGUSR1, `on_hup` on SIGHUP
+    (when given; blk: re-read the image size).
     """
 
     def __init__(self, backend: Backend, *, socket_path: str | None = None, fd: int | None = None,
                  mode: int = 0o600, on_tick: Callable[[], None] | None = None,
-                 tick_interval: float | None = None, on_usr1: Callable[[], None] | None = None) -> None:
+                 tick_interval: float | None = None, on_usr1: Callable[[], None] | None = None,
+                 on_hup: Callable[[], None] | None = None) -> None:
         if (socket_path is None) == (fd is None):
             raise ValueError("give exactly one of socket_path and fd")
         self.backend = backend
@@ -119,6 +128,9 @@ class Server:
         self.on_tick = on_tick
         self.tick_interval = tick_interval
         self.on_usr1 = on_usr1
+        self.on_hup = on_hup
+        self._hup = False
+        self._channel: BackendChannel | None = None  # the back-end channel registered in the selector
         self.listener: socket.socket | None = None
         self.conn: socket.socket | None = None
         self._decoder: Decoder | None = None
@@ -130,6 +142,7 @@ class Server:
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self._sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+        backend.on_channel_change = self._wake
         self.connections = 0
         self.last_error: ProtocolError | None = None
         if socket_path is not None:
@@ -157,6 +170,9 @@ class Server:
     def stop(self) -> None:
         """Ask the server loop to exit (thread-safe, signal-safe)."""
         self._stopping = True
+        self._wake()
+
+    def _wake(self) -> None:
         try:
             self._wake_w.send(b"x")
         except OSError:
@@ -175,9 +191,15 @@ class Server:
             except OSError:
                 pass
 
+        def hup(signum: int, frame: FrameType | None) -> None:
+            self._hup = True
+            self._wake()
+
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
         signal.signal(signal.SIGUSR1, usr1)
+        if self.on_hup is not None:
+            signal.signal(signal.SIGHUP, hup)
 
     # -- the loop -----------------------------------------------------------------
 
@@ -185,7 +207,12 @@ class Server:
         next_tick = None if not self.tick_interval else time.monotonic() + self.tick_interval
         try:
             while not self._stopping:
-                timeout = None if next_tick is None else max(0.0, next_tick - time.monotonic())
+                channel = self._sync_channel()
+                deadline = next_tick
+                ack_due = None if channel is None else channel.next_deadline()
+                if ack_due is not None and (deadline is None or ack_due < deadline):
+                    deadline = ack_due
+                timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
                 for key, _ in self._sel.select(timeout):
                     if key.data == "wake":
                         self._drain_wake()
@@ -193,12 +220,20 @@ class Server:
                         self._accept()
                     elif key.data == "conn":
                         self._on_readable()
+                    elif key.data == "channel" and not key.fileobj.on_readable():  # type: ignore[union-attr]
+                        self._sync_channel()
                     if self._stopping:
                         break
+                if channel is not None:
+                    channel.expire()
                 if self._usr1:
                     self._usr1 = False
                     if self.on_usr1 is not None:
                         self.on_usr1()
+                if self._hup:
+                    self._hup = False
+                    if self.on_hup is not None:
+                        self.on_hup()
                 if next_tick is not None and time.monotonic() >= next_tick:
                     next_tick += self.tick_interval  # type: ignore[operator]
                     if self.on_tick is not None:
@@ -208,9 +243,33 @@ class Server:
         finally:
             self.close()
 
+    def _sync_channel(self) -> BackendChannel | None:
+        """Select on the back-end's current channel (the front-end may have
+        set, replaced or closed it); returns it while it is open."""
+        current = self.backend.channel
+        if current is not None and current.closed:
+            current = None
+        if current is not self._channel:
+            old = self._channel
+            if old is not None:
+                try:
+                    self._sel.unregister(old)
+                except (KeyError, ValueError, OSError):
+                    pass
+                old.close()  # given up or replaced: closed here, after it left the selector
+            self._channel = current
+            if current is not None:
+                current.on_change = self._wake
+                try:
+                    self._sel.register(current, selectors.EVENT_READ, "channel")
+                except (ValueError, OSError):  # closed meanwhile (a failed send in another thread)
+                    self._channel = current = None
+        return current
+
     def close(self) -> None:
         """Drop the connection, stop the device, remove the socket. Idempotent."""
         self._detach()
+        self._sync_channel()
         if self.listener is not None:
             try:
                 self._sel.unregister(self.listener)
