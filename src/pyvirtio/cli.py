@@ -41,6 +41,7 @@ def _bench_queue(args: argparse.Namespace) -> int:
 
 
 _COMMAND_MODULES: list[str] = ["pyvirtio.driver.frontend_cli", "pyvirtio.devices.net_cli", "pyvirtio.devices.blk_cli",
+                                 "pyvirtio.devices.fs_cli",
                                  "pyvirtio.bench.guest_cli"]
 
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
 
 from pyvirtio.queue import Chain, Policy
 from pyvirtio.spec import Feature
@@ -79,6 +80,17 @@ class Device:
 
     def reset(self) -> None:
         """The driver reset the device or the front-end went away."""
+
+    def stats(self) -> dict[str, Any]:
+        """Device-level facts added to the stats JSON lines (plain data)."""
+        return {}
+
+    def queue_role(self, index: int) -> str:
+        """A short name of virtqueue `index` for stats and thread names."""
+        return f"q{index}"
+
+    def close(self) -> None:
+        """Release the device's resources (the back-end is closing)."""
 
 
 class _Worker(QueueWorker):
@@ -143,10 +155,26 @@ class _Adapter(VirtioDevice):
         self.stop_queues()
         self.device.reset()
 
+    def stats(self) -> dict[str, Any]:
+        return self.device.stats()
+
+    def queue_role(self, index: int) -> str:
+        return self.device.queue_role(index)
+
+    def close(self) -> None:
+        self.device.close()
+
+
+def as_virtio_device(device: Device | VirtioDevice) -> VirtioDevice:
+    """`device` as the vhost-user back-end takes it (a `Device` wrapped, a
+    `VirtioDevice` as is): for programs that build their own
+    `vhost_user.Backend`/`Server`, as the device commands do."""
+    return device if isinstance(device, VirtioDevice) else _Adapter(device)
+
 
 def _server(device: Device | VirtioDevice, socket_path: str | None, fd: int | None,
             policy: Policy) -> tuple[Server, Backend]:
-    vdev = device if isinstance(device, VirtioDevice) else _Adapter(device)
+    vdev = as_virtio_device(device)
     backend = Backend(vdev, policy=policy)
     try:
         return Server(backend, socket_path=socket_path, fd=fd), backend
@@ -189,4 +217,4 @@ async def serve_async(device: Device | VirtioDevice, *, socket_path: str | None 
         backend.close()
 
 
-__all__ = ["RING_FEATURES", "Chain", "Device", "serve", "serve_async"]
+__all__ = ["RING_FEATURES", "Chain", "Device", "as_virtio_device", "serve", "serve_async"]

@@ -287,7 +287,7 @@ class FsDevice(Device):
         self._next_nodeid = FUSE_ROOT_ID + 1
         self._next_fh = 1
         self._valid = (int(timeout), int((timeout % 1) * 1e9))
-        self.stats = {"requests": 0, "errors": 0}
+        self.counters = {"requests": 0, "errors": 0}
         self._ops: dict[int, Callable[[tuple[int, ...], bytes, Chain], bytes | None]] = {
             INIT: self._init, DESTROY: self._destroy, LOOKUP: self._lookup, GETATTR: self._getattr,
             SETATTR: self._setattr, READLINK: self._readlink, SYMLINK: self._symlink, MKNOD: self._mknod,
@@ -309,6 +309,12 @@ class FsDevice(Device):
     def reset(self) -> None:
         self._forget_all()
 
+    def stats(self) -> dict[str, object]:
+        return {"fs": {**self.counters, "inodes": len(self._inodes), "handles": len(self._handles)}}
+
+    def queue_role(self, index: int) -> str:
+        return "hiprio" if index == 0 else f"req{index - 1}"
+
     def close(self) -> None:
         """Close every fd the device holds (the root too): the device is unusable after."""
         self._forget_all()
@@ -321,7 +327,7 @@ class FsDevice(Device):
         head = chain.read(IN_HEADER.size + WRITE_IN.size) if chain.readable_len > 4096 else chain.read()
         hdr = IN_HEADER.unpack_from(head)
         _length, opcode, unique = hdr[0], hdr[1], hdr[2]
-        self.stats["requests"] += 1
+        self.counters["requests"] += 1
         if opcode in (FORGET, BATCH_FORGET, INTERRUPT):
             if opcode == FORGET:
                 self._forget(hdr[3], FORGET_IN.unpack_from(head, IN_HEADER.size)[0])
@@ -345,11 +351,11 @@ class FsDevice(Device):
             code = e.errno or errno.EIO
             if not isinstance(e, FsError) and code not in (errno.ENOENT, errno.ENOSYS):
                 log.debug("fs: opcode %d: %s", opcode, e)
-            self.stats["errors"] += 1
+            self.counters["errors"] += 1
             return chain.write(OUT_HEADER.pack(OUT_HEADER.size, -code, unique))
         except (struct.error, ValueError, UnicodeError) as e:
             log.debug("fs: opcode %d: bad request: %s", opcode, e)
-            self.stats["errors"] += 1
+            self.counters["errors"] += 1
             return chain.write(OUT_HEADER.pack(OUT_HEADER.size, -errno.EINVAL, unique))
 
     # --- the inode table --------------------------------------------------------------------
@@ -729,7 +735,7 @@ class FsDevice(Device):
             views = _views_from(chain.writable, OUT_HEADER.size, size)
             n = os.preadv(h.fd, views, offset) if views else 0
         except OSError as e:
-            self.stats["errors"] += 1
+            self.counters["errors"] += 1
             return chain.write(OUT_HEADER.pack(OUT_HEADER.size, -(e.errno or errno.EIO), unique))
         chain.write(OUT_HEADER.pack(OUT_HEADER.size + n, 0, unique))
         return OUT_HEADER.size + n
@@ -751,7 +757,7 @@ class FsDevice(Device):
                     break
                 views = _views_from(views, done, size - n)
         except OSError as e:
-            self.stats["errors"] += 1
+            self.counters["errors"] += 1
             return chain.write(OUT_HEADER.pack(OUT_HEADER.size, -(e.errno or errno.EIO), unique))
         except struct.error:
             return chain.write(OUT_HEADER.pack(OUT_HEADER.size, -errno.EINVAL, unique))
