@@ -71,8 +71,8 @@ WORKLOAD = [
     f"mkdir /mnt/bigdir && cd /mnt/bigdir && for i in $(seq 0 {BIGDIR - 1}); do : > e$i; done && ls | wc -l",
     # one large file: written, synced, read back uncached
     "dd if=/dev/urandom of=/tmp/large bs=1M count=32 2>/dev/null && md5sum /tmp/large",
-    "dd if=/tmp/large of=/mnt/large bs=1M conv=fsync 2>/dev/null && echo 3 > /proc/sys/vm/drop_caches "
-    "&& md5sum /mnt/large",
+    ("dd if=/tmp/large of=/mnt/large bs=1M conv=fsync 2>/dev/null && echo 3 > /proc/sys/vm/drop_caches "
+     "&& md5sum /mnt/large"),
     # rename, unlink, mkdir -p, rmdir
     "mv /mnt/small/f1 /mnt/small/renamed && rm /mnt/small/f2 && mkdir -p /mnt/a/b/c && rmdir /mnt/a/b/c",
     "mv /mnt/a /mnt/a2 && ls /mnt/a2",
@@ -83,11 +83,11 @@ WORKLOAD = [
     "truncate -s 100000 /mnt/small/f5 && truncate -s 3 /mnt/small/f6 && stat -c %s /mnt/small/f5",
     "chmod 640 /mnt/small/f7 && touch -d '2001-02-03 04:05:06' /mnt/small/f8 && stat -c %a /mnt/small/f7",
     # write in the middle, append, fsync through dd
-    "printf XYZ | dd of=/mnt/small/f9 bs=1 seek=2 conv=notrunc,fsync 2>/dev/null && echo tail >> /mnt/small/f9 "
-    "&& cat /mnt/small/f9",
+    ("printf XYZ | dd of=/mnt/small/f9 bs=1 seek=2 conv=notrunc,fsync 2>/dev/null && echo tail >> /mnt/small/f9 "
+     "&& cat /mnt/small/f9"),
     # everything still right after a remount (nothing cached)
-    "cd / && umount /mnt && mount -t virtiofs share /mnt && ls /mnt/bigdir | wc -l && ls /mnt/small | wc -l "
-    "&& md5sum /mnt/large",
+    ("cd / && umount /mnt && mount -t virtiofs share /mnt && ls /mnt/bigdir | wc -l && ls /mnt/small | wc -l "
+     "&& md5sum /mnt/large"),
     "rm -f /mnt/bigdir/e0 /mnt/bigdir/e1 && ls /mnt/bigdir | wc -l && df -k /mnt | tail -1",
     "sync && umount /mnt",
 ]

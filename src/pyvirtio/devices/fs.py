@@ -678,13 +678,20 @@ class FsDevice(Device):
         flags, mode, umask, _ = CREATE_IN.unpack_from(args)
         parent = self._dir(hdr[3])
         name = _new_name(args[CREATE_IN.size:])
-        oflags = (flags & (OPEN_FLAGS_ALLOWED | os.O_EXCL)) | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
-        fd = os.open(name, oflags, stat.S_IMODE(mode) & ~umask, dir_fd=parent.fd)
+        oflags = (flags & OPEN_FLAGS_ALLOWED) | os.O_NOFOLLOW | os.O_CLOEXEC
+        created = True
+        try:
+            fd = os.open(name, oflags | os.O_CREAT | os.O_EXCL, stat.S_IMODE(mode) & ~umask, dir_fd=parent.fd)
+        except FileExistsError:
+            if flags & os.O_EXCL:
+                raise
+            created = False  # the host has it already (the guest did not know): open it as it is
+            fd = os.open(name, oflags, dir_fd=parent.fd)
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 raise _err(errno.EACCES)
-            if self.uid == 0 and (hdr[4], hdr[5]) != (self.uid, self.gid) and st.st_size == 0:
+            if created and self.uid == 0 and (hdr[4], hdr[5]) != (self.uid, self.gid):
                 os.fchown(fd, hdr[4], hdr[5])
                 st = os.fstat(fd)
             pfd = os.open(_proc(fd), os.O_PATH | os.O_CLOEXEC)
