@@ -205,7 +205,8 @@ def test_create_write_read_back_and_the_host_file_matches(fuse: Fuse, shared: Pa
     assert fuse.write(nodeid, fh, 0, data, split=4096) == len(data)  # page-sized segments, as the guest sends
     assert fuse.read(nodeid, fh, 0, len(data)) == data
     assert fuse.read(nodeid, fh, 299_990, 100) == data[299_990:]
-    fuse.ok(fs.FLUSH, nodeid, fs.FLUSH_IN.pack(fh, 0, 0, 0))
+    # nothing to do at close: ENOSYS, so the guest stops sending FLUSH
+    assert fuse.call(fs.FLUSH, nodeid, fs.FLUSH_IN.pack(fh, 0, 0, 0))[0] == errno.ENOSYS
     fuse.ok(fs.FSYNC, nodeid, fs.FSYNC_IN.pack(fh, 1, 0))
     fuse.release(nodeid, fh)
     assert (shared / "a.txt").read_bytes() == data
@@ -213,7 +214,10 @@ def test_create_write_read_back_and_the_host_file_matches(fuse: Fuse, shared: Pa
     assert fuse.lookup("a.txt")[1][1] == len(data)  # size attr
 
 
-def test_open_existing_file_with_truncate_and_append(fuse: Fuse, shared: Path) -> None:
+def test_open_existing_file_with_truncate_and_append_without_writeback_cache(shared: Path) -> None:
+    dev = FsDevice(shared, writeback=False)
+    fuse = Fuse(dev)
+    assert not fuse.init()[3] & fs.WRITEBACK_CACHE
     (shared / "f").write_bytes(b"hello")
     nodeid, _ = fuse.lookup("f")
     fh = fuse.open(nodeid, os.O_WRONLY | os.O_APPEND)
@@ -223,6 +227,31 @@ def test_open_existing_file_with_truncate_and_append(fuse: Fuse, shared: Path) -
     fh = fuse.open(nodeid, os.O_WRONLY | os.O_TRUNC)
     fuse.release(nodeid, fh)
     assert (shared / "f").read_bytes() == b""
+    dev.close()
+
+
+def test_with_writeback_cache_the_guest_places_appends_and_may_read_write_only_files(fuse: Fuse,
+                                                                                     shared: Path) -> None:
+    (shared / "f").write_bytes(b"hello")
+    nodeid, _ = fuse.lookup("f")
+    fh = fuse.open(nodeid, os.O_WRONLY | os.O_APPEND)
+    assert fuse.read(nodeid, fh, 0, 5) == b"hello"  # filling a page cache page
+    fuse.write(nodeid, fh, 5, b" world")  # the guest's page cache computed the append offset
+    fuse.write(nodeid, fh, 0, b"J")
+    fuse.release(nodeid, fh)
+    assert (shared / "f").read_bytes() == b"Jello world"
+
+
+def test_write_and_truncate_clear_setuid_when_the_guest_asks(fuse: Fuse, shared: Path) -> None:
+    nodeid, fh = fuse.create("suid", mode=0o755)
+    os.chmod(shared / "suid", 0o6755)
+    head = fs.WRITE_IN.pack(fh, 0, 1, fs.WRITE_KILL_SUIDGID, 0, 0, 0)
+    fuse.ok(fs.WRITE, nodeid, segments=[head, b"x"])
+    assert stat.S_IMODE((shared / "suid").stat().st_mode) == 0o755
+    os.chmod(shared / "suid", 0o4755)
+    assert fuse.setattr(nodeid, fs.FATTR_SIZE | fs.FATTR_KILL_SUIDGID | fs.FATTR_FH, size=0, fh=fh)[0] == 0
+    assert stat.S_IMODE((shared / "suid").stat().st_mode) == 0o755
+    fuse.release(nodeid, fh)
 
 
 def test_setattr_chmod_truncate_utimes_and_chown(fuse: Fuse, shared: Path) -> None:
@@ -383,6 +412,12 @@ def test_new_entries_belong_to_the_guest_caller(fuse: Fuse, shared: Path) -> Non
 
 
 # --- escapes ---------------------------------------------------------------------------------------
+
+
+def test_missing_names_answer_a_cacheable_negative_entry(fuse: Fuse) -> None:
+    body = fuse.ok(fs.LOOKUP, ROOT, b"nothing-here\0")
+    nodeid, _gen, entry_valid, *_ = fs.ENTRY_OUT.unpack_from(body)
+    assert nodeid == 0 and entry_valid == 1
 
 
 def test_dotdot_at_the_root_stays_at_the_root(fuse: Fuse, shared: Path) -> None:

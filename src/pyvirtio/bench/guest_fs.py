@@ -50,7 +50,7 @@ class FsBenchConfig:
     file_mib: int = 128
     small_files: int = 1000
     rounds: int = 1
-    queue_size: int = 128
+    queue_size: int = 1024
     memory_mib: int = 512
     work_dir: Path | None = None
     #: extra arguments for our back-end

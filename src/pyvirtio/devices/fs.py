@@ -27,6 +27,18 @@ Containment (the guest never reaches outside `shared_dir`):
 - SETXATTR/REMOVEXATTR are limited to the `user.` namespace (a guest must
   not set `security.capability` or `trusted.*` on host files).
 
+Caching: the guest may cache names and attributes for `timeout` seconds
+(missing names too: a LOOKUP that finds nothing answers nodeid 0 with that
+timeout) and, unless `writeback=False`, keeps a write-back page cache
+(FUSE_WRITEBACK_CACHE: writes are flushed in the background, many requests
+in flight; files opened write-only are opened read-write on the host and
+O_APPEND is left to the guest, which sends every WRITE with its offset).
+HANDLE_KILLPRIV_V2: the device clears set-user/group-ID bits when a WRITE,
+truncate or O_TRUNC open asks it to, and the guest skips a GETXATTR
+(security.capability) round trip per write. FLUSH answers ENOSYS (nothing
+to do at close: data is on the host when WRITE answers, locks belong to
+the open file), so the guest stops sending it.
+
 Locks: POSIX locks (GETLK/SETLK/SETLKW) are host open-file-description
 locks on the file handle's fd, flock() is flock on that fd. SETLKW never
 blocks a queue for long: it retries a non-blocking lock for up to
@@ -118,10 +130,15 @@ ASYNC_DIO = 1 << 15
 PARALLEL_DIROPS = 1 << 18
 MAX_PAGES = 1 << 22
 CACHE_SYMLINKS = 1 << 23
+WRITEBACK_CACHE = 1 << 16
+HANDLE_KILLPRIV_V2 = 1 << 28
 
 # setattr valid bits
 FATTR_MODE, FATTR_UID, FATTR_GID, FATTR_SIZE, FATTR_ATIME, FATTR_MTIME = 1, 2, 4, 8, 16, 32
 FATTR_FH, FATTR_ATIME_NOW, FATTR_MTIME_NOW = 64, 128, 256
+FATTR_KILL_SUIDGID = 1 << 11
+WRITE_KILL_SUIDGID = 1 << 2
+OPEN_KILL_SUIDGID = 1 << 0
 
 GETATTR_FH = 1
 LK_FLOCK = 1
@@ -261,7 +278,7 @@ class FsDevice(Device):
 
     def __init__(self, shared_dir: str | os.PathLike[str], *, tag: str = "pyvirtio", read_only: bool = False,
                  request_queues: int = 1, timeout: float = 1.0, max_write: int = 1 << 20,
-                 lock_wait: float = 0.5, xattr: bool = True) -> None:
+                 lock_wait: float = 0.5, xattr: bool = True, writeback: bool = True) -> None:
         if not tag or len(tag.encode()) > TAG_MAX:
             raise ValueError(f"tag must be 1..{TAG_MAX} bytes")
         if request_queues < 1:
@@ -275,6 +292,9 @@ class FsDevice(Device):
         self.max_write = max_write
         self.lock_wait = lock_wait
         self.xattr = xattr
+        self.writeback = writeback
+        #: the guest keeps a write-back page cache (negotiated at INIT)
+        self._wb = False
         self.uid = os.geteuid()
         self.gid = os.getegid()
         root_fd = os.open(self.shared_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -287,7 +307,7 @@ class FsDevice(Device):
         self._next_nodeid = FUSE_ROOT_ID + 1
         self._next_fh = 1
         self._valid = (int(timeout), int((timeout % 1) * 1e9))
-        self.counters = {"requests": 0, "errors": 0}
+        self.counters = {"requests": 0, "errors": 0, "busy_us": 0}
         self._ops: dict[int, Callable[[tuple[int, ...], bytes, Chain], bytes | None]] = {
             INIT: self._init, DESTROY: self._destroy, LOOKUP: self._lookup, GETATTR: self._getattr,
             SETATTR: self._setattr, READLINK: self._readlink, SYMLINK: self._symlink, MKNOD: self._mknod,
@@ -321,6 +341,13 @@ class FsDevice(Device):
         os.close(self.root.fd)
 
     def handle(self, queue: int, chain: Chain) -> int:
+        t = time.perf_counter()
+        try:
+            return self._handle_request(chain)
+        finally:
+            self.counters["busy_us"] += int((time.perf_counter() - t) * 1e6)
+
+    def _handle_request(self, chain: Chain) -> int:
         if chain.readable_len < IN_HEADER.size:
             log.warning("fs: request of %d bytes, shorter than a fuse_in_header", chain.readable_len)
             return 0
@@ -495,8 +522,12 @@ class FsDevice(Device):
             log.warning("fs: FUSE major version %d unsupported", major)
             return INIT_OUT.pack(FUSE_KERNEL_VERSION, FUSE_KERNEL_MINOR_VERSION, 0, 0, 0, 0, 0, 0, 0, 0, 0)
         want = (ASYNC_READ | POSIX_LOCKS | ATOMIC_O_TRUNC | BIG_WRITES | FLOCK_LOCKS | AUTO_INVAL_DATA
-                | DO_READDIRPLUS | READDIRPLUS_AUTO | ASYNC_DIO | PARALLEL_DIROPS | MAX_PAGES | CACHE_SYMLINKS)
+                | DO_READDIRPLUS | READDIRPLUS_AUTO | ASYNC_DIO | PARALLEL_DIROPS | MAX_PAGES | CACHE_SYMLINKS
+                | HANDLE_KILLPRIV_V2)
+        if self.writeback and not self.read_only:
+            want |= WRITEBACK_CACHE
         agreed = flags & want
+        self._wb = bool(agreed & WRITEBACK_CACHE)
         self._forget_all()
         max_pages = max(1, self.max_write // 4096)
         log.info("fs: FUSE %d.%d, flags %#x agreed %#x", major, minor, flags, agreed)
@@ -507,7 +538,14 @@ class FsDevice(Device):
         self._forget_all()
 
     def _lookup(self, hdr: tuple[int, ...], args: bytes, chain: Chain) -> bytes:
-        return self._lookup_entry(self._dir(hdr[3]), _split_name(args))
+        try:
+            return self._lookup_entry(self._dir(hdr[3]), _split_name(args))
+        except FileNotFoundError:
+            if not self.timeout:
+                raise
+            # nodeid 0: "no such entry", which the guest may cache as long as a positive one
+            s, ns = self._valid
+            return ENTRY_OUT.pack(0, 0, s, s, ns, ns) + bytes(ATTR.size)
 
     def _getattr(self, hdr: tuple[int, ...], args: bytes, chain: Chain) -> bytes:
         flags, _, fh = GETATTR_IN.unpack_from(args) if len(args) >= GETATTR_IN.size else (0, 0, 0)
@@ -539,12 +577,16 @@ class FsDevice(Device):
         if valid & FATTR_SIZE:
             if handle is not None:
                 os.ftruncate(handle.fd, size)
+                if valid & FATTR_KILL_SUIDGID:
+                    self._kill_suidgid(handle.fd)
             else:
                 if not stat.S_ISREG(ino.mode):
                     raise _err(errno.EINVAL if not stat.S_ISDIR(ino.mode) else errno.EISDIR)
                 fd = os.open(_proc(ino.fd), os.O_WRONLY | os.O_CLOEXEC)
                 try:
                     os.ftruncate(fd, size)
+                    if valid & FATTR_KILL_SUIDGID:
+                        self._kill_suidgid(fd)
                 finally:
                     os.close(fd)
         if valid & (FATTR_ATIME | FATTR_MTIME | FATTR_ATIME_NOW | FATTR_MTIME_NOW):
@@ -651,12 +693,32 @@ class FsDevice(Device):
             raise _err(errno.EACCES)
         if self.read_only and (flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC):
             raise _err(errno.EROFS)
-        fd = os.open(_proc(ino.fd), (flags & OPEN_FLAGS_ALLOWED) | os.O_CLOEXEC)
+        fd = os.open(_proc(ino.fd), self._host_flags(flags) | os.O_CLOEXEC)
         st = os.fstat(fd)
         if (st.st_dev, st.st_ino) != ino.key:  # cannot happen with a /proc re-open; checked anyway
             os.close(fd)
             raise _err(errno.EACCES)
         return fd
+
+    def _host_flags(self, flags: int) -> int:
+        """The guest's open flags as the host file is opened with them. With the
+        guest's write-back cache the guest may read a file it opened write-only
+        (to fill a page) and it places appends itself (every WRITE has its offset)."""
+        flags &= OPEN_FLAGS_ALLOWED
+        if self._wb:
+            flags &= ~os.O_APPEND
+            if flags & os.O_ACCMODE == os.O_WRONLY:
+                flags = (flags & ~os.O_ACCMODE) | os.O_RDWR
+        return flags
+
+    @staticmethod
+    def _kill_suidgid(fd: int) -> None:
+        """Clear set-user-ID and set-group-ID (the latter only with group execute),
+        as a write or truncate by an unprivileged writer would (HANDLE_KILLPRIV_V2)."""
+        mode = os.fstat(fd).st_mode
+        kill = stat.S_ISUID | (stat.S_ISGID if mode & stat.S_IXGRP else 0)
+        if mode & kill:
+            os.fchmod(fd, stat.S_IMODE(mode) & ~kill)
 
     def _new_handle(self, fd: int, nodeid: int, is_dir: bool = False) -> int:
         with self._lock:
@@ -666,11 +728,13 @@ class FsDevice(Device):
         return fh
 
     def _open(self, hdr: tuple[int, ...], args: bytes, chain: Chain) -> bytes:
-        flags, _ = OPEN_IN.unpack_from(args)
+        flags, open_flags = OPEN_IN.unpack_from(args)
         ino = self._inode(hdr[3])
         if stat.S_ISDIR(ino.mode) and flags & os.O_ACCMODE != os.O_RDONLY:
             raise _err(errno.EISDIR)
         fd = self._open_inode(ino, flags)
+        if open_flags & OPEN_KILL_SUIDGID and flags & os.O_TRUNC:
+            self._kill_suidgid(fd)
         return OPEN_OUT.pack(self._new_handle(fd, ino.nodeid), 0, 0)
 
     def _create(self, hdr: tuple[int, ...], args: bytes, chain: Chain) -> bytes:
@@ -678,7 +742,7 @@ class FsDevice(Device):
         flags, mode, umask, _ = CREATE_IN.unpack_from(args)
         parent = self._dir(hdr[3])
         name = _new_name(args[CREATE_IN.size:])
-        oflags = (flags & OPEN_FLAGS_ALLOWED) | os.O_NOFOLLOW | os.O_CLOEXEC
+        oflags = self._host_flags(flags) | os.O_NOFOLLOW | os.O_CLOEXEC
         created = True
         try:
             fd = os.open(name, oflags | os.O_CREAT | os.O_EXCL, stat.S_IMODE(mode) & ~umask, dir_fd=parent.fd)
@@ -703,7 +767,10 @@ class FsDevice(Device):
         return self._entry(ino, st) + OPEN_OUT.pack(fh, 0, 0)
 
     def _flush(self, hdr: tuple[int, ...], args: bytes, chain: Chain) -> None:
-        self._handle(FLUSH_IN.unpack_from(args)[0])
+        # Nothing to do at close(): data is on the host once WRITE answers and
+        # locks are the open file's (released by RELEASE). ENOSYS tells the
+        # guest so, once: it sends no more FLUSHes (a round trip per close saved).
+        raise _err(errno.ENOSYS)
 
     def _release(self, hdr: tuple[int, ...], args: bytes, chain: Chain) -> None:
         fh, _flags, rflags, _ = RELEASE_IN.unpack_from(args)
@@ -751,8 +818,10 @@ class FsDevice(Device):
         unique = hdr[2]
         try:
             self._writable()
-            fh, offset, size, *_ = WRITE_IN.unpack_from(head, IN_HEADER.size)
+            fh, offset, size, write_flags, *_ = WRITE_IN.unpack_from(head, IN_HEADER.size)
             h = self._handle(fh)
+            if write_flags & WRITE_KILL_SUIDGID:
+                self._kill_suidgid(h.fd)
             start = IN_HEADER.size + WRITE_IN.size
             size = min(size, chain.readable_len - start)
             views = _views_from(chain.readable, start, size)

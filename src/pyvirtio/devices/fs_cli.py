@@ -36,6 +36,8 @@ def register(sub: Any, bench_sub: Any) -> None:
     p.add_argument("--lock-wait", type=float, default=0.5, metavar="S",
                    help="how long a blocking lock request (F_SETLKW) retries before EAGAIN (default 0.5 s)")
     p.add_argument("--no-xattr", action="store_true", help="answer ENOSYS to extended attribute requests")
+    p.add_argument("--no-writeback", action="store_true",
+                   help="no write-back cache in the guest (every write() is a WRITE request)")
     p.set_defaults(func=_run)
 
     b = bench_sub.add_parser(
@@ -49,7 +51,8 @@ def register(sub: Any, bench_sub: Any) -> None:
     b.add_argument("--small-files", type=int, default=1000, help="small files created, stat'ed, deleted "
                                                                  "(default 1000)")
     b.add_argument("--rounds", type=int, default=1, help="cycle the targets N times, keep the best (default 1)")
-    b.add_argument("--queue-size", type=int, default=128, help="ring size (default 128)")
+    b.add_argument("--queue-size", type=int, default=1024,
+                   help="ring size of the virtio-fs device (default 1024, as libvirt sets; 9p's is fixed)")
     b.add_argument("--work-dir", help="where the shared directory goes (default a temporary directory)")
     b.add_argument("--json", action="store_true", help="print the results as JSON")
     b.set_defaults(func=_bench)
@@ -94,7 +97,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         device = FsDevice(args.shared_dir, tag=args.tag, read_only=args.read_only, request_queues=args.queues,
                           timeout=args.cache_timeout, max_write=args.max_write, lock_wait=args.lock_wait,
-                          xattr=not args.no_xattr)
+                          xattr=not args.no_xattr, writeback=not args.no_writeback)
     except (ValueError, OSError) as e:
         print(f"pyvirtio fs: {e}", file=sys.stderr)
         return 1
