@@ -307,7 +307,8 @@ class FsDevice(Device):
         self._next_nodeid = FUSE_ROOT_ID + 1
         self._next_fh = 1
         self._valid = (int(timeout), int((timeout % 1) * 1e9))
-        self.counters = {"requests": 0, "errors": 0, "busy_us": 0}
+        self.counters = {"requests": 0, "errors": 0, "busy_us": 0, "reads": 0, "read_bytes": 0, "writes": 0,
+                         "write_bytes": 0}
         self._ops: dict[int, Callable[[tuple[int, ...], bytes, Chain], bytes | None]] = {
             INIT: self._init, DESTROY: self._destroy, LOOKUP: self._lookup, GETATTR: self._getattr,
             SETATTR: self._setattr, READLINK: self._readlink, SYMLINK: self._symlink, MKNOD: self._mknod,
@@ -812,6 +813,8 @@ class FsDevice(Device):
             self.counters["errors"] += 1
             return chain.write(OUT_HEADER.pack(OUT_HEADER.size, -(e.errno or errno.EIO), unique))
         chain.write(OUT_HEADER.pack(OUT_HEADER.size + n, 0, unique))
+        self.counters["reads"] += 1
+        self.counters["read_bytes"] += n
         return OUT_HEADER.size + n
 
     def _write(self, hdr: tuple[int, ...], head: bytes, chain: Chain) -> int:
@@ -837,6 +840,8 @@ class FsDevice(Device):
             return chain.write(OUT_HEADER.pack(OUT_HEADER.size, -(e.errno or errno.EIO), unique))
         except struct.error:
             return chain.write(OUT_HEADER.pack(OUT_HEADER.size, -errno.EINVAL, unique))
+        self.counters["writes"] += 1
+        self.counters["write_bytes"] += n
         return chain.write(OUT_HEADER.pack(OUT_HEADER.size + WRITE_OUT.size, 0, unique) + WRITE_OUT.pack(n, 0))
 
     def _opendir(self, hdr: tuple[int, ...], args: bytes, chain: Chain) -> bytes:
