@@ -1,8 +1,11 @@
 """Guest file-sharing benchmark: the same Linux 6.1 guest (QEMU 7.2, TCG)
 with a host directory shared two ways, one after the other in one run:
 
-- `pyvirtio-fs`: our back-end (`pyvirtio fs`) through `vhost-user-fs-pci`,
-  mounted `-t virtiofs` (default options);
+- `pyvirtio-fs`: our back-end (`pyvirtio fs`, default `--cache auto`: guest
+  page cache and write-back) through `vhost-user-fs-pci`, mounted
+  `-t virtiofs` (default options);
+- `pyvirtio-fs-never`: the same with `--cache never` (direct I/O, no name or
+  attribute caching: what 9p's cache=none does);
 - `9p`: QEMU's built-in virtio-9p (`-fsdev local,security_model=none`,
   `virtio-9p-pci`), mounted `-t 9p -o trans=virtio,version=9p2000.L,msize=512000`
   (the kernel's default cache=none), what a user picks without a virtio-fs
@@ -37,7 +40,7 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-TARGETS = ("pyvirtio-fs", "9p")
+TARGETS = ("pyvirtio-fs", "pyvirtio-fs-never", "9p")
 MiB = 1 << 20
 TAG = "share"
 GUEST_MODULES = ("fuse", "virtiofs", "9p", "9pnet_virtio")
@@ -82,14 +85,14 @@ def _share(target: str, cfg: FsBenchConfig, shared: Path, work: Path) -> Iterato
         yield (builtin_9p_args(shared, tag=TAG),
                f"mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 {TAG} /mnt")
         return
-    if target != "pyvirtio-fs":
+    if not target.startswith("pyvirtio-fs"):
         raise ValueError(f"unknown target {target!r} (one of {', '.join(TARGETS)})")
     # a unix socket path is at most 107 bytes: the socket goes under /tmp
     sock_dir = Path(tempfile.mkdtemp(prefix="pyvirtio-fsbench-"))
     sock = sock_dir / "fs.sock"
     log_path = work / f"{target}.log"
     argv = [sys.executable, "-m", "pyvirtio", "fs", "--socket-path", str(sock), "--shared-dir", str(shared),
-            "--tag", TAG, *cfg.pyvirtio_args]
+            "--tag", TAG, "--cache", "never" if target.endswith("-never") else "auto", *cfg.pyvirtio_args]
     with open(log_path, "wb") as f:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT)
     try:
@@ -182,12 +185,12 @@ def run(cfg: FsBenchConfig, progress: Callable[[str], None] | None = None) -> li
 def format_table(results: list[dict[str, Any]]) -> str:
     """One row per target and the ratio of each metric to 9p."""
     base = next((r for r in results if r["target"] == "9p"), None)
-    head = f"{'target':<12} {'write MB/s':>10} {'read MB/s':>10} {'create/s':>9} {'stat/s':>9} {'delete/s':>9}"
+    head = f"{'target':<18} {'write MB/s':>10} {'read MB/s':>10} {'create/s':>9} {'stat/s':>9} {'delete/s':>9}"
     if base:
         head += "   x9p (write/read/create/stat/delete)"
     lines = [head, "-" * len(head)]
     for r in results:
-        line = (f"{r['target']:<12} {r['write_MBps']:>10.1f} {r['read_MBps']:>10.1f} {r['create_per_s']:>9.0f} "
+        line = (f"{r['target']:<18} {r['write_MBps']:>10.1f} {r['read_MBps']:>10.1f} {r['create_per_s']:>9.0f} "
                 f"{r['stat_per_s']:>9.0f} {r['delete_per_s']:>9.0f}")
         if base:
             line += "   " + "/".join(f"{r[k] / base[k]:.2f}" for k in METRICS)

@@ -133,6 +133,23 @@ CACHE_SYMLINKS = 1 << 23
 WRITEBACK_CACHE = 1 << 16
 HANDLE_KILLPRIV_V2 = 1 << 28
 
+# fuse_open_out.open_flags
+FOPEN_DIRECT_IO = 1 << 0
+FOPEN_KEEP_CACHE = 1 << 1
+
+#: cache modes (as virtiofsd names them) and the name/attribute timeout each implies:
+#: never: no guest page cache for file data (direct I/O, like 9p's cache=none;
+#: shared writable mmap is refused by the guest), nothing cached;
+#: auto: page cache kept while a file is open, write-back cache, 1 s timeouts;
+#: always: page cache kept across opens, write-back cache, a day's timeouts
+#: (only for a directory nothing else changes).
+CACHE_MODES = {"never": 0.0, "auto": 1.0, "always": 86400.0}
+
+
+def cache_uses_page_cache(mode: str) -> bool:
+    return mode != "never"
+
+
 # setattr valid bits
 FATTR_MODE, FATTR_UID, FATTR_GID, FATTR_SIZE, FATTR_ATIME, FATTR_MTIME = 1, 2, 4, 8, 16, 32
 FATTR_FH, FATTR_ATIME_NOW, FATTR_MTIME_NOW = 64, 128, 256
@@ -277,18 +294,26 @@ class FsDevice(Device):
     features = RING_FEATURES
 
     def __init__(self, shared_dir: str | os.PathLike[str], *, tag: str = "pyvirtio", read_only: bool = False,
-                 request_queues: int = 1, timeout: float = 1.0, max_write: int = 1 << 20,
+                 request_queues: int = 1, cache: str = "auto", timeout: float | None = None,
+                 max_write: int = 1 << 20,
                  lock_wait: float = 0.5, xattr: bool = True, writeback: bool = True) -> None:
         if not tag or len(tag.encode()) > TAG_MAX:
             raise ValueError(f"tag must be 1..{TAG_MAX} bytes")
         if request_queues < 1:
             raise ValueError("request_queues must be >= 1")
+        if cache not in CACHE_MODES:
+            raise ValueError(f"cache must be one of {', '.join(CACHE_MODES)}")
+        if timeout is None:
+            timeout = CACHE_MODES[cache]
         self.shared_dir = os.path.abspath(shared_dir)
         self.tag = tag
         self.read_only = read_only
         self.request_queues = request_queues
         self.num_queues = 1 + request_queues
+        self.cache = cache
         self.timeout = timeout
+        #: FOPEN_* flags every OPEN/CREATE answers
+        self._open_flags = {"never": FOPEN_DIRECT_IO, "auto": 0, "always": FOPEN_KEEP_CACHE}[cache]
         self.max_write = max_write
         self.lock_wait = lock_wait
         self.xattr = xattr
@@ -525,7 +550,7 @@ class FsDevice(Device):
         want = (ASYNC_READ | POSIX_LOCKS | ATOMIC_O_TRUNC | BIG_WRITES | FLOCK_LOCKS | AUTO_INVAL_DATA
                 | DO_READDIRPLUS | READDIRPLUS_AUTO | ASYNC_DIO | PARALLEL_DIROPS | MAX_PAGES | CACHE_SYMLINKS
                 | HANDLE_KILLPRIV_V2)
-        if self.writeback and not self.read_only:
+        if self.writeback and not self.read_only and cache_uses_page_cache(self.cache):
             want |= WRITEBACK_CACHE
         agreed = flags & want
         self._wb = bool(agreed & WRITEBACK_CACHE)
@@ -736,7 +761,7 @@ class FsDevice(Device):
         fd = self._open_inode(ino, flags)
         if open_flags & OPEN_KILL_SUIDGID and flags & os.O_TRUNC:
             self._kill_suidgid(fd)
-        return OPEN_OUT.pack(self._new_handle(fd, ino.nodeid), 0, 0)
+        return OPEN_OUT.pack(self._new_handle(fd, ino.nodeid), self._open_flags, 0)
 
     def _create(self, hdr: tuple[int, ...], args: bytes, chain: Chain) -> bytes:
         self._writable()
@@ -765,7 +790,7 @@ class FsDevice(Device):
             raise
         ino = self._add(pfd, st)
         fh = self._new_handle(fd, ino.nodeid)
-        return self._entry(ino, st) + OPEN_OUT.pack(fh, 0, 0)
+        return self._entry(ino, st) + OPEN_OUT.pack(fh, self._open_flags, 0)
 
     def _flush(self, hdr: tuple[int, ...], args: bytes, chain: Chain) -> None:
         # Nothing to do at close(): data is on the host once WRITE answers and

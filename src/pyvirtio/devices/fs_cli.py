@@ -29,8 +29,11 @@ def register(sub: Any, bench_sub: Any) -> None:
     p.add_argument("--read-only", action="store_true", help="refuse every change (EROFS)")
     p.add_argument("--queues", type=int, default=1, metavar="N",
                    help="request queues offered besides the high-priority queue (default 1)")
-    p.add_argument("--cache-timeout", type=float, default=1.0, metavar="S",
-                   help="how long the guest may cache names and attributes (default 1 s)")
+    p.add_argument("--cache", choices=["never", "auto", "always"], default="auto",
+                   help="guest caching: never (direct I/O, like 9p cache=none; no shared writable mmap), "
+                        "auto (page cache while open, write-back, 1 s timeouts; default), always (a day)")
+    p.add_argument("--cache-timeout", type=float, metavar="S",
+                   help="how long the guest may cache names and attributes (default: from --cache)")
     p.add_argument("--max-write", type=int, default=1 << 20, metavar="BYTES",
                    help="largest WRITE the guest may send (default 1 MiB)")
     p.add_argument("--lock-wait", type=float, default=0.5, metavar="S",
@@ -46,7 +49,9 @@ def register(sub: Any, bench_sub: Any) -> None:
                     "directory and time, in the guest: a sequential write and read of one large file (dd, "
                     "1 MiB blocks, caches dropped before the read) and the create/stat/delete rate of many "
                     "small files. Needs root and QEMU; prints a table with ratios to 9p.")
-    b.add_argument("--targets", default="pyvirtio-fs,9p", help="comma list of pyvirtio-fs, 9p (default both)")
+    b.add_argument("--targets", default="pyvirtio-fs,pyvirtio-fs-never,9p",
+                   help="comma list of pyvirtio-fs (--cache auto), pyvirtio-fs-never (--cache never), 9p "
+                        "(default all)")
     b.add_argument("--file-mib", type=int, default=128, help="size of the large file in MiB (default 128)")
     b.add_argument("--small-files", type=int, default=1000, help="small files created, stat'ed, deleted "
                                                                  "(default 1000)")
@@ -96,7 +101,8 @@ def _run(args: argparse.Namespace) -> int:
 
     try:
         device = FsDevice(args.shared_dir, tag=args.tag, read_only=args.read_only, request_queues=args.queues,
-                          timeout=args.cache_timeout, max_write=args.max_write, lock_wait=args.lock_wait,
+                          cache=args.cache, timeout=args.cache_timeout, max_write=args.max_write,
+                          lock_wait=args.lock_wait,
                           xattr=not args.no_xattr, writeback=not args.no_writeback)
     except (ValueError, OSError) as e:
         print(f"pyvirtio fs: {e}", file=sys.stderr)
