@@ -11,6 +11,7 @@ import stat
 import struct
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -586,3 +587,74 @@ def test_struct_layouts_match_the_fuse_abi() -> None:
     assert {s.format: s.size for s in sizes} == {s.format: n for s, n in sizes.items()}
     assert fs.ENTRY_OUT.size + fs.ATTR.size == 128 and fs.ATTR_OUT.size + fs.ATTR.size == 104
     assert struct.calcsize(fs.FLOCK.format) == 32
+
+
+# --- the command ------------------------------------------------------------------------------------
+
+
+def test_print_capabilities_names_the_fs_type() -> None:
+    out = subprocess.run([sys.executable, "-m", "pyvirtio", "fs", "--print-capabilities"],
+                         capture_output=True, text=True, check=True).stdout
+    assert out == '{"type": "fs"}\n'
+    r = subprocess.run([sys.executable, "-m", "pyvirtio", "fs", "--socket-path", "/tmp/x.sock"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "--shared-dir is required" in r.stderr
+
+
+def test_cache_never_opens_files_for_direct_io_and_caches_nothing(shared: Path) -> None:
+    (shared / "f").write_text("x")
+    dev = FsDevice(shared, cache="never")
+    f = Fuse(dev)
+    assert not f.init()[3] & fs.WRITEBACK_CACHE
+    body = f.ok(fs.LOOKUP, ROOT, b"f\0")
+    nodeid, _gen, entry_valid, attr_valid, *_ = fs.ENTRY_OUT.unpack_from(body)
+    assert entry_valid == 0 and attr_valid == 0
+    _fh, open_flags, _ = fs.OPEN_OUT.unpack(f.ok(fs.OPEN, nodeid, fs.OPEN_IN.pack(os.O_RDONLY, 0)))
+    assert open_flags & fs.FOPEN_DIRECT_IO
+    assert f.call(fs.LOOKUP, ROOT, b"missing\0")[0] == errno.ENOENT  # no negative entry to cache
+    dev.close()
+
+
+def test_command_serves_fuse_over_vhost_user_and_reports_counters(shared: Path, tmp_path: Path) -> None:
+    from pyvirtio.vhost_user import Request
+    from vhost_client import NetFrontend
+
+    (shared / "hello").write_text("hello")
+    sock = tmp_path / "fs.sock"
+    proc = subprocess.Popen([sys.executable, "-m", "pyvirtio", "fs", "--socket-path", str(sock), "--shared-dir",
+                             str(shared), "--tag", "t1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    fe = None
+    try:
+        for _ in range(500):
+            if sock.exists():
+                break
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            time.sleep(0.02)
+        fe = NetFrontend(str(sock), event_idx=False)
+        fe.negotiate()
+        assert fe.client.call(Request.GET_QUEUE_NUM).body.value == 2  # type: ignore[union-attr]
+        fe.setup_ring(0)
+        ring = fe.setup_ring(1)
+        mem, pool = fe.mem.mem, fe.pool
+        replies = []
+        for unique, (opcode, args) in enumerate(
+                [(fs.INIT, fs.INIT_IN.pack(7, 36, 65536, 0) + bytes(48)), (fs.LOOKUP, b"hello\0")], 1):
+            req = fs.IN_HEADER.pack(fs.IN_HEADER.size + len(args), opcode, unique, ROOT, 0, 0, 1, 0, 0) + args
+            gin, gout = pool.alloc(len(req)), pool.alloc(512)
+            mem.write(gin, req)
+            ring.driver.add([(gin, len(req))], [(gout, 512)], gout)
+            ring.driver.publish()
+            fe.kick(1)
+            ((token, n),) = fe.reap(1, 1)
+            replies.append(mem.read(token, n))  # type: ignore[arg-type]
+        length, error, unique = fs.OUT_HEADER.unpack_from(replies[1])
+        assert (error, unique) == (0, 2)
+        assert fs.ATTR.unpack_from(replies[1], 16 + fs.ENTRY_OUT.size)[1] == 5  # the size of "hello"
+    finally:
+        if fe is not None:
+            fe.close()
+        proc.terminate()
+        _, err = proc.communicate(timeout=10)
+    exit_line = [line for line in err.decode().splitlines() if line.startswith('{"event":"exit"')]
+    assert exit_line and '"fs":{"requests":2,"errors":0' in exit_line[0]
+    assert not sock.exists()
