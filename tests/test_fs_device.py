@@ -647,7 +647,7 @@ def test_command_serves_fuse_over_vhost_user_and_reports_counters(shared: Path, 
             fe.kick(1)
             ((token, n),) = fe.reap(1, 1)
             replies.append(mem.read(token, n))  # type: ignore[arg-type]
-        length, error, unique = fs.OUT_HEADER.unpack_from(replies[1])
+        _length, error, unique = fs.OUT_HEADER.unpack_from(replies[1])
         assert (error, unique) == (0, 2)
         assert fs.ATTR.unpack_from(replies[1], 16 + fs.ENTRY_OUT.size)[1] == 5  # the size of "hello"
     finally:
