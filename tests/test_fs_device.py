@@ -658,3 +658,9 @@ def test_command_serves_fuse_over_vhost_user_and_reports_counters(shared: Path, 
     exit_line = [line for line in err.decode().splitlines() if line.startswith('{"event":"exit"')]
     assert exit_line and '"fs":{"requests":2,"errors":0' in exit_line[0]
     assert not sock.exists()
+
+
+def test_an_oversized_request_is_refused_without_reading_it(fuse: Fuse) -> None:
+    err, _ = fuse.call(fs.MKDIR, ROOT, fs.MKDIR_IN.pack(0o755, 0) + b"d\0" + bytes(fs.MAX_REQUEST))
+    assert err == errno.EINVAL
+    assert fuse.lookup_err(b"d") == 0 and fuse.ok(fs.LOOKUP, ROOT, b"d\0")[:8] == bytes(8)  # not made

@@ -179,6 +179,9 @@ SYS_OPENAT2 = {"x86_64": 437, "aarch64": 437}.get(os.uname().machine)
 OPEN_FLAGS_ALLOWED = (os.O_ACCMODE | os.O_APPEND | os.O_TRUNC | os.O_SYNC | os.O_DSYNC | os.O_NONBLOCK
                       | getattr(os, "O_NOATIME", 0))
 
+#: the longest request other than WRITE read from the guest (xattr values are at most 64 KiB)
+MAX_REQUEST = 1 << 18
+
 #: virtio-fs config space: tag (36 bytes, NUL padded), num_request_queues
 FS_CONFIG = struct.Struct("<36sI")
 TAG_MAX = 36
@@ -388,6 +391,9 @@ class FsDevice(Device):
                 self._batch_forget(head)
             return 0  # no reply
         if opcode != WRITE and len(head) < chain.readable_len:
+            if chain.readable_len > MAX_REQUEST:  # no operation but WRITE carries more than names and an xattr
+                self.counters["errors"] += 1
+                return chain.write(OUT_HEADER.pack(OUT_HEADER.size, -errno.EINVAL, unique))
             head = chain.read()
         try:
             if opcode == WRITE:
