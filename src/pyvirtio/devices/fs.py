@@ -117,6 +117,17 @@ FSYNC, SETXATTR, GETXATTR, LISTXATTR, REMOVEXATTR, FLUSH, INIT = 20, 21, 22, 23,
 OPENDIR, READDIR, RELEASEDIR, FSYNCDIR, GETLK, SETLK, SETLKW, ACCESS, CREATE = 27, 28, 29, 30, 31, 32, 33, 34, 35
 INTERRUPT, DESTROY, BATCH_FORGET, FALLOCATE, READDIRPLUS, RENAME2, LSEEK, SYNCFS = 36, 38, 42, 43, 44, 45, 46, 50
 
+OPCODE_NAMES = {
+    LOOKUP: "lookup", FORGET: "forget", GETATTR: "getattr", SETATTR: "setattr", READLINK: "readlink",
+    SYMLINK: "symlink", MKNOD: "mknod", MKDIR: "mkdir", UNLINK: "unlink", RMDIR: "rmdir", RENAME: "rename",
+    LINK: "link", OPEN: "open", READ: "read", WRITE: "write", STATFS: "statfs", RELEASE: "release",
+    FSYNC: "fsync", SETXATTR: "setxattr", GETXATTR: "getxattr", LISTXATTR: "listxattr",
+    REMOVEXATTR: "removexattr", FLUSH: "flush", INIT: "init", OPENDIR: "opendir", READDIR: "readdir",
+    RELEASEDIR: "releasedir", FSYNCDIR: "fsyncdir", GETLK: "getlk", SETLK: "setlk", SETLKW: "setlkw",
+    ACCESS: "access", CREATE: "create", INTERRUPT: "interrupt", DESTROY: "destroy", BATCH_FORGET: "batch_forget",
+    FALLOCATE: "fallocate", READDIRPLUS: "readdirplus", RENAME2: "rename2", LSEEK: "lseek", SYNCFS: "syncfs",
+}
+
 # FUSE_INIT flags
 ASYNC_READ = 1 << 0
 POSIX_LOCKS = 1 << 1
@@ -335,6 +346,8 @@ class FsDevice(Device):
         self._next_nodeid = FUSE_ROOT_ID + 1
         self._next_fh = 1
         self._valid = (int(timeout), int((timeout % 1) * 1e9))
+        #: requests per opcode
+        self.ops_seen: dict[int, int] = {}
         self.counters = {"requests": 0, "errors": 0, "busy_us": 0, "reads": 0, "read_bytes": 0, "writes": 0,
                          "write_bytes": 0}
         self._ops: dict[int, Callable[[tuple[int, ...], bytes, Chain], bytes | None]] = {
@@ -359,7 +372,8 @@ class FsDevice(Device):
         self._forget_all()
 
     def stats(self) -> dict[str, object]:
-        return {"fs": {**self.counters, "inodes": len(self._inodes), "handles": len(self._handles)}}
+        ops = {OPCODE_NAMES.get(op, str(op)): n for op, n in sorted(self.ops_seen.items())}
+        return {"fs": {**self.counters, "inodes": len(self._inodes), "handles": len(self._handles), "ops": ops}}
 
     def queue_role(self, index: int) -> str:
         return "hiprio" if index == 0 else f"req{index - 1}"
@@ -384,6 +398,8 @@ class FsDevice(Device):
         hdr = IN_HEADER.unpack_from(head)
         _length, opcode, unique = hdr[0], hdr[1], hdr[2]
         self.counters["requests"] += 1
+        ops = self.ops_seen
+        ops[opcode] = ops.get(opcode, 0) + 1
         if opcode in (FORGET, BATCH_FORGET, INTERRUPT):
             if opcode == FORGET:
                 self._forget(hdr[3], FORGET_IN.unpack_from(head, IN_HEADER.size)[0])
