@@ -62,7 +62,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from pyvirtio.device import RING_FEATURES, Device
-from pyvirtio.queue import Chain
+from pyvirtio.queue import Chain, IovChain
 
 log = logging.getLogger(__name__)
 
@@ -199,6 +199,10 @@ TAG_MAX = 36
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
+for _f in (_libc.preadv, _libc.pwritev):
+    _f.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64)
+    _f.restype = ctypes.c_ssize_t
+IOV_MAX = 1024
 
 
 class _OpenHow(ctypes.Structure):
@@ -854,8 +858,14 @@ class FsDevice(Device):
         try:
             h = self._handle(fh)
             size = min(size, chain.writable_len - OUT_HEADER.size)
-            views = _views_from(chain.writable, OUT_HEADER.size, size)
-            n = os.preadv(h.fd, views, offset) if views else 0
+            n = -1
+            if isinstance(chain, IovChain):
+                iov = _iov_span(chain, chain.nr, len(chain.lens), OUT_HEADER.size, size)
+                if iov is not None:
+                    n = _check(_libc.preadv(h.fd, ctypes.addressof(iov[0]), iov[1], offset))
+            if n < 0:
+                views = _views_from(chain.writable, OUT_HEADER.size, size)
+                n = os.preadv(h.fd, views, offset) if views else 0
         except OSError as e:
             self.counters["errors"] += 1
             return chain.write(OUT_HEADER.pack(OUT_HEADER.size, -(e.errno or errno.EIO), unique))
@@ -874,8 +884,12 @@ class FsDevice(Device):
                 self._kill_suidgid(h.fd)
             start = IN_HEADER.size + WRITE_IN.size
             size = min(size, chain.readable_len - start)
-            views = _views_from(chain.readable, start, size)
             n = 0
+            if isinstance(chain, IovChain):
+                iov = _iov_span(chain, 0, chain.nr, start, size)
+                if iov is not None:
+                    n = _check(_libc.pwritev(h.fd, ctypes.addressof(iov[0]), iov[1], offset))
+            views = _views_from(chain.readable, start + n, size - n) if n < size else []
             while views:
                 done = os.pwritev(h.fd, views, offset + n)
                 n += done
@@ -1082,20 +1096,51 @@ def _split_xattr_name(data: bytes) -> str:
 
 
 def _views_from(views: list[memoryview], skip: int, size: int) -> list[memoryview]:
-    """The bytes [skip, skip + size) of a list of buffers, as views."""
+    """The bytes [skip, skip + size) of a list of buffers, as views (whole
+    buffers reused, only the first and last sliced)."""
     out: list[memoryview] = []
+    if size <= 0:
+        return out
     for v in views:
         n = len(v)
         if skip >= n:
             skip -= n
             continue
-        take = min(n - skip, size)
-        if take <= 0:
-            break
-        out.append(v[skip:skip + take])
-        size -= take
-        skip = 0
+        if skip:
+            v = v[skip:]
+            n -= skip
+            skip = 0
+        if n >= size:
+            out.append(v if n == size else v[:size])
+            return out
+        out.append(v)
+        size -= n
     return out
+
+
+def _iov_span(chain: IovChain, first: int, end: int, skip: int, size: int) -> tuple[ctypes.Array[ctypes.c_char], int] | None:
+    """The `struct iovec[]` of bytes [skip, skip + size) of segments first..end
+    of an array-form chain, for preadv/pwritev without a view per page; None
+    when `skip` does not fall on a segment boundary or the span is too long
+    (the caller takes the general path)."""
+    lens = chain.lens
+    i = first
+    while i < end and skip >= lens[i] and skip:
+        skip -= lens[i]
+        i += 1
+    if skip or i >= end or size <= 0:
+        return None
+    j = i
+    total = 0
+    while j < end and total < size:
+        total += lens[j]
+        j += 1
+    if total < size or j - i > IOV_MAX:
+        return None
+    seg = bytearray(chain.iov[16 * i:16 * j])
+    if total > size:  # the last buffer is longer than needed: shorten its iovec
+        struct.pack_into("<Q", seg, len(seg) - 8, lens[j - 1] - (total - size))
+    return (ctypes.c_char * len(seg)).from_buffer(seg), j - i
 
 
 __all__ = ["FS_CONFIG", "FsDevice", "FsError", "openat2"]
