@@ -376,7 +376,7 @@ class FsDevice(Device):
         self._forget_all()
 
     def stats(self) -> dict[str, object]:
-        ops = {OPCODE_NAMES.get(op, str(op)): n for op, n in sorted(self.ops_seen.items())}
+        ops = {OPCODE_NAMES.get(op, "unknown"): n for op, n in sorted(self.ops_seen.items())}
         return {"fs": {**self.counters, "inodes": len(self._inodes), "handles": len(self._handles), "ops": ops}}
 
     def queue_role(self, index: int) -> str:
@@ -403,7 +403,8 @@ class FsDevice(Device):
         _length, opcode, unique = hdr[0], hdr[1], hdr[2]
         self.counters["requests"] += 1
         ops = self.ops_seen
-        ops[opcode] = ops.get(opcode, 0) + 1
+        key = opcode if opcode in OPCODE_NAMES else -1  # bounded: a guest may send any number
+        ops[key] = ops.get(key, 0) + 1
         if opcode in (FORGET, BATCH_FORGET, INTERRUPT):
             if opcode == FORGET:
                 self._forget(hdr[3], FORGET_IN.unpack_from(head, IN_HEADER.size)[0])
@@ -425,6 +426,8 @@ class FsDevice(Device):
                 raise _err(errno.ENOSYS)
             reply = op(hdr, head[IN_HEADER.size:], chain)
             body = b"" if reply is None else reply
+            if OUT_HEADER.size + len(body) > chain.writable_len:
+                raise _err(errno.EIO)  # the guest left no room for the reply
             return chain.write(OUT_HEADER.pack(OUT_HEADER.size + len(body), 0, unique) + body)
         except OSError as e:
             code = e.errno or errno.EIO
