@@ -581,6 +581,9 @@ def test_malformed_requests_answer_einval_and_leave_the_device_working(fuse: Fus
     assert fuse.call(fs.MKDIR, ROOT, b"\x01")[0] == errno.EINVAL  # args too short
     assert fuse.call(fs.SETATTR, ROOT, b"")[0] == errno.EINVAL
     assert fuse.call(fs.READ, ROOT, fs.READ_IN.pack(77, 0, 10, 0, 0, 0, 0))[0] == errno.EBADF
+    assert fuse.call(fs.GETATTR, ROOT, fs.GETATTR_IN.pack(0, 0, 0), out=24)[0] == errno.EIO  # no room for it
+    fuse.call(0xDEAD)
+    assert fuse.dev.stats()["fs"]["ops"]["unknown"] == 1
     # a readable part shorter than the header: completed with nothing written
     fuse.pair.driver.add([(fuse.pair.pool.alloc(8), 8)], [(fuse.pair.pool.alloc(64), 64)], token="short")
     fuse.pair.driver.publish()
