@@ -27,9 +27,12 @@ Containment (the guest never reaches outside `shared_dir`):
 - SETXATTR/REMOVEXATTR are limited to the `user.` namespace (a guest must
   not set `security.capability` or `trusted.*` on host files).
 
-Caching: the guest may cache names and attributes for `timeout` seconds
-(missing names too: a LOOKUP that finds nothing answers nodeid 0 with that
-timeout) and, unless `writeback=False`, keeps a write-back page cache
+Caching (`cache`, as virtiofsd names the modes): `never` opens every file
+for direct I/O (no guest page cache, like 9p's cache=none; the guest then
+refuses shared writable mmap) and lets nothing be cached; `auto` (default)
+and `always` let the guest cache names and attributes for `timeout` seconds
+(1 s, a day; missing names too: a LOOKUP that finds nothing answers nodeid
+0 with that timeout) and, unless `writeback=False`, keep a write-back page cache
 (FUSE_WRITEBACK_CACHE: writes are flushed in the background, many requests
 in flight; files opened write-only are opened read-write on the host and
 O_APPEND is left to the guest, which sends every WRITE with its offset).
