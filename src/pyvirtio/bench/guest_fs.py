@@ -4,8 +4,10 @@ with a host directory shared two ways, one after the other in one run:
 - `pyvirtio-fs`: our back-end (`pyvirtio fs`, default `--cache auto`: guest
   page cache and write-back) through `vhost-user-fs-pci`, mounted
   `-t virtiofs` (default options);
-- `pyvirtio-fs-never`: the same with `--cache never` (direct I/O, no name or
-  attribute caching: what 9p's cache=none does);
+- `pyvirtio-fs-direct`: the same with `--cache never --cache-timeout 1`:
+  file data by direct I/O, no guest page cache (what 9p's cache=none does
+  with data; 9p keeps its dentries), names and attributes cached for 1 s;
+- `pyvirtio-fs-never` (on request): `--cache never`, nothing cached at all;
 - `9p`: QEMU's built-in virtio-9p (`-fsdev local,security_model=none`,
   `virtio-9p-pci`), mounted `-t 9p -o trans=virtio,version=9p2000.L,msize=512000`
   (the kernel's default cache=none), what a user picks without a virtio-fs
@@ -40,7 +42,14 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-TARGETS = ("pyvirtio-fs", "pyvirtio-fs-never", "9p")
+TARGETS = ("pyvirtio-fs", "pyvirtio-fs-direct", "pyvirtio-fs-never", "9p")
+DEFAULT_TARGETS = ("pyvirtio-fs", "pyvirtio-fs-direct", "9p")
+#: our back-end's options per target
+TARGET_ARGS = {
+    "pyvirtio-fs": ("--cache", "auto"),
+    "pyvirtio-fs-direct": ("--cache", "never", "--cache-timeout", "1"),
+    "pyvirtio-fs-never": ("--cache", "never"),
+}
 MiB = 1 << 20
 TAG = "share"
 GUEST_MODULES = ("fuse", "virtiofs", "9p", "9pnet_virtio")
@@ -49,7 +58,7 @@ METRICS = ("write_MBps", "read_MBps", "create_per_s", "stat_per_s", "delete_per_
 
 @dataclasses.dataclass(slots=True)
 class FsBenchConfig:
-    targets: tuple[str, ...] = TARGETS
+    targets: tuple[str, ...] = DEFAULT_TARGETS
     file_mib: int = 128
     small_files: int = 1000
     rounds: int = 1
@@ -92,7 +101,7 @@ def _share(target: str, cfg: FsBenchConfig, shared: Path, work: Path) -> Iterato
     sock = sock_dir / "fs.sock"
     log_path = work / f"{target}.log"
     argv = [sys.executable, "-m", "pyvirtio", "fs", "--socket-path", str(sock), "--shared-dir", str(shared),
-            "--tag", TAG, "--cache", "never" if target.endswith("-never") else "auto", *cfg.pyvirtio_args]
+            "--tag", TAG, *TARGET_ARGS[target], *cfg.pyvirtio_args]
     with open(log_path, "wb") as f:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT)
     try:

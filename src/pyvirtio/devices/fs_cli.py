@@ -49,9 +49,9 @@ def register(sub: Any, bench_sub: Any) -> None:
                     "directory and time, in the guest: a sequential write and read of one large file (dd, "
                     "1 MiB blocks, caches dropped before the read) and the create/stat/delete rate of many "
                     "small files. Needs root and QEMU; prints a table with ratios to 9p.")
-    b.add_argument("--targets", default="pyvirtio-fs,pyvirtio-fs-never,9p",
-                   help="comma list of pyvirtio-fs (--cache auto), pyvirtio-fs-never (--cache never), 9p "
-                        "(default all)")
+    b.add_argument("--targets", default="pyvirtio-fs,pyvirtio-fs-direct,9p",
+                   help="comma list of pyvirtio-fs (--cache auto), pyvirtio-fs-direct (--cache never "
+                        "--cache-timeout 1), pyvirtio-fs-never (--cache never), 9p (default: all but -never)")
     b.add_argument("--file-mib", type=int, default=128, help="size of the large file in MiB (default 128)")
     b.add_argument("--small-files", type=int, default=1000, help="small files created, stat'ed, deleted "
                                                                  "(default 1000)")
