@@ -192,3 +192,21 @@ def test_guest_cannot_leave_the_shared_directory(tmp_path: Path, cleanup: list[o
     assert sorted(os.listdir(outside)) == ["secret"]
     assert os.readlink(shared / "abs") == "/tmp/gsecret"
     assert not os.path.lexists(shared / "null")
+
+
+def test_fs_bench_measures_ours_and_9p_in_one_run(tmp_path: Path) -> None:
+    """A small `pyvirtio bench guest-fs`: our default back-end and QEMU's
+    virtio-9p serve the same guest workload; the table has every rate and
+    the ratios to 9p; nothing is left behind."""
+    from pyvirtio.bench.guest_fs import FsBenchConfig, format_table, run
+
+    cfg = FsBenchConfig(targets=("pyvirtio-fs", "9p"), file_mib=8, small_files=100, work_dir=tmp_path)
+    res = run(cfg)
+    table = format_table(res)
+    print("\n" + table)
+    assert [r["target"] for r in res] == ["pyvirtio-fs", "9p"]
+    for r in res:
+        assert r["write_MBps"] > 0.5 and r["read_MBps"] > 0.5
+        assert r["create_per_s"] > 5 and r["stat_per_s"] > 5 and r["delete_per_s"] > 5
+    assert "1.00/1.00/1.00/1.00/1.00" in table.splitlines()[3]
+    assert list(tmp_path.iterdir()) == []
