@@ -401,7 +401,7 @@ class FsDevice(Device):
         if chain.readable_len < IN_HEADER.size:
             log.warning("fs: request of %d bytes, shorter than a fuse_in_header", chain.readable_len)
             return 0
-        head = chain.read(IN_HEADER.size + WRITE_IN.size) if chain.readable_len > 4096 else chain.read()
+        head = _head(chain, IN_HEADER.size + WRITE_IN.size) if chain.readable_len > 4096 else _head(chain)
         hdr = IN_HEADER.unpack_from(head)
         _length, opcode, unique = hdr[0], hdr[1], hdr[2]
         self.counters["requests"] += 1
@@ -418,7 +418,7 @@ class FsDevice(Device):
             if chain.readable_len > MAX_REQUEST:  # no operation but WRITE carries more than names and an xattr
                 self.counters["errors"] += 1
                 return chain.write(OUT_HEADER.pack(OUT_HEADER.size, -errno.EINVAL, unique))
-            head = chain.read()
+            head = _head(chain)
         try:
             if opcode == WRITE:
                 return self._write(hdr, head, chain)
@@ -875,7 +875,7 @@ class FsDevice(Device):
         except OSError as e:
             self.counters["errors"] += 1
             return chain.write(OUT_HEADER.pack(OUT_HEADER.size, -(e.errno or errno.EIO), unique))
-        chain.write(OUT_HEADER.pack(OUT_HEADER.size + n, 0, unique))
+        _put(chain, OUT_HEADER.pack(OUT_HEADER.size + n, 0, unique))
         self.counters["reads"] += 1
         self.counters["read_bytes"] += n
         return OUT_HEADER.size + n
@@ -909,7 +909,7 @@ class FsDevice(Device):
             return chain.write(OUT_HEADER.pack(OUT_HEADER.size, -errno.EINVAL, unique))
         self.counters["writes"] += 1
         self.counters["write_bytes"] += n
-        return chain.write(OUT_HEADER.pack(OUT_HEADER.size + WRITE_OUT.size, 0, unique) + WRITE_OUT.pack(n, 0))
+        return _put(chain, OUT_HEADER.pack(OUT_HEADER.size + WRITE_OUT.size, 0, unique) + WRITE_OUT.pack(n, 0))
 
     def _opendir(self, hdr: tuple[int, ...], args: bytes, chain: Chain) -> bytes:
         ino = self._dir(hdr[3])
@@ -1099,6 +1099,41 @@ def _split_xattr_name(data: bytes) -> str:
     if not raw:
         raise _err(errno.EINVAL)
     return raw.decode("utf-8", "surrogateescape")
+
+
+def _head(chain: Chain, limit: int | None = None) -> bytes:
+    """The first `limit` device-readable bytes (all without a limit). An
+    array-form chain is read segment by segment, so that the views of its
+    other segments (a READ's 256 pages) are never made."""
+    if not isinstance(chain, IovChain):
+        return chain.read(limit)
+    parts = []
+    left = chain.readable_len if limit is None else min(limit, chain.readable_len)
+    i = 0
+    while left > 0 and i < chain.nr:
+        v = chain.view(i, 0, left)
+        parts.append(v)
+        left -= len(v)
+        i += 1
+    data = b"".join(parts)
+    c = chain.counter
+    if c is not None:
+        c.reads += len(parts)
+        c.bytes_read += len(data)
+    return data
+
+
+def _put(chain: Chain, data: bytes) -> int:
+    """`chain.write(data)`, into the first device-writable segment of an
+    array-form chain directly when it has room (its other views not made)."""
+    if isinstance(chain, IovChain) and chain.nr < len(chain.lens) and chain.lens[chain.nr] >= len(data):
+        chain.view(chain.nr, 0, len(data))[:] = data
+        c = chain.counter
+        if c is not None:
+            c.writes += 1
+            c.bytes_written += len(data)
+        return len(data)
+    return chain.write(data)
 
 
 def _views_from(views: list[memoryview], skip: int, size: int) -> list[memoryview]:
