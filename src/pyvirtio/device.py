@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
 
 from pyvirtio.queue import Chain, Policy
 from pyvirtio.runtime import Completion, Queue, QueueLoop, Service, VirtioDevice
@@ -81,8 +82,17 @@ class Device:
     def reset(self) -> None:
         """The driver reset the device or the front-end went away."""
 
+    def stats(self) -> dict[str, Any]:
+        """Device-level facts added to the stats JSON lines (plain data)."""
+        return {}
+
+    def queue_role(self, index: int) -> str:
+        """A short name of virtqueue `index` for stats and thread names."""
+        return f"q{index}"
+
     def close(self) -> None:
-        """The process is done serving: release what the device holds."""
+        """Release the device's resources (the back-end is closing)."""
+
 
 
 class _HandlerService(Service):
@@ -134,6 +144,12 @@ class _Adapter(VirtioDevice):
     def reset(self) -> None:
         self.stop_queues()
         self.device.reset()
+
+    def stats(self) -> dict[str, Any]:
+        return self.device.stats()
+
+    def queue_role(self, index: int) -> str:
+        return self.device.queue_role(index)
 
     def close(self) -> None:
         self.stop_queues()

@@ -35,7 +35,7 @@ def _bench_queue(args: argparse.Namespace) -> int:
 
 #: the command modules of this package; each exposes register(sub, bench_sub)
 _COMMAND_MODULES: list[str] = ["pyvirtio.cli.frontend", "pyvirtio.cli.net", "pyvirtio.cli.blk", "pyvirtio.cli.rng",
-                               "pyvirtio.cli.vsock", "pyvirtio.cli.guest"]
+                               "pyvirtio.cli.vsock", "pyvirtio.cli.fs", "pyvirtio.cli.guest"]
 
 
 def build_parser() -> argparse.ArgumentParser:

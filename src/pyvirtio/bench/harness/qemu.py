@@ -348,6 +348,57 @@ def vhost_user_vsock_args(
             "-device", _device("vhost-user-vsock-pci", props)]
 
 
+def vhost_user_fs_args(
+    socket_path: str | os.PathLike[str],
+    *,
+    tag: str,
+    chardev_id: str = "fs0-chr",
+    vectors0: bool = True,
+    num_request_queues: int = 1,
+    queue_size: int | None = None,
+    reconnect: int | None = None,
+    extra: Mapping[str, object] | None = None,
+) -> list[str]:
+    """Return QEMU args for a virtio-fs device (`vhost-user-fs-pci`) served at `socket_path`.
+
+    The guest mounts it with `mount -t virtiofs <tag> /mnt` (QEMU 7.2 puts
+    `tag` in the config space itself). `vectors0=True` by default (INTx;
+    QEMU 7.2 under TCG segfaults with vhost-user and MSI-X).
+    """
+    chardev = f"socket,id={chardev_id},path={qemu_escape(socket_path)}"
+    if reconnect is not None:
+        chardev += f",reconnect={reconnect}"
+    props: dict[str, object] = {
+        "chardev": chardev_id,
+        "tag": tag,
+        "vectors": 0 if vectors0 else None,
+        "num-request-queues": num_request_queues,
+        "queue-size": queue_size,
+    }
+    props.update(extra or {})
+    return ["-chardev", chardev, "-device", _device("vhost-user-fs-pci", props)]
+
+
+def builtin_9p_args(
+    path: str | os.PathLike[str],
+    *,
+    tag: str,
+    fsdev_id: str = "fsdev0",
+    security_model: str = "none",
+    vectors0: bool = True,
+    extra: Mapping[str, object] | None = None,
+) -> list[str]:
+    """Return QEMU args for QEMU's built-in virtio-9p sharing the host directory `path`.
+
+    The guest mounts it with `mount -t 9p -o trans=virtio,version=9p2000.L <tag> /mnt`
+    (modules 9p and 9pnet_virtio). `vectors0=True` by default, like every device here.
+    """
+    fsdev = f"local,id={fsdev_id},path={qemu_escape(path)},security_model={security_model}"
+    props: dict[str, object] = {"fsdev": fsdev_id, "mount_tag": tag, "vectors": 0 if vectors0 else None}
+    props.update(extra or {})
+    return ["-fsdev", fsdev, "-device", _device("virtio-9p-pci", props)]
+
+
 # --- the guest ----------------------------------------------------------------------------------
 
 

@@ -1,0 +1,210 @@
+"""Guest file-sharing benchmark: the same Linux 6.1 guest (QEMU 7.2, TCG)
+with a host directory shared two ways, one after the other in one run:
+
+- `pyvirtio-fs`: our back-end (`pyvirtio fs`, default `--cache auto`: guest
+  page cache and write-back) through `vhost-user-fs-pci`, mounted
+  `-t virtiofs` (default options);
+- `pyvirtio-fs-direct`: the same with `--cache never --cache-timeout 1`:
+  file data by direct I/O, no guest page cache (what 9p's cache=none does
+  with data; 9p keeps its dentries), names and attributes cached for 1 s;
+- `pyvirtio-fs-never` (on request): `--cache never`, nothing cached at all;
+- `9p`: QEMU's built-in virtio-9p (`-fsdev local,security_model=none`,
+  `virtio-9p-pci`), mounted `-t 9p -o trans=virtio,version=9p2000.L,msize=512000`
+  (the kernel's default cache=none), what a user picks without a virtio-fs
+  back-end.
+
+Both devices use `vectors=0` (INTx). In the guest: a sequential write of one
+large file (`dd` from /dev/zero, 1 MiB blocks, `conv=fsync`: the time
+includes getting the data to the host), a sequential read of it after
+dropping the guest's caches (`dd`, 1 MiB blocks), then `small_files` empty
+files created (a shell loop of `: > f$i`), checked with `[ -e ]` after
+dropping caches (one lookup each) and removed with one `rm`. Times come from
+the guest's /proc/uptime around each step (10 ms ticks).
+
+`run(cfg)` returns one result per target; `format_table` prints them with
+ratios to 9p.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+TARGETS = ("pyvirtio-fs", "pyvirtio-fs-direct", "pyvirtio-fs-never", "9p")
+DEFAULT_TARGETS = ("pyvirtio-fs", "pyvirtio-fs-direct", "9p")
+#: our back-end's options per target
+TARGET_ARGS = {
+    "pyvirtio-fs": ("--cache", "auto"),
+    "pyvirtio-fs-direct": ("--cache", "never", "--cache-timeout", "1"),
+    "pyvirtio-fs-never": ("--cache", "never"),
+}
+MiB = 1 << 20
+TAG = "share"
+GUEST_MODULES = ("fuse", "virtiofs", "9p", "9pnet_virtio")
+METRICS = ("write_MBps", "read_MBps", "create_per_s", "stat_per_s", "delete_per_s")
+
+
+@dataclasses.dataclass(slots=True)
+class FsBenchConfig:
+    targets: tuple[str, ...] = DEFAULT_TARGETS
+    file_mib: int = 128
+    small_files: int = 1000
+    rounds: int = 1
+    queue_size: int = 1024
+    memory_mib: int = 512
+    work_dir: Path | None = None
+    #: extra arguments for our back-end
+    pyvirtio_args: tuple[str, ...] = ()
+
+
+class BenchError(RuntimeError):
+    """A target could not be measured (back-end or guest failed)."""
+
+
+def _stop(proc: subprocess.Popen[bytes] | None) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+
+
+@contextlib.contextmanager
+def _share(target: str, cfg: FsBenchConfig, shared: Path, work: Path) -> Iterator[tuple[list[str], str]]:
+    """Start the target's back-end (if it has one); yield QEMU's device
+    arguments and the guest's mount command."""
+    from pyvirtio.bench.harness import builtin_9p_args, vhost_user_fs_args
+
+    if target == "9p":
+        yield (builtin_9p_args(shared, tag=TAG),
+               f"mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 {TAG} /mnt")
+        return
+    if not target.startswith("pyvirtio-fs"):
+        raise ValueError(f"unknown target {target!r} (one of {', '.join(TARGETS)})")
+    # a unix socket path is at most 107 bytes: the socket goes under /tmp
+    sock_dir = Path(tempfile.mkdtemp(prefix="pyvirtio-fsbench-"))
+    sock = sock_dir / "fs.sock"
+    log_path = work / f"{target}.log"
+    argv = [sys.executable, "-m", "pyvirtio", "fs", "--socket-path", str(sock), "--shared-dir", str(shared),
+            "--tag", TAG, *TARGET_ARGS[target], *cfg.pyvirtio_args]
+    with open(log_path, "wb") as f:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        while not sock.exists():
+            if proc.poll() is not None:
+                raise BenchError(f"{target} exited with {proc.returncode}: {log_path.read_text()[-1500:]}")
+            if time.monotonic() > deadline:
+                raise BenchError(f"{target} did not create {sock}")
+            time.sleep(0.02)
+        yield vhost_user_fs_args(sock, tag=TAG, queue_size=cfg.queue_size), f"mount -t virtiofs {TAG} /mnt"
+    finally:
+        _stop(proc)
+        shutil.rmtree(sock_dir, ignore_errors=True)
+
+
+def _timed(guest: Any, cmd: str, timeout: float = 900.0) -> float:
+    """Run `cmd` in the guest between two /proc/uptime readings; seconds elapsed."""
+    out = guest.check("t0=$(cut -d' ' -f1 /proc/uptime); { " + cmd + " ; } >/dev/null 2>&1 || echo FAILED; "
+                      "t1=$(cut -d' ' -f1 /proc/uptime); echo $t0 $t1", timeout=timeout)
+    lines = out.splitlines()
+    if "FAILED" in lines:
+        raise BenchError(f"guest command failed: {cmd}")
+    t0, t1 = map(float, lines[-1].split())
+    return max(t1 - t0, 0.01)
+
+
+def measure(target: str, cfg: FsBenchConfig, work: Path) -> dict[str, Any]:
+    """Boot a guest with the target's share and run the workload; returns the numbers."""
+    from pyvirtio.bench.harness import DEFAULT_MODULES, Guest, build_initramfs
+
+    shared = work / f"shared-{target}"
+    shared.mkdir()
+    try:
+        with _share(target, cfg, shared, work) as (device_args, mount):
+            initrd = build_initramfs(modules=(*DEFAULT_MODULES, *GUEST_MODULES))
+            with Guest(device_args=device_args, initrd=initrd, memory_mib=cfg.memory_mib) as g:
+                g.check(f"mkdir -p /mnt && {mount} && mkdir /mnt/s")
+                mib = cfg.file_mib
+                n = cfg.small_files
+                drop = "echo 3 > /proc/sys/vm/drop_caches"
+                t_write = _timed(g, f"dd if=/dev/zero of=/mnt/big bs=1M count={mib} conv=fsync")
+                g.check(drop)
+                t_read = _timed(g, "dd if=/mnt/big of=/dev/null bs=1M")
+                t_create = _timed(g, f"cd /mnt/s && for i in $(seq {n}); do : > f$i; done; cd /")
+                g.check(drop)
+                t_stat = _timed(g, f"cd /mnt/s && for i in $(seq {n}); do [ -e f$i ] || exit 1; done; cd /")
+                g.check(drop)
+                t_delete = _timed(g, "rm -f /mnt/s/f*")
+                left = g.check("ls /mnt/s | wc -l")
+                g.check("umount /mnt")
+        if left != "0":
+            raise BenchError(f"{target}: {left} small files left after rm")
+        return {"target": target, "write_MBps": mib * MiB / 1e6 / t_write, "read_MBps": mib * MiB / 1e6 / t_read,
+                "create_per_s": n / t_create, "stat_per_s": n / t_stat, "delete_per_s": n / t_delete,
+                "file_mib": mib, "small_files": n}
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
+
+
+def run(cfg: FsBenchConfig, progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """Measure every target (`rounds` times, best of each metric kept)."""
+    own = cfg.work_dir is None
+    work = Path(tempfile.mkdtemp(prefix="pyvirtio-fsbench-")) if own else cfg.work_dir
+    assert work is not None
+    work.mkdir(parents=True, exist_ok=True)
+    best: dict[str, dict[str, Any]] = {}
+    try:
+        for r in range(cfg.rounds):
+            for target in cfg.targets:
+                if progress:
+                    progress(f"round {r + 1}/{cfg.rounds}: {target}")
+                res = measure(target, cfg, work)
+                if progress:
+                    progress("  " + ", ".join(f"{k} {res[k]:.1f}" for k in METRICS))
+                prev = best.get(target)
+                if prev is None:
+                    best[target] = res
+                else:
+                    for k in METRICS:
+                        prev[k] = max(prev[k], res[k])
+    finally:
+        for p in work.glob("*.log"):
+            p.unlink()
+        if own:
+            shutil.rmtree(work, ignore_errors=True)
+    return [best[t] for t in cfg.targets]
+
+
+def format_table(results: list[dict[str, Any]]) -> str:
+    """One row per target and the ratio of each metric to 9p."""
+    base = next((r for r in results if r["target"] == "9p"), None)
+    head = f"{'target':<18} {'write MB/s':>10} {'read MB/s':>10} {'create/s':>9} {'stat/s':>9} {'delete/s':>9}"
+    if base:
+        head += "   x9p (write/read/create/stat/delete)"
+    lines = [head, "-" * len(head)]
+    for r in results:
+        line = (f"{r['target']:<18} {r['write_MBps']:>10.1f} {r['read_MBps']:>10.1f} {r['create_per_s']:>9.0f} "
+                f"{r['stat_per_s']:>9.0f} {r['delete_per_s']:>9.0f}")
+        if base:
+            line += "   " + "/".join(f"{r[k] / base[k]:.2f}" for k in METRICS)
+        lines.append(line)
+    if results:
+        r = results[0]
+        lines.append(f"({r['file_mib']} MiB file, {r['small_files']} small files; guest QEMU 7.2 TCG, vectors=0)")
+    return "\n".join(lines)
