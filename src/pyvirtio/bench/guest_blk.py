@@ -37,14 +37,14 @@ import dataclasses
 import logging
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+from pyvirtio.bench.procs import BenchError, stop_process, wait_socket
 
 log = logging.getLogger(__name__)
 
@@ -71,31 +71,6 @@ class BlkBenchConfig:
     #: extra arguments for our back-end (e.g. ["--direct"])
     pyvirtio_args: tuple[str, ...] = ()
 
-
-class BenchError(RuntimeError):
-    """A target could not be measured (back-end or guest failed)."""
-
-
-def _wait_socket(proc: subprocess.Popen[bytes], path: Path, what: str, log_path: Path,
-                 timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        if proc.poll() is not None:
-            raise BenchError(f"{what} exited with {proc.returncode}: {log_path.read_text()[-1500:]}")
-        if time.monotonic() > deadline:
-            raise BenchError(f"{what} did not create {path}")
-        time.sleep(0.02)
-
-
-def _stop(proc: subprocess.Popen[bytes] | None) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(10)
 
 
 def _backend_cpu(pid: int | None, qemu_pid: int | None) -> float:
@@ -140,11 +115,11 @@ def _disk(target: str, cfg: BlkBenchConfig, image: Path, work: Path) -> Iterator
     with open(log_path, "wb") as f:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT)
     try:
-        _wait_socket(proc, sock, target, log_path)
+        wait_socket(proc, sock, target, log_path)
         yield (vhost_user_blk_args(sock, num_queues=max(1, cfg.smp), queue_size=qs, reconnect=None,
                                    extra={"packed": True} if packed else None), proc.pid)
     finally:
-        _stop(proc)
+        stop_process(proc)
         shutil.rmtree(sock.parent, ignore_errors=True)
 
 

@@ -31,14 +31,14 @@ import contextlib
 import dataclasses
 import logging
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+from pyvirtio.bench.procs import BenchError, stop_process, wait_socket
 
 log = logging.getLogger(__name__)
 
@@ -69,20 +69,6 @@ class FsBenchConfig:
     pyvirtio_args: tuple[str, ...] = ()
 
 
-class BenchError(RuntimeError):
-    """A target could not be measured (back-end or guest failed)."""
-
-
-def _stop(proc: subprocess.Popen[bytes] | None) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(10)
-
 
 @contextlib.contextmanager
 def _share(target: str, cfg: FsBenchConfig, shared: Path, work: Path) -> Iterator[tuple[list[str], str]]:
@@ -105,16 +91,10 @@ def _share(target: str, cfg: FsBenchConfig, shared: Path, work: Path) -> Iterato
     with open(log_path, "wb") as f:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 30
-        while not sock.exists():
-            if proc.poll() is not None:
-                raise BenchError(f"{target} exited with {proc.returncode}: {log_path.read_text()[-1500:]}")
-            if time.monotonic() > deadline:
-                raise BenchError(f"{target} did not create {sock}")
-            time.sleep(0.02)
+        wait_socket(proc, sock, target, log_path)
         yield vhost_user_fs_args(sock, tag=TAG, queue_size=cfg.queue_size), f"mount -t virtiofs {TAG} /mnt"
     finally:
-        _stop(proc)
+        stop_process(proc)
         shutil.rmtree(sock_dir, ignore_errors=True)
 
 

@@ -21,16 +21,15 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from pyvirtio.bench.harness.initramfs import DEFAULT_MODULES
+from pyvirtio.bench.procs import BenchError, stop_process, wait_socket
 
 TARGETS = ("pyvirtio", "builtin")
 #: the guest modules for virtio-rng (rng-core is built into Debian's 6.1 kernel)
@@ -49,20 +48,6 @@ class RngBenchConfig:
     #: extra arguments for our back-end (e.g. ["--policy", "eager"])
     pyvirtio_args: tuple[str, ...] = ()
 
-
-class BenchError(RuntimeError):
-    """A target could not be measured (back-end or guest failed)."""
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(10)
 
 
 @contextlib.contextmanager
@@ -85,16 +70,10 @@ def rng_device(target: str, cfg: RngBenchConfig, work: Path) -> Iterator[tuple[l
     with open(log_path, "wb") as f:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 30
-        while not sock.exists():
-            if proc.poll() is not None:
-                raise BenchError(f"pyvirtio rng exited with {proc.returncode}: {log_path.read_text()[-1500:]}")
-            if time.monotonic() > deadline:
-                raise BenchError(f"pyvirtio rng did not create {sock}")
-            time.sleep(0.02)
+        wait_socket(proc, sock, "pyvirtio rng", log_path)
         yield vhost_user_rng_args(sock), proc.pid
     finally:
-        _stop(proc)
+        stop_process(proc)
         shutil.rmtree(sock_dir, ignore_errors=True)
 
 

@@ -28,7 +28,6 @@ import dataclasses
 import hashlib
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -40,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from pyvirtio.bench.harness.initramfs import DEFAULT_MODULES
+from pyvirtio.bench.procs import BenchError, stop_process
 
 MiB = 1 << 20
 #: the guest modules for virtio-vsock
@@ -65,26 +65,11 @@ class VsockBenchConfig:
     pyvirtio_args: tuple[str, ...] = ()
 
 
-class BenchError(RuntimeError):
-    """The back-end or the guest failed, or bytes were lost."""
-
-
 def kernel_baseline_available() -> bool:
     """Whether QEMU's kernel-backed vhost-vsock-pci could run here (/dev/vhost-vsock)."""
     if not os.path.exists("/dev/vhost-vsock"):
         subprocess.run(["modprobe", "vhost_vsock"], capture_output=True, check=False)
     return os.path.exists("/dev/vhost-vsock")
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(10)
 
 
 @dataclasses.dataclass(slots=True)
@@ -119,7 +104,7 @@ def vsock_device(cfg: VsockBenchConfig, work: Path) -> Iterator[VsockBackend]:
             time.sleep(0.02)
         yield VsockBackend(vhost_user_vsock_args(sock), proc.pid, str(uds), log_path)
     finally:
-        _stop(proc)
+        stop_process(proc)
         shutil.rmtree(sock_dir, ignore_errors=True)
 
 
