@@ -56,8 +56,40 @@ class _SourceOnly(importlib.abc.MetaPathFinder):
 
 
 def install() -> None:
-    if PURE_REQUESTED and not any(isinstance(f, _SourceOnly) for f in sys.meta_path):
-        sys.meta_path.insert(0, _SourceOnly())
+    if PURE_REQUESTED:
+        if not any(isinstance(f, _SourceOnly) for f in sys.meta_path):
+            sys.meta_path.insert(0, _SourceOnly())
+    else:
+        _warn_if_stale()
+
+
+def stale_modules() -> list[str]:
+    """Engine modules whose `.py` source is newer than the compiled module
+    beside it (an in-place build edited since: the compiled one would run)."""
+    base = os.path.dirname(os.path.abspath(__file__))
+    out = []
+    for m in sorted(ENGINE):
+        parts = m.split(".")[1:]
+        py = os.path.join(base, *parts) + ".py"
+        for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+            so = os.path.join(base, *parts) + suffix
+            try:
+                if os.stat(py).st_mtime > os.stat(so).st_mtime:
+                    out.append(m)
+            except OSError:
+                continue
+            break
+    return out
+
+
+def _warn_if_stale() -> None:
+    stale = stale_modules()
+    if stale:
+        import warnings
+
+        warnings.warn(f"pyvirtio: the compiled ring engine is older than its source ({', '.join(stale)}): "
+                      "the compiled code runs; rebuild (pip install -e .) or set PYVIRTIO_PURE=1",
+                      RuntimeWarning, stacklevel=3)
 
 
 def compiled_modules() -> list[str]:
