@@ -64,9 +64,12 @@ def install() -> None:
 
 
 def stale_modules() -> list[str]:
-    """Engine modules whose `.py` source is newer than the compiled module
-    beside it (an in-place build edited since: the compiled one would run)."""
+    """In a source tree (an editable install), the engine modules whose
+    `.py` source is newer than the compiled module beside it (edited since
+    the build: the compiled one would run)."""
     base = os.path.dirname(os.path.abspath(__file__))
+    if not os.path.isfile(os.path.join(base, "..", "..", "setup.py")):
+        return []  # an installed copy (a wheel sets no meaningful mtimes): only a source tree goes stale
     out = []
     for m in sorted(ENGINE):
         parts = m.split(".")[1:]
