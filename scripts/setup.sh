@@ -2,7 +2,7 @@
 # Set up pyvirtio on a fresh Debian 12 machine (as root): system packages,
 # a virtualenv in .venv with pyvirtio installed (editable) and its test tools.
 #
-#   scripts/setup.sh            # the package, its compiled fence, test tools
+#   scripts/setup.sh            # the package, its compiled fence and ring engine (mypyc), test tools
 #   scripts/setup.sh --peers    # also QEMU 7.2, a Linux 6.1 kernel, busybox,
 #                               # iperf3, socat, DPDK 22.11 (real peers for tests/benchmarks)
 set -euo pipefail
@@ -42,4 +42,4 @@ python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' || {
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 .venv/bin/python -m pip install -q -e '.[dev,bench]'
-.venv/bin/python -c 'import pyvirtio.fence as f; print("setup: pyvirtio ready, fence:", f.IMPLEMENTATION)'
+.venv/bin/python -c 'import pyvirtio.fence as f, pyvirtio._engine as e; print("setup: pyvirtio ready, fence:", f.IMPLEMENTATION, "| ring engine:", e.name())'

@@ -3,6 +3,9 @@
 # peers when those peers are installed (scripts/setup.sh --peers):
 #   dpdk  - DPDK 22.11 testpmd (virtio-user frontend, net_vhost backend)
 #   guest - QEMU 7.2 + Linux 6.1 guests
+# When the ring engine is compiled (mypyc, see setup.py), the unit suite runs
+# twice: on the compiled engine, then on pure Python (PYVIRTIO_PURE=1); the
+# peer suites run once, compiled.
 # Extra arguments go to every pytest run (e.g. scripts/test.sh -k split -x).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -22,7 +25,13 @@ run() {  # run SUITE-NAME PYTEST-ARGS...
   esac
 }
 
+engine=$("$py" -c 'from pyvirtio import _engine; print(_engine.name())')
+echo "test.sh: ring engine: $engine"
 run unit "$@"
+case $engine in
+  pure*) echo "test.sh: the engine is not compiled: the unit suite ran on pure Python only" ;;
+  *) PYVIRTIO_PURE=1 run "unit (PYVIRTIO_PURE=1)" "$@" ;;
+esac
 if command -v dpdk-testpmd >/dev/null; then
   run dpdk -m dpdk "$@"
 else

@@ -11,6 +11,10 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
+from pyvirtio import _engine  # before any engine module: PYVIRTIO_PURE=1 must come first
+
+_engine.install()
+
 if TYPE_CHECKING:
     from pyvirtio.device import Device, serve, serve_async
     from pyvirtio.queue import Chain

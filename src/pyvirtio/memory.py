@@ -21,12 +21,20 @@ import mmap
 import os
 import struct
 import sys
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from typing import TypeVar
 
 import numpy as np
 
 from pyvirtio import fence as _fence
+
+_T = TypeVar("_T")
+
+try:  # mypyc reads this decorator; pure Python runs without mypy_extensions installed
+    from mypy_extensions import mypyc_attr
+except ImportError:  # pragma: no cover
+    def mypyc_attr(*args: object, **kwargs: object) -> Callable[[_T], _T]:  # type: ignore[misc]
+        return lambda cls: cls
 
 if sys.byteorder != "little":  # pragma: no cover
     raise ImportError("pyvirtio's ring code assumes a little-endian host")
@@ -56,6 +64,7 @@ class AreaKind(enum.Enum):
     PAYLOAD = "payload"    # buffer contents
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class Area:
     """A window onto one ring area of guest memory.
 
@@ -162,7 +171,6 @@ class Area:
             v.release()
 
 
-@dataclass(slots=True)
 class Region:
     """One contiguous piece of guest memory.
 
@@ -171,12 +179,16 @@ class Region:
     addresses). `mv` is exactly `size` bytes of host memory.
     """
 
-    gpa: int
-    size: int
-    uva: int
-    mv: memoryview
-    _mmap: mmap.mmap | None = None
-    _host: int = -1
+    __slots__ = ("_host", "_mmap", "gpa", "mv", "size", "uva")
+
+    def __init__(self, gpa: int, size: int, uva: int, mv: memoryview, _mmap: mmap.mmap | None = None,
+                 _host: int = -1) -> None:
+        self.gpa = gpa
+        self.size = size
+        self.uva = uva
+        self.mv = mv
+        self._mmap = _mmap
+        self._host = _host
 
     @property
     def host_addr(self) -> int:
@@ -234,6 +246,7 @@ class Region:
                 pass
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class GuestMemory:
     """A set of non-overlapping regions with address translation."""
 
@@ -389,6 +402,7 @@ class AccessCounter:
                 "bytes_read": self.bytes_read, "bytes_written": self.bytes_written}
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class CountingArea(Area):
     """An `Area` that counts each call as one access."""
 
@@ -504,6 +518,7 @@ class CountingArea(Area):
         self.mv[off : off + len(data)] = data
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class CountingMemory(GuestMemory):
     """A view of another `GuestMemory` that counts every access.
 

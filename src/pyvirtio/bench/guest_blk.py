@@ -238,7 +238,9 @@ def main_from_guest_args(args: Any) -> int:
     except BenchError as e:
         print(f"pyvirtio bench guest --device blk: {e}", file=sys.stderr)
         return 1
-    print(json.dumps(results, indent=1) if as_json else format_table(results))
+    from pyvirtio.cli.common import engine_header, with_engine
+
+    print(json.dumps(with_engine(results), indent=1) if as_json else engine_header() + "\n" + format_table(results))
     return 0
 
 

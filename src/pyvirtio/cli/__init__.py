@@ -9,13 +9,15 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from pyvirtio.cli.common import csv_list
+from pyvirtio.cli.common import csv_list, engine_header, with_engine
 
 
 def _bench_queue(args: argparse.Namespace) -> int:
     from pyvirtio.bench.queue import QueueBenchConfig, format_table, run
 
     results = []
+    if not args.json:
+        print(f"# {engine_header()}", file=sys.stderr, flush=True)
     for ring in args.ring:
         for policy in args.policy:
             cfg = QueueBenchConfig(ring=ring, policy=policy, batch=args.batch, requests=args.requests,
@@ -27,8 +29,9 @@ def _bench_queue(args: argparse.Namespace) -> int:
                       f"{', two processes' if args.two_process else ''} ...", file=sys.stderr, flush=True)
             results.append(run(cfg))
     if args.json:
-        print(json.dumps(results[0] if len(results) == 1 else results, indent=1))
+        print(json.dumps(with_engine(results[0] if len(results) == 1 else results), indent=1))
     else:
+        print(engine_header())
         print(format_table(results))
     return 1 if any(r["lost"] for r in results) else 0
 
@@ -38,9 +41,24 @@ _COMMAND_MODULES: list[str] = ["pyvirtio.cli.frontend", "pyvirtio.cli.net", "pyv
                                "pyvirtio.cli.vsock", "pyvirtio.cli.fs", "pyvirtio.cli.guest"]
 
 
+class _Version(argparse.Action):
+    """--version: the version and the ring engine (imported only when asked)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS,
+                 default: str = argparse.SUPPRESS, help: str | None = None) -> None:
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: object, option_string: str | None = None) -> None:
+        print(engine_header())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pyvirtio", description="virtio devices in Python over vhost-user")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    p.add_argument("--version", action=_Version,
+                   help="print the version and the ring engine (mypyc or pure Python), then exit")
     sub = p.add_subparsers(dest="command", required=True)
 
     bench = sub.add_parser("bench", help="benchmarks that print numbers")

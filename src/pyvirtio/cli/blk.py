@@ -9,7 +9,14 @@ import os
 import sys
 from typing import Any
 
-from pyvirtio.cli.common import add_serving_args, csv_list, early_exit, serve_device
+from pyvirtio.cli.common import (
+    add_serving_args,
+    csv_list,
+    early_exit,
+    engine_header,
+    serve_device,
+    with_engine,
+)
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +98,9 @@ def _bench(args: argparse.Namespace) -> int:
         print(f"pyvirtio bench guest-blk: {e}", file=sys.stderr)
         return 1
     if args.json:
-        print(json.dumps(results, indent=1))
+        print(json.dumps(with_engine(results), indent=1))
     else:
+        print(engine_header())
         print(format_table(results))
     return 0
 

@@ -120,3 +120,23 @@ def serve_device(command: str, device: Any, args: argparse.Namespace, started: s
         backend.close()
         stats("exit")
     return 0
+
+
+def engine_header() -> str:
+    """The line every bench prints first: the version and which ring engine
+    runs (mypyc-compiled or pure Python; back-ends a bench starts inherit
+    PYVIRTIO_PURE through the environment, so they run the same one)."""
+    from pyvirtio import __version__, _engine
+
+    return f"pyvirtio {__version__}, ring engine: {_engine.name()}"
+
+
+def with_engine(result: Any) -> Any:
+    """`result` (a dict, or a list of dicts) with an "engine" entry, for --json output."""
+    from pyvirtio import _engine
+
+    name = _engine.name()
+    for r in result if isinstance(result, list) else [result]:
+        if isinstance(r, dict):
+            r["engine"] = name
+    return result

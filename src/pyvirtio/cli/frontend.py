@@ -12,7 +12,7 @@ import json
 import sys
 from typing import Any
 
-from pyvirtio.cli.common import csv_list
+from pyvirtio.cli.common import csv_list, engine_header, with_engine
 
 
 def _cpus(text: str) -> tuple[int, int]:
@@ -42,7 +42,7 @@ def _bench_net(args: argparse.Namespace) -> int:
     if not args.json:
         print(f"# bench net: {cfg.ring}, {cfg.seconds:g} s ...", file=sys.stderr, flush=True)
     result = run(cfg)
-    print(json.dumps(result, indent=1) if args.json else format_result(result))
+    print(json.dumps(with_engine(result), indent=1) if args.json else engine_header() + "\n" + format_result(result))
     return 0
 
 
@@ -55,7 +55,7 @@ def _bench_dpdk(args: argparse.Namespace) -> int:
                           queue_size=args.queue_size)
     progress = None if args.json else (lambda msg: print(f"# {msg}", file=sys.stderr, flush=True))
     results = run(cfg, progress=progress)
-    print(json.dumps(results, indent=1) if args.json else format_results(results))
+    print(json.dumps(with_engine(results), indent=1) if args.json else engine_header() + "\n" + format_results(results))
     return 0 if results.get("ok") else 1
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from pyvirtio.bench.harness.iperf import TESTS
 from pyvirtio.bench.harness.network import BACKENDS
-from pyvirtio.cli.common import csv_list
+from pyvirtio.cli.common import csv_list, engine_header, with_engine
 
 
 def register(sub: Any, bench_sub: Any) -> None:
@@ -124,7 +124,8 @@ def _run(args: argparse.Namespace) -> int:
         plot(res, args.plot)
         progress(f"plot written to {args.plot}")
     if args.json:
-        print(json.dumps(res, indent=1))
+        print(json.dumps(with_engine(res), indent=1))
     else:
+        print(engine_header())
         print(format_table(res))
     return 0 if res["ok"] else 1

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from operator import add as _add
-from typing import Any
 
 from pyvirtio.memory import AccessCounter, GuestMemory, GuestMemoryError
 from pyvirtio.queue.errors import BadBufferAddress, ChainTooLarge, ReadableAfterWritable
@@ -35,14 +34,14 @@ class Chain:
     """
 
     __slots__ = (
+        "_readable",
+        "_segments",
+        "_writable",
         "counter",
         "id",
         "pos",
-        "readable",
         "readable_len",
-        "segments",
         "slots",
-        "writable",
         "writable_len",
     )
 
@@ -52,13 +51,59 @@ class Chain:
         self.id = id
         self.pos = pos
         self.slots = slots
-        self.readable = readable
-        self.writable = writable
+        self._readable: list[memoryview] | None = readable
+        self._writable: list[memoryview] | None = writable
         self.readable_len = readable_len
         self.writable_len = writable_len
         self.counter = counter
         #: packed only: (addr, len, writable) per descriptor, for save()
-        self.segments: tuple[tuple[int, int, bool], ...] = ()
+        self._segments: tuple[tuple[int, int, bool], ...] | None = ()
+
+    # Properties, not plain slots, so that an `IovChain` can make its views
+    # on first use (a compiled, native class has no `__getattr__` fallback).
+    @property
+    def readable(self) -> list[memoryview]:
+        r = self._readable
+        if r is None:
+            self._make_views()
+            r = self._readable
+            assert r is not None
+        return r
+
+    @readable.setter
+    def readable(self, value: list[memoryview]) -> None:
+        self._readable = value
+
+    @property
+    def writable(self) -> list[memoryview]:
+        w = self._writable
+        if w is None:
+            self._make_views()
+            w = self._writable
+            assert w is not None
+        return w
+
+    @writable.setter
+    def writable(self, value: list[memoryview]) -> None:
+        self._writable = value
+
+    @property
+    def segments(self) -> tuple[tuple[int, int, bool], ...]:
+        s = self._segments
+        if s is None:
+            s = self._segments = self._make_segments()
+        return s
+
+    @segments.setter
+    def segments(self, value: tuple[tuple[int, int, bool], ...]) -> None:
+        self._segments = value
+
+    def _make_views(self) -> None:  # only an IovChain leaves its views unset
+        self._readable = self._readable or []
+        self._writable = self._writable or []
+
+    def _make_segments(self) -> tuple[tuple[int, int, bool], ...]:
+        return ()
 
     def __repr__(self) -> str:
         return (f"Chain(id={self.id}, pos={self.pos}, slots={self.slots}, "
@@ -185,6 +230,10 @@ class IovChain(Chain):
         self.readable_len = readable_len
         self.writable_len = writable_len
         self.counter = counter
+        # views and segments are made on first use (Chain.readable and co.)
+        self._readable = None
+        self._writable = None
+        self._segments = None
         self.iov = iov
         self.nr = nr
         self.lens = lens
@@ -194,21 +243,17 @@ class IovChain(Chain):
         self._region_mv = region_mv
         self._region_gpa = region_gpa
 
-    def __getattr__(self, name: str) -> Any:
-        # Only reached for a slot not yet set: readable, writable, segments.
-        if name == "readable" or name == "writable":
-            mv = self._region_mv
-            g = self._region_gpa
-            views = [mv[a - g : a - g + n] for a, n in zip(self.gpas, self.lens)]
-            nr = self.nr
-            self.readable = [v for v in views[:nr] if len(v)]
-            self.writable = [v for v in views[nr:] if len(v)]
-            return self.readable if name == "readable" else self.writable
-        if name == "segments":
-            nr = self.nr
-            self.segments = tuple((a, n, i >= nr) for i, (a, n) in enumerate(zip(self.gpas, self.lens)))
-            return self.segments
-        raise AttributeError(name)
+    def _make_views(self) -> None:
+        mv = self._region_mv
+        g = self._region_gpa
+        views = [mv[a - g : a - g + n] for a, n in zip(self.gpas, self.lens)]
+        nr = self.nr
+        self._readable = [v for v in views[:nr] if len(v)]
+        self._writable = [v for v in views[nr:] if len(v)]
+
+    def _make_segments(self) -> tuple[tuple[int, int, bool], ...]:
+        nr = self.nr
+        return tuple((a, n, i >= nr) for i, (a, n) in enumerate(zip(self.gpas, self.lens)))
 
     def view(self, index: int, start: int = 0, stop: int | None = None) -> memoryview:
         """A view of segment `index` (readable ones first), bytes [start, stop)."""

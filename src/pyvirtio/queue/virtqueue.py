@@ -25,9 +25,9 @@ from __future__ import annotations
 import enum
 import itertools
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, TypeVar
 
 import numpy as np
 
@@ -39,6 +39,14 @@ from pyvirtio.queue.packed import PackedRing
 from pyvirtio.queue.split import SplitRing
 from pyvirtio.queue.state import QueueState
 from pyvirtio.spec import Feature
+
+_T = TypeVar("_T")
+
+try:  # mypyc reads this decorator; pure Python runs without mypy_extensions installed
+    from mypy_extensions import mypyc_attr
+except ImportError:  # pragma: no cover
+    def mypyc_attr(*args: object, **kwargs: object) -> Callable[[_T], _T]:  # type: ignore[misc]
+        return lambda cls: cls
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +84,7 @@ class QueueStats:
     errors: int = 0        # ring violations (0 or 1: the queue retires on the first)
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class Virtqueue:
     """One device-side virtqueue over guest memory, split or packed.
 

@@ -1,0 +1,160 @@
+"""Replay one ring case and record everything the engine did, for comparing
+the compiled engine with pure Python (tests/test_engine_equivalence.py).
+
+A case is the input format of the atheris ring harness (`fuzz.targets.ring`):
+a flags byte (packed, event_idx, indirect, eager, bulk), the queue size, the
+start index, a batch limit, a ring image, then (offset, value) pairs the
+driver scribbles into the rings between rounds. The trace holds, per round:
+the chains handed out (id, position, slots, each view as guest offset and
+length, the lengths), the name of any exception and the step that raised
+it, a digest of guest memory (what the driver sees: used ring, event
+areas, the bytes written into its buffers) and the counted accesses
+(`CountingMemory.snapshot()`). Two engines that agree on every trace behave
+the same on that case.
+
+Run as a script (`python tests/engine_trace.py`), it is the worker: one hex
+case a line on stdin, one JSON trace a line on stdout. The parent starts it
+with PYVIRTIO_PURE=1 to get the pure engine's trace beside its own.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import struct
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # fuzz/ (the worker runs as a script)
+
+from fuzz.targets import (
+    CANARY,
+    GUARD,
+    MAX_IMAGE,
+    MAX_ROUNDS,
+    MEM_SIZE,
+    PACKED_SIZES,
+    RING_BASE,
+    SPLIT_SIZES,
+    _Reader,
+    ring_layout_for,
+)
+
+from pyvirtio.memory import CountingMemory, GuestMemory, Region
+from pyvirtio.queue import QueueError, QueueState, Virtqueue
+from pyvirtio.spec import Feature
+
+
+def _addr(v: memoryview) -> int:
+    return ctypes.addressof(ctypes.c_char.from_buffer(v))
+
+
+def _err(e: BaseException) -> list[Any]:
+    # the class and, for a QueueError, the message (it names the step and the values)
+    return [type(e).__name__, str(e) if isinstance(e, QueueError) else ""]
+
+
+def trace(data: bytes) -> list[Any]:
+    """Replay `data`; the list of events (JSON-able)."""
+    out: list[Any] = []
+    r = _Reader(data)
+    flags = r.u8()
+    packed = bool(flags & 1)
+    sizes = PACKED_SIZES if packed else SPLIT_SIZES
+    size = sizes[r.u8() % len(sizes)]
+    start = r.u16()
+    limit = 1 + r.u8() % (2 * size)
+    image = r.take(min(r.u16(), MAX_IMAGE, r.left()))
+
+    host = bytearray([CANARY]) * (GUARD + MEM_SIZE + GUARD)
+    host[GUARD + RING_BASE:GUARD + RING_BASE + len(image)] = image
+    mv = memoryview(host)[GUARD:GUARD + MEM_SIZE]
+    mv[:RING_BASE] = bytes(RING_BASE)
+    mv[RING_BASE + len(image):] = bytes(MEM_SIZE - RING_BASE - len(image))
+    raw = GuestMemory([Region.from_buffer(mv, 0)])
+    mem = CountingMemory(raw)
+    desc, drv, dev, _end = ring_layout_for(packed, size)
+    features = int(Feature.VERSION_1)
+    if packed:
+        features |= Feature.RING_PACKED
+    if flags & 2:
+        features |= Feature.RING_EVENT_IDX
+    if flags & 4:
+        features |= Feature.RING_INDIRECT_DESC
+    policy = "eager" if flags & 8 else "lazy"
+    bulk = bool(flags & 16) and policy == "lazy"
+    if packed:
+        slot, wrap = start % size, not (start // size) & 1
+        state = QueueState(size, True, slot, wrap, slot, wrap) if start % (2 * size) else None
+    else:
+        state = QueueState(size, False, last_avail=start, used_idx=start) if start else None
+    out.append(["config", packed, size, start, limit, policy, bulk, features])
+    try:
+        vq = Virtqueue(mem, size, desc, drv, dev, features=features, policy=policy,  # type: ignore[arg-type]
+                       state=state)
+    except QueueError as e:
+        out.append(["error", "init", *_err(e)])
+        return out
+    lo = _addr(mv)
+
+    def view(v: memoryview) -> list[int]:
+        return [_addr(v) - lo, len(v)]
+
+    for rnd in range(MAX_ROUNDS):
+        units: list[tuple[object, list[Any]]] = []
+        try:
+            got = vq.pop_bulk(limit) if bulk else vq.pop_batch(limit)
+            if hasattr(got, "chains"):
+                units = [(got, got.chains())]  # type: ignore[union-attr]
+            else:
+                units = [(c, [c]) for c in got]  # type: ignore[union-attr]
+        except Exception as e:  # noqa: BLE001 - recorded: both engines must raise the same
+            out.append(["error", f"pop {rnd}", *_err(e)])
+        for unit, chains in units:
+            ws = []
+            for c in chains:
+                out.append(["chain", c.id, c.pos, c.slots, [view(v) for v in c.readable],
+                            [view(v) for v in c.writable], c.readable_len, c.writable_len])
+                ws.append(c.write(bytes([0xD7 ^ (c.id & 0xFF)]) * min(c.writable_len, 32)))
+            try:
+                if hasattr(unit, "chains"):
+                    vq.complete_bulk(unit, np.array(ws, np.uint32))  # type: ignore[arg-type]
+                else:
+                    vq.complete(unit, ws[0])  # type: ignore[arg-type]
+            except Exception as e:  # noqa: BLE001
+                out.append(["error", f"complete {rnd}", *_err(e)])
+        for step in ("flush", "has_work", "arm"):
+            try:
+                res = getattr(vq, step)()
+                out.append([step, str(res)])
+            except Exception as e:  # noqa: BLE001
+                out.append(["error", f"{step} {rnd}", *_err(e)])
+        out.append(["memory", hashlib.sha1(mv).hexdigest(), mem.snapshot(), vq.in_flight, type(vq.failed).__name__, vq.stats.chains, vq.stats.completed, vq.stats.publishes, vq.stats.interrupts])
+        if r.left() >= 4:
+            off, value = r.u16(), r.u16()
+            gpa = RING_BASE + off % (MAX_IMAGE - 1)
+            raw.write(gpa, struct.pack("<H", value))
+        elif not units:
+            break
+    try:
+        vq.flush()
+    except Exception as e:  # noqa: BLE001
+        out.append(["error", "final flush", *_err(e)])
+    out.append(["end", hashlib.sha1(host).hexdigest(), mem.snapshot(), vq.in_flight])
+    return out
+
+
+def main() -> None:
+    from pyvirtio import _engine
+
+    print(json.dumps(_engine.name()), flush=True)
+    for line in sys.stdin:
+        print(json.dumps(trace(bytes.fromhex(line.strip()))), flush=True)
+
+
+if __name__ == "__main__":
+    main()
