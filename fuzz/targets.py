@@ -24,6 +24,7 @@ codec::
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import struct
 
@@ -82,7 +83,33 @@ class _Reader:
 # --- the ring walker -----------------------------------------------------------------
 
 
-def ring(data: bytes) -> None:
+@dataclasses.dataclass(slots=True)
+class RingCase:
+    """A ring harness input decoded: the queue's configuration, and guest
+    memory holding the ring image between canary guards. `r` reads the
+    rest of the input (the scribbles between rounds)."""
+
+    r: _Reader
+    packed: bool
+    size: int
+    start: int
+    limit: int
+    host: bytearray
+    mv: memoryview
+    raw: GuestMemory
+    mem: CountingMemory
+    desc: int
+    drv: int
+    dev: int
+    features: int
+    policy: str
+    bulk: bool
+    state: QueueState | None
+
+
+def decode_ring_case(data: bytes) -> RingCase:
+    """The ring harness's input format (shared by `ring` and the engine
+    equivalence trace)."""
     r = _Reader(data)
     flags = r.u8()
     packed = bool(flags & 1)
@@ -114,6 +141,14 @@ def ring(data: bytes) -> None:
         state = QueueState(size, True, slot, wrap, slot, wrap) if start % (2 * size) else None
     else:
         state = QueueState(size, False, last_avail=start, used_idx=start) if start else None
+    return RingCase(r, packed, size, start, limit, host, mv, raw, mem, desc, drv, dev, features, policy, bulk,
+                    state)
+
+
+def ring(data: bytes) -> None:
+    case = decode_ring_case(data)
+    r, host, raw, mem, size, limit, bulk = case.r, case.host, case.raw, case.mem, case.size, case.limit, case.bulk
+    desc, drv, dev, features, policy, state = case.desc, case.drv, case.dev, case.features, case.policy, case.state
     try:
         vq = Virtqueue(mem, size, desc, drv, dev, features=features, policy=policy, state=state)  # type: ignore[arg-type]
     except QueueError:

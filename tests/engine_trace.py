@@ -32,21 +32,13 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # fuzz/ (the worker runs as a script)
 
 from fuzz.targets import (
-    CANARY,
-    GUARD,
     MAX_IMAGE,
     MAX_ROUNDS,
-    MEM_SIZE,
-    PACKED_SIZES,
     RING_BASE,
-    SPLIT_SIZES,
-    _Reader,
-    ring_layout_for,
+    decode_ring_case,
 )
 
-from pyvirtio.memory import CountingMemory, GuestMemory, Region
-from pyvirtio.queue import QueueError, QueueState, Virtqueue
-from pyvirtio.spec import Feature
+from pyvirtio.queue import QueueError, Virtqueue
 
 
 def _addr(v: memoryview) -> int:
@@ -61,37 +53,10 @@ def _err(e: BaseException) -> list[Any]:
 def trace(data: bytes) -> list[Any]:
     """Replay `data`; the list of events (JSON-able)."""
     out: list[Any] = []
-    r = _Reader(data)
-    flags = r.u8()
-    packed = bool(flags & 1)
-    sizes = PACKED_SIZES if packed else SPLIT_SIZES
-    size = sizes[r.u8() % len(sizes)]
-    start = r.u16()
-    limit = 1 + r.u8() % (2 * size)
-    image = r.take(min(r.u16(), MAX_IMAGE, r.left()))
-
-    host = bytearray([CANARY]) * (GUARD + MEM_SIZE + GUARD)
-    host[GUARD + RING_BASE:GUARD + RING_BASE + len(image)] = image
-    mv = memoryview(host)[GUARD:GUARD + MEM_SIZE]
-    mv[:RING_BASE] = bytes(RING_BASE)
-    mv[RING_BASE + len(image):] = bytes(MEM_SIZE - RING_BASE - len(image))
-    raw = GuestMemory([Region.from_buffer(mv, 0)])
-    mem = CountingMemory(raw)
-    desc, drv, dev, _end = ring_layout_for(packed, size)
-    features = int(Feature.VERSION_1)
-    if packed:
-        features |= Feature.RING_PACKED
-    if flags & 2:
-        features |= Feature.RING_EVENT_IDX
-    if flags & 4:
-        features |= Feature.RING_INDIRECT_DESC
-    policy = "eager" if flags & 8 else "lazy"
-    bulk = bool(flags & 16) and policy == "lazy"
-    if packed:
-        slot, wrap = start % size, not (start // size) & 1
-        state = QueueState(size, True, slot, wrap, slot, wrap) if start % (2 * size) else None
-    else:
-        state = QueueState(size, False, last_avail=start, used_idx=start) if start else None
+    case = decode_ring_case(data)
+    r, host, mv, raw, mem = case.r, case.host, case.mv, case.raw, case.mem
+    packed, size, start, limit, bulk = case.packed, case.size, case.start, case.limit, case.bulk
+    desc, drv, dev, features, policy, state = case.desc, case.drv, case.dev, case.features, case.policy, case.state
     out.append(["config", packed, size, start, limit, policy, bulk, features])
     try:
         vq = Virtqueue(mem, size, desc, drv, dev, features=features, policy=policy,  # type: ignore[arg-type]
