@@ -246,3 +246,19 @@ def test_a_resized_log_takes_the_marks_from_then_on(net_loopback) -> None:  # ty
         assert fe.dirty_pages()
         assert be.stats()["dirty_log"]["bases"] == 2
     assert os.environ.get(SKIP_ENV) is None
+
+
+@pytest.mark.parametrize("skip", [False, True], ids=["logging", "test-switch"])
+def test_probe_judges_a_backends_dirty_logging(net_loopback, skip: bool) -> None:  # type: ignore[no-untyped-def]
+    from pyvirtio.driver.probe import probe
+
+    sock, _be = net_loopback(skip=skip)
+    report = probe(sock, frames=16, timeout=3.0)
+    dirty = [c for c in report.checks if c.name.endswith(": dirty log")]
+    assert [c.name.split(",")[0] for c in dirty] == ["split", "packed"]
+    if skip:  # a back-end that offers migration but does not mark its writes
+        assert all(c.verdict == "FAIL" for c in dirty), dirty
+        assert "not marked" in dirty[0].detail
+    else:
+        assert all(c.verdict == "PASS" for c in dirty), dirty
+        assert report.ok
