@@ -191,6 +191,12 @@ class Port:
     def rx_source(self, pair: int) -> RxSource | None:
         return None
 
+    def send_host(self, frame: bytes) -> bool:
+        """Put one frame out on the network as if the guest had sent it
+        (after a live migration: the RARP announcing the guest's MAC).
+        False when this port has no network to send to."""
+        return False
+
     def reset(self) -> None:
         """The front-end went away."""
 
@@ -634,6 +640,15 @@ class TapPort(Port):
     def rx_source(self, pair: int) -> RxSource | None:
         return _TapSource(self, self.fds[pair])
 
+    def send_host(self, frame: bytes) -> bool:
+        hdr = getattr(self, "hdr_len", NET_HDR_SIZE)  # a zero virtio-net header: no offload asked
+        try:
+            os.write(self.fds[0], bytes(hdr) + frame)
+        except OSError as e:
+            log.warning("tap %s: could not send the announcement: %s", self.ifname, e)
+            return False
+        return True
+
     def close(self) -> None:
         for fd in self.fds:
             try:
@@ -830,6 +845,7 @@ class NetDevice(VirtioDevice):
         self.features = int(feats)
         self.multiqueue = True
         self.mtu_control = True
+        self.announces = True
         self.negotiated = 0
         self.hdr_len = NET_HDR_SIZE
         self.loops: dict[int, QueueLoop] = {}
@@ -859,6 +875,13 @@ class NetDevice(VirtioDevice):
 
     def set_status(self, status: int) -> None:
         self.status = status
+
+    def announce(self, mac: bytes) -> bool:
+        """After a live migration: a RARP request from `mac` to the
+        broadcast address goes out through the port, so that switches and
+        bridges learn the guest's new place (what QEMU does for its own
+        network back-ends)."""
+        return self.port.send_host(rarp_frame(mac))
 
     def service(self, queue: Queue) -> Service:
         i = queue.index
@@ -907,6 +930,12 @@ class NetDevice(VirtioDevice):
         return CTRL_ERR
 
 
+def rarp_frame(mac: bytes) -> bytes:
+    """A RARP "request reverse" from `mac`, broadcast, padded to 60 bytes."""
+    body = struct.pack("!HHBBH6s4s6s4s", 1, 0x0800, 6, 4, 3, mac, bytes(4), mac, bytes(4))
+    return (b"\xff" * 6 + mac + struct.pack("!H", 0x8035) + body).ljust(60, b"\0")
+
+
 def parse_mac(text: str) -> bytes:
     parts = text.split(":")
     if len(parts) != 6:
@@ -927,4 +956,5 @@ __all__ = [
     "deliver",
     "make_port",
     "parse_mac",
+    "rarp_frame",
 ]
