@@ -374,7 +374,8 @@ def summarize(cfg: GuestBenchConfig, runs: dict[str, dict[str, Any]]) -> dict[st
         return out
 
     ratios, ratios_per_vcpu = {}, {}
-    for a, b in (("lazy", "builtin"), ("lazy", "eager"), ("eager", "builtin")):
+    for a, b in (("lazy", "builtin"), ("lazy", "eager"), ("eager", "builtin"), ("lazy", "lazy-pure"),
+                 ("lazy-pure", "builtin")):
         if a in summary and b in summary:
             ratios[f"{a}/{b}"] = ratio(a, b)
             ratios_per_vcpu[f"{a}/{b}"] = ratio_per_vcpu(a, b)

@@ -240,9 +240,11 @@ def main_from_guest_args(args: Any) -> int:
 
     from pyvirtio import _engine
 
-    names = {"lazy": "pyvirtio-lazy", "eager": "pyvirtio-eager", "builtin": "builtin"}
-    targets = tuple(names[b] for b in getattr(args, "backends", ["lazy", "eager", "builtin"]) if b in names)
-    if _engine.is_compiled() and "pyvirtio-lazy" in targets:  # what compiling bought, same run
+    names = {"lazy": "pyvirtio-lazy", "eager": "pyvirtio-eager", "builtin": "builtin",
+             "lazy-pure": "pyvirtio-lazy-pure", "eager-pure": "pyvirtio-eager-pure"}
+    chosen = getattr(args, "backends", None)
+    targets = tuple(names[b] for b in chosen or ["lazy", "eager", "builtin"] if b in names)
+    if not chosen and _engine.is_compiled() and "pyvirtio-lazy" in targets:  # what compiling bought, same run
         i = targets.index("pyvirtio-lazy")
         targets = (*targets[:i + 1], "pyvirtio-lazy-pure", *targets[i + 1:])
     cfg = BlkBenchConfig(targets=(*targets, "qsd"), rounds=max(1, getattr(args, "repeat", 1)),
