@@ -371,8 +371,30 @@ class _LoopQueue(RxSource):
         hdr_len = self.port.hdr_len
         mergeable = self.port.mergeable
         fix = self.port.fix_header
+        v1 = hdr_len == NET_HDR_SIZE
+        append = done.append
+        popframe = frames.popleft
+        popchain = held.popleft
+        packets = nbytes = 0
         while frames and held:
             frame = frames[0]
+            if not frame[0] | frame[1]:
+                # Hot path: no offload to fix; the frame fits the first buffer
+                # of the next chain: one copy, num_buffers patched in place.
+                ch = held[0]
+                w = ch.writable
+                n = len(frame)
+                if w and len(w[0]) >= n:
+                    v = w[0]
+                    v[:n] = frame
+                    if v1:
+                        v[10:12] = b"\x01\x00"
+                    popchain()
+                    popframe()
+                    append((ch, n))
+                    packets += 1
+                    nbytes += n - hdr_len
+                    continue
             if frame[0] | frame[1]:  # offload flags or GSO: make them valid for this guest
                 fixed = fix(frame)
                 if fixed is None:
@@ -393,8 +415,10 @@ class _LoopQueue(RxSource):
                 held.extend(got)
                 continue
             frames.popleft()
-            c.packets += 1
-            c.bytes += len(frame) - hdr_len
+            packets += 1
+            nbytes += len(frame) - hdr_len
+        c.packets += packets
+        c.bytes += nbytes
         return True
 
     def prepare_wait(self) -> bool:
@@ -437,6 +461,26 @@ class LoopbackPort(Port):
                   for ch in ok]
         c.packets += len(frames)
         c.bytes += sum(map(len, frames)) - self.hdr_len * len(frames)
+        self.queues[pair].push(frames, c)
+
+    def tx_bulk(self, pair: int, bulk: Any, c: QueueCounters) -> None:
+        # Hot path: the frames straight from the region, no Chain per frame.
+        h = self.hdr_len
+        lim = h + MAX_GSO_FRAME
+        mv = bulk.region_mv
+        offs = (bulk.addrs - np.uint64(bulk.region_gpa)).tolist()
+        lens = bulk.lens.tolist()
+        writable = bulk.writable
+        if writable.any():  # a device-writable buffer on tx carries no frame
+            keep = (~writable).tolist()
+            offs = [o for o, k in zip(offs, keep) if k]
+            lens = [n for n, k in zip(lens, keep) if k]
+        frames = [mv[o:o + n].tobytes() for o, n in zip(offs, lens) if h <= n <= lim]
+        k = len(frames)
+        if k != bulk.n:
+            c.dropped += bulk.n - k
+        c.packets += k
+        c.bytes += sum(map(len, frames)) - h * k
         self.queues[pair].push(frames, c)
 
     def rx_source(self, pair: int) -> RxSource | None:
