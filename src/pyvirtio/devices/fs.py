@@ -27,15 +27,25 @@ Containment (the guest never reaches outside `shared_dir`):
 - SETXATTR/REMOVEXATTR are limited to the `user.` namespace (a guest must
   not set `security.capability` or `trusted.*` on host files).
 
-Caching (`cache`, as virtiofsd names the modes): `never` opens every file
-for direct I/O (no guest page cache, like 9p's cache=none; the guest then
-refuses shared writable mmap) and lets nothing be cached; `auto` (default)
-and `always` let the guest cache names and attributes for `timeout` seconds
-(1 s, a day; missing names too: a LOOKUP that finds nothing answers nodeid
-0 with that timeout) and, unless `writeback=False`, keep a write-back page cache
+Caching (`cache`, as virtiofsd names the modes): `metadata` (default)
+opens every file for direct I/O (no guest page cache for file data, like
+9p's default cache=none: each read() and write() is one request of up to
+`max_write` bytes moved straight between the host file and the caller's
+pages; the guest then refuses MAP_SHARED mmap of the file, while
+MAP_PRIVATE mmap and exec still work) and lets the guest cache names and attributes for `timeout` seconds (1 s;
+missing names too: a LOOKUP that finds nothing answers nodeid 0 with that
+timeout). `never` is direct I/O with nothing cached. `auto` and `always`
+cache names and attributes the same way (1 s, a day) and keep file data
+in the guest's page cache, needed for shared writable mmap and fast
+re-reads; unless `writeback=False` it is a write-back cache
 (FUSE_WRITEBACK_CACHE: writes are flushed in the background, many requests
 in flight; files opened write-only are opened read-write on the host and
 O_APPEND is left to the guest, which sends every WRITE with its offset).
+Direct I/O is the default because every byte through the guest's page cache
+is also copied by the guest CPU: under TCG that copy (~90 MB/s for a
+guest's read of its own tmpfs) caps a page-cache read far below what a
+direct read reaches.
+
 HANDLE_KILLPRIV_V2: the device clears set-user/group-ID bits when a WRITE,
 truncate or O_TRUNC open asks it to, and the guest skips a GETXATTR
 (security.capability) round trip per write. FLUSH answers ENOSYS (nothing
@@ -153,15 +163,17 @@ FOPEN_KEEP_CACHE = 1 << 1
 
 #: cache modes (as virtiofsd names them) and the name/attribute timeout each implies:
 #: never: no guest page cache for file data (direct I/O, like 9p's cache=none;
-#: shared writable mmap is refused by the guest), nothing cached;
+#: MAP_SHARED mmap is refused by the guest), nothing cached;
+#: metadata (default): direct I/O for data, names and attributes cached 1 s;
 #: auto: page cache kept while a file is open, write-back cache, 1 s timeouts;
 #: always: page cache kept across opens, write-back cache, a day's timeouts
 #: (only for a directory nothing else changes).
-CACHE_MODES = {"never": 0.0, "auto": 1.0, "always": 86400.0}
+CACHE_MODES = {"never": 0.0, "metadata": 1.0, "auto": 1.0, "always": 86400.0}
+DEFAULT_CACHE = "metadata"
 
 
 def cache_uses_page_cache(mode: str) -> bool:
-    return mode != "never"
+    return mode in ("auto", "always")
 
 
 # setattr valid bits
@@ -315,7 +327,7 @@ class FsDevice(Device):
     features = RING_FEATURES
 
     def __init__(self, shared_dir: str | os.PathLike[str], *, tag: str = "pyvirtio", read_only: bool = False,
-                 request_queues: int = 1, cache: str = "auto", timeout: float | None = None,
+                 request_queues: int = 1, cache: str = DEFAULT_CACHE, timeout: float | None = None,
                  max_write: int = 1 << 20,
                  lock_wait: float = 0.5, xattr: bool = True, writeback: bool = True) -> None:
         if not tag or len(tag.encode()) > TAG_MAX:
@@ -334,7 +346,8 @@ class FsDevice(Device):
         self.cache = cache
         self.timeout = timeout
         #: FOPEN_* flags every OPEN/CREATE answers
-        self._open_flags = {"never": FOPEN_DIRECT_IO, "auto": 0, "always": FOPEN_KEEP_CACHE}[cache]
+        self._open_flags = {"never": FOPEN_DIRECT_IO, "metadata": FOPEN_DIRECT_IO, "auto": 0,
+                            "always": FOPEN_KEEP_CACHE}[cache]
         self.max_write = max_write
         self.lock_wait = lock_wait
         self.xattr = xattr
