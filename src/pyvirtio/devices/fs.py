@@ -34,7 +34,8 @@ opens every file for direct I/O (no guest page cache for file data, like
 pages; the guest then refuses MAP_SHARED mmap of the file, while
 MAP_PRIVATE mmap and exec still work) and lets the guest cache names and attributes for `timeout` seconds (1 s;
 missing names too: a LOOKUP that finds nothing answers nodeid 0 with that
-timeout). `never` is direct I/O with nothing cached. `auto` and `always`
+timeout; virtiofsd's `metadata` caches them a day, `timeout=86400` here).
+`never` is direct I/O with nothing cached. `auto` and `always`
 cache names and attributes the same way (1 s, a day) and keep file data
 in the guest's page cache, needed for shared writable mmap and fast
 re-reads; unless `writeback=False` it is a write-back cache
