@@ -27,25 +27,25 @@ Containment (the guest never reaches outside `shared_dir`):
 - SETXATTR/REMOVEXATTR are limited to the `user.` namespace (a guest must
   not set `security.capability` or `trusted.*` on host files).
 
-Caching (`cache`, as virtiofsd names the modes): `metadata` (default)
-opens every file for direct I/O (no guest page cache for file data, like
-9p's default cache=none: each read() and write() is one request of up to
+Caching (`cache`, as virtiofsd names the modes): `metadata` (default) opens
+every file for direct I/O (no guest page cache for file data, like 9p's
+default cache=none: each read() and write() is one request of up to
 `max_write` bytes moved straight between the host file and the caller's
-pages; the guest then refuses MAP_SHARED mmap of the file, while
-MAP_PRIVATE mmap and exec still work) and lets the guest cache names and attributes for `timeout` seconds (1 s;
-missing names too: a LOOKUP that finds nothing answers nodeid 0 with that
-timeout; virtiofsd's `metadata` caches them a day, `timeout=86400` here).
-`never` is direct I/O with nothing cached. `auto` and `always`
-cache names and attributes the same way (1 s, a day) and keep file data
-in the guest's page cache, needed for shared writable mmap and fast
-re-reads; unless `writeback=False` it is a write-back cache
+pages; the guest then refuses MAP_SHARED mmap of the file, while MAP_PRIVATE
+mmap and exec still work) and lets the guest cache names and attributes for
+`timeout` seconds (1 s; missing names too: a LOOKUP that finds nothing
+answers nodeid 0 with that timeout; virtiofsd's `metadata` caches them a
+day, `timeout=86400` here). `never` is direct I/O with nothing cached.
+`auto` and `always` cache names and attributes the same way (1 s, a day) and
+keep file data in the guest's page cache, needed for shared writable mmap
+and fast re-reads; unless `writeback=False` it is a write-back cache
 (FUSE_WRITEBACK_CACHE: writes are flushed in the background, many requests
 in flight; files opened write-only are opened read-write on the host and
 O_APPEND is left to the guest, which sends every WRITE with its offset).
 Direct I/O is the default because every byte through the guest's page cache
-is also copied by the guest CPU: under TCG that copy (~90 MB/s for a
-guest's read of its own tmpfs) caps a page-cache read far below what a
-direct read reaches.
+is also copied by the guest CPU: under TCG that copy (~90 MB/s for a guest's
+read of its own tmpfs) caps a page-cache read far below what a direct read
+reaches.
 
 HANDLE_KILLPRIV_V2: the device clears set-user/group-ID bits when a WRITE,
 truncate or O_TRUNC open asks it to, and the guest skips a GETXATTR
