@@ -90,7 +90,7 @@ WORKLOAD = [
      "&& md5sum /mnt/large"),
     "rm -f /mnt/bigdir/e0 /mnt/bigdir/e1 && ls /mnt/bigdir | wc -l && df -k /mnt | tail -1",
     # a program run from the share (its file is mapped privately: works with direct I/O too)
-    "cp /bin/busybox /mnt/bb && /mnt/bb echo exec-ok",
+    "cp /bin/busybox /mnt/busybox && /mnt/busybox echo exec-ok",
     "sync && umount /mnt",
 ]
 
