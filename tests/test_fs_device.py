@@ -661,7 +661,6 @@ def test_default_cache_is_metadata_direct_io_with_names_and_attributes_cached(sh
     f.write(nodeid, fh, 0, b"y")  # O_APPEND kept on the host (no write-back cache placing appends)
     f.release(nodeid, fh)
     assert (shared / "f").read_text() == "xy"
-    _, fh2 = f.create("g")
     assert fs.OPEN_OUT.unpack_from(f.ok(fs.CREATE, ROOT, fs.CREATE_IN.pack(os.O_RDWR, 0o100644, 0o022, 0)
                                         + b"h\0"), fs.ENTRY_OUT.size + fs.ATTR.size)[1] & fs.FOPEN_DIRECT_IO
     nodeid0, _, entry_valid, *_ = fs.ENTRY_OUT.unpack_from(f.ok(fs.LOOKUP, ROOT, b"missing\0"))

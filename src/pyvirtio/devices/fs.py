@@ -74,8 +74,8 @@ import threading
 import time
 from bisect import bisect_left
 from collections.abc import Callable
-from itertools import accumulate
 from dataclasses import dataclass
+from itertools import accumulate
 
 from pyvirtio.device import RING_FEATURES, Device
 from pyvirtio.queue import Chain, IovChain
