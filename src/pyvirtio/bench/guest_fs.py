@@ -2,13 +2,11 @@
 with a host directory shared two ways, one after the other in one run:
 
 - `pyvirtio-fs`: our back-end as a user runs it, without options
-  (`pyvirtio fs`, default `--cache metadata`: file data by direct I/O, like
-  9p's cache=none, names and attributes cached for 1 s), through
-  `vhost-user-fs-pci`, mounted `-t virtiofs` (default options);
-- `pyvirtio-fs-auto`: `--cache auto`, file data through the guest's page
-  cache (write-back);
-- `pyvirtio-fs-direct` (on request): `--cache never --cache-timeout 1`
-  (what `metadata` is, spelled with the older options);
+  (`pyvirtio fs`, default `--cache auto`: file data through the guest's page
+  cache, write-back), through `vhost-user-fs-pci`, mounted `-t virtiofs`
+  (default options);
+- `pyvirtio-fs-metadata`: `--cache metadata`: file data by direct I/O, like
+  9p's cache=none, names and attributes cached for 1 s;
 - `pyvirtio-fs-never` (on request): `--cache never`, nothing cached at all;
 - `9p`: QEMU's built-in virtio-9p (`-fsdev local,security_model=none`,
   `virtio-9p-pci`), mounted `-t 9p -o trans=virtio,version=9p2000.L,msize=512000`
@@ -44,13 +42,12 @@ from pyvirtio.bench.procs import BenchError, stop_process, wait_socket
 
 log = logging.getLogger(__name__)
 
-TARGETS = ("pyvirtio-fs", "pyvirtio-fs-auto", "pyvirtio-fs-direct", "pyvirtio-fs-never", "9p")
-DEFAULT_TARGETS = ("pyvirtio-fs", "pyvirtio-fs-auto", "9p")
+TARGETS = ("pyvirtio-fs", "pyvirtio-fs-metadata", "pyvirtio-fs-never", "9p")
+DEFAULT_TARGETS = ("pyvirtio-fs", "pyvirtio-fs-metadata", "9p")
 #: our back-end's options per target (the first: the defaults)
 TARGET_ARGS: dict[str, tuple[str, ...]] = {
     "pyvirtio-fs": (),
-    "pyvirtio-fs-auto": ("--cache", "auto"),
-    "pyvirtio-fs-direct": ("--cache", "never", "--cache-timeout", "1"),
+    "pyvirtio-fs-metadata": ("--cache", "metadata"),
     "pyvirtio-fs-never": ("--cache", "never"),
 }
 MiB = 1 << 20

@@ -27,8 +27,8 @@ Containment (the guest never reaches outside `shared_dir`):
 - SETXATTR/REMOVEXATTR are limited to the `user.` namespace (a guest must
   not set `security.capability` or `trusted.*` on host files).
 
-Caching (`cache`, as virtiofsd names the modes): `metadata` (default) opens
-every file for direct I/O (no guest page cache for file data, like 9p's
+Caching (`cache`, as virtiofsd names the modes, and with its default,
+`auto`): `metadata` opens every file for direct I/O (no guest page cache for file data, like 9p's
 default cache=none: each read() and write() is one request of up to
 `max_write` bytes moved straight between the host file and the caller's
 pages; the guest then refuses MAP_SHARED mmap of the file, while MAP_PRIVATE
@@ -36,16 +36,17 @@ mmap and exec still work) and lets the guest cache names and attributes for
 `timeout` seconds (1 s; missing names too: a LOOKUP that finds nothing
 answers nodeid 0 with that timeout; virtiofsd's `metadata` caches them a
 day, `timeout=86400` here). `never` is direct I/O with nothing cached.
-`auto` and `always` cache names and attributes the same way (1 s, a day) and
-keep file data in the guest's page cache, needed for shared writable mmap
-and fast re-reads; unless `writeback=False` it is a write-back cache
+`auto` (default) and `always` cache names and attributes the same way (1 s,
+a day) and keep file data in the guest's page cache, needed for shared
+writable mmap and fast re-reads; unless `writeback=False` it is a write-back cache
 (FUSE_WRITEBACK_CACHE: writes are flushed in the background, many requests
 in flight; files opened write-only are opened read-write on the host and
 O_APPEND is left to the guest, which sends every WRITE with its offset).
-Direct I/O is the default because every byte through the guest's page cache
-is also copied by the guest CPU: under TCG that copy (~90 MB/s for a guest's
-read of its own tmpfs) caps a page-cache read far below what a direct read
-reaches.
+`auto` is the default because programs expect shared mmap to work on a
+file system. Under TCG every byte through the guest's page cache is also
+copied by the emulated guest CPU (~90 MB/s for a guest's read of its own
+tmpfs), which caps a page-cache read far below a direct one: there,
+`metadata` is the faster choice for bulk data.
 
 HANDLE_KILLPRIV_V2: the device clears set-user/group-ID bits when a WRITE,
 truncate or O_TRUNC open asks it to, and the guest skips a GETXATTR
@@ -167,12 +168,13 @@ FOPEN_KEEP_CACHE = 1 << 1
 #: cache modes (as virtiofsd names them) and the name/attribute timeout each implies:
 #: never: no guest page cache for file data (direct I/O, like 9p's cache=none;
 #: MAP_SHARED mmap is refused by the guest), nothing cached;
-#: metadata (default): direct I/O for data, names and attributes cached 1 s;
-#: auto: page cache kept while a file is open, write-back cache, 1 s timeouts;
+#: metadata: direct I/O for data, names and attributes cached 1 s;
+#: auto (default, as virtiofsd's): page cache kept while a file is open,
+#: write-back cache, 1 s timeouts;
 #: always: page cache kept across opens, write-back cache, a day's timeouts
 #: (only for a directory nothing else changes).
 CACHE_MODES = {"never": 0.0, "metadata": 1.0, "auto": 1.0, "always": 86400.0}
-DEFAULT_CACHE = "metadata"
+DEFAULT_CACHE = "auto"
 
 
 def cache_uses_page_cache(mode: str) -> bool:

@@ -287,7 +287,8 @@ class Virtqueue:
                 ring.enable_kicks_eager()
                 self.armed = True
                 self.stats.arms += 1
-                self._log_ring()
+                if self.dirty is not None:
+                    self._log_ring()
                 self.mem.fence()
                 if not ring.recheck():
                     return
@@ -296,7 +297,8 @@ class Virtqueue:
             out.append(c)
             ring.disable_kicks_eager()
             self.armed = False
-            self._log_ring()
+            if self.dirty is not None:
+                self._log_ring()
 
     def arm(self) -> ArmResult:
         """Call at the sleep boundary. Enables kicks, issues a full fence and
