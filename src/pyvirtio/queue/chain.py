@@ -266,6 +266,7 @@ class IovChain(Chain):
 
 #: per table length n: (1 in every 16-byte entry, the addr and len fields of every entry set), as integers
 _IOV_PATTERNS: dict[int, tuple[int, int]] = {}
+MAX_IOV_PATTERN = 1024
 
 
 _ENTRY_ONE = b"\x01" + bytes(15)
@@ -274,7 +275,10 @@ _ENTRY_MASK_BYTES = b"\xff" * 12 + bytes(4)  # addr u64 and len u32 of a 16-byte
 
 def _iov_patterns(n: int) -> tuple[int, int]:
     pat = (int.from_bytes(_ENTRY_ONE * n, "little"), int.from_bytes(_ENTRY_MASK_BYTES * n, "little"))
-    if n <= 256:  # bounded: at most 256 cached lengths of <= 4 KiB each
+    # Bounded: every length up to 256 (<= 4 KiB each), and the first 32
+    # longer ones seen (<= 16 KiB each: a virtio-fs 1 MiB READ is 258
+    # segments, a block request up to the queue size), about 3 MiB at most.
+    if n <= 256 or (n <= MAX_IOV_PATTERN and len(_IOV_PATTERNS) < 256 + 32):
         _IOV_PATTERNS[n] = pat
     return pat
 
