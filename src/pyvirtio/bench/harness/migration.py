@@ -139,9 +139,12 @@ def migrate(
     sock_dir = tempfile.mkdtemp(prefix="pvm-")
     try:
         uri = f"unix:{sock_dir}/migrate.sock"
-        dqmp.command("migrate-incoming", uri=uri)
         t0 = time.monotonic()
-        sqmp.command("migrate", uri=uri)
+        try:
+            dqmp.command("migrate-incoming", uri=uri)
+            sqmp.command("migrate", uri=uri)
+        except QMPError as e:  # e.g. a device that puts a migration blocker on the VM
+            raise MigrationError(f"QEMU refused to migrate: {e}") from e
         deadline = t0 + timeout
         while True:
             info = sqmp.command("query-migrate")
