@@ -955,8 +955,9 @@ def test_per_ring_messages_before_set_features_are_accepted_as_qemu_and_dpdk_sen
 
 
 def test_unimplemented_requests_carrying_fds_leak_nothing(tmp_path, caplog):
-    """SET_LOG_BASE, SET_LOG_FD (never offered), SET_BACKEND_REQ_FD without
-    the BACKEND_REQ protocol feature acked, and an unknown request code, each
+    """SET_LOG_BASE without the LOG_SHMFD protocol feature acked, SET_LOG_FD
+    (kept until the connection ends), SET_BACKEND_REQ_FD without the
+    BACKEND_REQ protocol feature acked, and an unknown request code, each
     with fds: the fds are closed, the requests ignored (or refused with a
     failure ack), the connection kept."""
     caplog.set_level(logging.INFO, logger="pyvirtio")
@@ -976,9 +977,36 @@ def test_unimplemented_requests_carrying_fds_leak_nothing(tmp_path, caplog):
         assert c.call(Request.GET_FEATURES).body.value & BIT30  # type: ignore[union-attr]
         c.close()
         assert settled(base) == base
-        assert sum("does not implement" in r.getMessage() for r in caplog.records) == 3
+        assert sum("does not implement" in r.getMessage() for r in caplog.records) == 1
+        assert any("SET_LOG_BASE without the negotiated LOG_SHMFD" in r.getMessage() for r in caplog.records)
         assert any("SET_BACKEND_REQ_FD without the negotiated BACKEND_REQ" in r.getMessage()
                    for r in caplog.records)
+
+
+@pytest.mark.parametrize("size, offset, file_size", [(4096, 0, 0), (1 << 40, 0, 4096), (4096, 8192, 4096)])
+def test_a_dirty_log_that_cannot_be_mapped_drops_the_connection_cleanly(tmp_path, caplog, size, offset,
+                                                                       file_size):
+    """With LOG_SHMFD acked, a SET_LOG_BASE whose log lies outside its file
+    (empty, too large, offset beyond the end) cannot be honoured: migrating
+    without it would corrupt guest memory silently. The back-end says why,
+    drops that connection, leaks nothing and serves the next front-end."""
+    caplog.set_level(logging.INFO, logger="pyvirtio")
+    with serving(tmp_path) as s:
+        base = resources()
+        c = Client(s.path)
+        c.send(Request.SET_PROTOCOL_FEATURES, Features(PROTO | ProtocolFeature.LOG_SHMFD))
+        fd = os.memfd_create("bad-log", os.MFD_CLOEXEC)
+        os.ftruncate(fd, file_size)
+        try:
+            c.send_raw(encode_frame(Request.SET_LOG_BASE, V1, struct.pack("<QQ", size, offset)), [fd])
+        finally:
+            os.close(fd)
+        with pytest.raises((ConnectionError, EOFError, OSError)):
+            c.reply(Request.SET_LOG_BASE)
+        c.close()
+        assert settled(base) == base
+        assert any("SET_LOG_BASE: cannot map the log" in r.getMessage() for r in caplog.records)
+        good_frontend_works(s.path)
 
 
 def test_split_vring_base_far_from_used_idx_resumes_from_used_idx(tmp_path, caplog):

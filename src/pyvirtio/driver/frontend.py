@@ -40,6 +40,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import logging
+import mmap
 import os
 import select
 import socket
@@ -49,6 +50,8 @@ from array import array
 from collections.abc import Callable, Iterable, Sequence
 from types import TracebackType
 from typing import Self
+
+import numpy as np
 
 from pyvirtio import spec
 from pyvirtio.driver.common import (
@@ -70,6 +73,7 @@ from pyvirtio.vhost_user import (
     BackendReqFd,
     BackendRequestDecoder,
     Features,
+    LogInfo,
     MemoryRegion,
     Message,
     ProtocolError,
@@ -254,7 +258,7 @@ class VhostUserFrontend:
                  event_idx: bool = False, mrg_rxbuf: bool = False, indirect: bool = False,
                  tx_segments: int = 1, rx_buffer_size: int = 2048, gpa_base: int = 0,
                  want_protocol_features: int = int(ProtocolFeature.REPLY_ACK | ProtocolFeature.MQ
-                                                   | ProtocolFeature.STATUS),
+                                                   | ProtocolFeature.STATUS | ProtocolFeature.LOG_SHMFD),
                  ack_all: bool = True, timeout: float = 5.0, connect_timeout: float = 5.0,
                  backend_channel: bool = False,
                  on_backend_request: Callable[[Message], bool] | None = None) -> None:
@@ -328,6 +332,9 @@ class VhostUserFrontend:
         self._rx_partial_left = 0
         self._running = False
         self._closed = False
+        self._log_fd = -1
+        self._log_map: mmap.mmap | None = None
+        self._ring_addrs: dict[int, tuple[int, int, int]] = {}
 
     # -- context manager ------------------------------------------------------------
 
@@ -594,6 +601,7 @@ class VhostUserFrontend:
             d = self._uva_delta
             self.request(Request.SET_VRING_NUM, VringState(i, q))
             self.request(Request.SET_VRING_BASE, VringState(i, drv.vring_base()))
+            self._ring_addrs[i] = (drv.desc, drv.device_area, drv.driver_area)
             self.request(Request.SET_VRING_ADDR, VringAddr(i, VringAddrFlags(0), drv.desc + d,
                                                            drv.device_area + d, drv.driver_area + d, 0))
             self.request(Request.SET_VRING_CALL, VringFd(i, call, False))
@@ -608,6 +616,74 @@ class VhostUserFrontend:
         if self.features & VHOST_USER_F_PROTOCOL_FEATURES:
             for i in (RX_QUEUE, TX_QUEUE):
                 self.request(Request.SET_VRING_ENABLE, VringState(i, 1))
+
+    # -- dirty logging (what a migrating front-end does) ----------------------------------
+
+    def start_dirty_log(self) -> memoryview:
+        """Turn the back-end's dirty logging on, as QEMU does when a migration
+        starts: SET_LOG_BASE with a new bitmap (a memfd, one bit per 4 KiB
+        page of guest memory), SET_FEATURES with VHOST_F_LOG_ALL, and
+        SET_VRING_ADDR again with the LOG flag and the used ring's guest
+        address. Returns the bitmap (shared with the back-end; clear it
+        with `clear_dirty_log`)."""
+        self._check_running()
+        assert self.mem is not None and self.features is not None
+        if not (self.protocol_features or 0) & ProtocolFeature.LOG_SHMFD:
+            raise FrontendError("the back-end does not offer LOG_SHMFD: it cannot be migrated")
+        if not (self.offered_features or 0) & VHOST_F_LOG_ALL:
+            raise FrontendError("the back-end does not offer VHOST_F_LOG_ALL: it cannot be migrated")
+        end = max(r.gpa + r.size for r in self.mem.regions)
+        size = ((end >> 12) + 63) // 64 * 8  # u64 words of bits, as QEMU sizes it
+        fd = os.memfd_create("pyvirtio-dirty-log", os.MFD_CLOEXEC)
+        os.ftruncate(fd, size)
+        self._close_log()
+        self._log_fd = fd
+        self._log_map = mmap.mmap(fd, size, flags=mmap.MAP_SHARED)
+        data, fds = encode_request(Request.SET_LOG_BASE, LogInfo(size, 0, fd))
+        self._send(data, fds)
+        self._read_reply(Request.SET_LOG_BASE)  # the back-end answers once it mapped the log
+        self._set_log_all(True)
+        return memoryview(self._log_map)
+
+    def stop_dirty_log(self) -> None:
+        """Logging off again (SET_FEATURES without LOG_ALL, ring addresses
+        without the LOG flag), as after a completed or cancelled migration."""
+        self._set_log_all(False)
+
+    def _set_log_all(self, on: bool) -> None:
+        assert self.features is not None
+        self.request(Request.SET_FEATURES, Features(self.features | (VHOST_F_LOG_ALL if on else 0)))
+        d = self._uva_delta
+        for i, (desc, used, avail) in self._ring_addrs.items():
+            self.request(Request.SET_VRING_ADDR, VringAddr(
+                i, VringAddrFlags.LOG if on else VringAddrFlags(0), desc + d, used + d, avail + d,
+                used if on else 0))
+
+    def dirty_pages(self) -> set[int]:
+        """The guest pages marked in the bitmap since it was last cleared."""
+        if self._log_map is None:
+            return set()
+        bits = np.unpackbits(np.frombuffer(self._log_map[:], np.uint8), bitorder="little")
+        return {int(p) for p in np.flatnonzero(bits)}
+
+    def clear_dirty_log(self) -> None:
+        if self._log_map is not None:
+            self._log_map[:] = bytes(len(self._log_map))
+
+    def _close_log(self) -> None:
+        if self._log_map is not None:
+            try:
+                self._log_map.close()
+            except BufferError:  # the caller still holds the view we returned: GC unmaps it
+                pass
+            self._log_map = None
+        if self._log_fd >= 0:
+            os.close(self._log_fd)
+            self._log_fd = -1
+
+    def buffer_addresses(self) -> dict[str, list[int]]:
+        """Guest addresses of the tx and rx buffers (for tests)."""
+        return {"tx": list(self._tx_gpa), "rx": list(self._rx_bufs)}
 
     # -- traffic ---------------------------------------------------------------------------
 
@@ -872,6 +948,7 @@ class VhostUserFrontend:
         if self._memfd >= 0:
             os.close(self._memfd)
             self._memfd = -1
+        self._close_log()
 
 
 def make_frame(size: int, seq: int, dst: bytes = b"\x02\x00\x00\x00\x00\x02",

@@ -11,6 +11,10 @@ The checks, per ring format asked for:
   complete, intact and in order (a MAC swap is accepted); SKIP otherwise;
 - ring state: GET_VRING_BASE reports, for each ring, the position just past
   the buffers the back-end completed (tx: exactly N);
+- dirty log (first connection): a back-end that offers live migration
+  (VHOST_F_LOG_ALL and LOG_SHMFD) is given a log as a migrating QEMU gives
+  one, and must mark the pages of the used ring it wrote and of every
+  receive buffer it filled; SKIP when migration is not offered;
 - reconnect: a second connection after a clean disconnect negotiates again
   and moves traffic again (rx and ring state checked again).
 
@@ -35,7 +39,7 @@ from pyvirtio.driver.frontend import (
     protocol_feature_names,
 )
 from pyvirtio.spec import Feature
-from pyvirtio.vhost_user import ProtocolError
+from pyvirtio.vhost_user import VHOST_F_LOG_ALL, ProtocolError, ProtocolFeature
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +151,49 @@ def _traffic(fe: VhostUserFrontend, tag: str, frames: int, size: int, wait: floa
                   f"GET_VRING_BASE rx={bases[RX_QUEUE]:#x} tx={bases[TX_QUEUE]:#x} match the buffers completed"))
 
 
+def _pages(gpa: int, n: int) -> set[int]:
+    return set(range(gpa >> 12, ((gpa + n - 1) >> 12) + 1))
+
+
+def _dirty_log(fe: VhostUserFrontend, tag: str, frames: int, size: int, wait: float,
+               add: Callable[[Check], None]) -> None:
+    """The dirty-log check: logging on, traffic, the marks compared with
+    what the back-end must have written, logging off."""
+    name = f"{tag}: dirty log"
+    if not (fe.offered_features or 0) & VHOST_F_LOG_ALL or \
+            not (fe.offered_protocol_features or 0) & ProtocolFeature.LOG_SHMFD:
+        add(Check(name, "SKIP", "live migration not offered (VHOST_F_LOG_ALL and LOG_SHMFD)"))
+        return
+    fe.start_dirty_log()
+    fe.clear_dirty_log()
+    sent = [make_frame(size, 10_000 + i) for i in range(frames)]
+    fe.send(sent, timeout=wait)
+    fe.flush(wait)
+    got: list[bytes] = []
+    deadline = time.monotonic() + min(wait, 1.0)
+    while len(got) < frames and time.monotonic() < deadline:
+        got += fe.recv(0.1)
+    marked = fe.dirty_pages()
+    fe.stop_dirty_log()
+    assert fe.tx is not None and fe.rx is not None
+    q = fe.queue_size
+    if fe.packed:
+        used = _pages(fe.tx.desc, 16 * q)
+    else:
+        used = _pages(fe.tx.device_area, 6 + 8 * q)
+    problems = []
+    if not used & marked:
+        problems.append("the transmit ring's used entries were written but not marked")
+    rx_pages = {a >> 12 for a in fe.buffer_addresses()["rx"]}
+    if got and not rx_pages & marked:
+        problems.append(f"{len(got)} frames were received into guest memory but no receive buffer page was marked")
+    if problems:
+        add(Check(name, "FAIL", "; ".join(problems)))
+    else:
+        add(Check(name, "PASS", f"{len(marked)} pages marked: the used ring" + (
+            f" and the buffers of {len(got)} received frames" if got else " (no frame came back)")))
+
+
 def probe(socket_path: str, *, rings: tuple[str, ...] = ("split", "packed"), frames: int = 64, size: int = 64,
           timeout: float = 3.0, on_check: Callable[[Check], None] | None = None) -> ProbeReport:
     """Probe the back-end at `socket_path`; never raises for back-end faults
@@ -189,6 +236,8 @@ def probe(socket_path: str, *, rings: tuple[str, ...] = ("split", "packed"), fra
                 }
                 add(Check(f"{tag}: negotiate", "PASS", "features " + "|".join(feature_names(fe.features or 0))))
                 try:
+                    if attempt == "first connection":
+                        _dirty_log(fe, tag, min(frames, 32), size, timeout, add)
                     _traffic(fe, tag, frames, size, timeout, add)
                 except (FrontendError, ProtocolError, OSError) as exc:
                     add(Check(f"{tag}: traffic", "FAIL", str(exc)))

@@ -27,7 +27,7 @@ import itertools
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 
@@ -127,8 +127,33 @@ class Virtqueue:
         self._pending: list[tuple[Chain, int]] = []
         self._restored: QueueState | None = None
         self._redeliver: list[Chain] = []
+        #: the dirty log (`pyvirtio.dirtylog.DirtyLog`) while the front-end
+        #: migrates the VM, else None; see `set_dirty_log`
+        self.dirty: Any = None
+        self.dirty_ranges: list[tuple[int, int]] = []
         if state is not None:
             self._restore(state)
+
+    def set_dirty_log(self, dirty: Any, used_log: int | None = None) -> None:
+        """Log every guest-memory write of this queue in `dirty` (a
+        `DirtyLog`), or stop logging (None). `used_log`: the guest address
+        the front-end gave for the used ring's log (split rings; vhost-user's
+        `log_guest_addr`), else the ring's own address."""
+        ring = self.ring
+        if isinstance(ring, PackedRing):
+            ranges = [(ring.desc.gpa, ring.desc.size), (ring.device_event.gpa, ring.device_event.size)]
+        else:
+            size = ring.used.size + (2 if self.event_idx else 0)  # avail_event follows the ring
+            ranges = [(ring.used.gpa if used_log is None else used_log, size)]
+        self.dirty_ranges = ranges
+        self.dirty = dirty
+        if dirty is not None:
+            dirty.mark_ranges(ranges)  # what we wrote before logging began is the front-end's to copy; cheap
+
+    def _log_ring(self) -> None:
+        d = self.dirty
+        if d is not None:
+            d.mark_ranges(self.dirty_ranges)
 
     # -- fetch side ---------------------------------------------------------------
 
@@ -166,6 +191,8 @@ class Virtqueue:
                 ring.disable_kicks()
                 self.armed = False
                 self.stats.suppressions += 1
+                if self.dirty is not None:
+                    self._log_ring()
             inflight = self.inflight
             for c in out:
                 inflight[c] = None
@@ -201,6 +228,8 @@ class Virtqueue:
             self.ring.disable_kicks()
             self.armed = False
             self.stats.suppressions += 1
+            if self.dirty is not None:
+                self._log_ring()
         self.stats.chains += n
         self.stats.batches += 1
         return chains if got is None else got
@@ -251,6 +280,7 @@ class Virtqueue:
                 ring.enable_kicks_eager()
                 self.armed = True
                 self.stats.arms += 1
+                self._log_ring()
                 self.mem.fence()
                 if not ring.recheck():
                     return
@@ -259,6 +289,7 @@ class Virtqueue:
             out.append(c)
             ring.disable_kicks_eager()
             self.armed = False
+            self._log_ring()
 
     def arm(self) -> ArmResult:
         """Call at the sleep boundary. Enables kicks, issues a full fence and
@@ -284,6 +315,8 @@ class Virtqueue:
         ring.enable_kicks()
         self.armed = True
         self.stats.arms += 1
+        if self.dirty is not None:
+            self._log_ring()
         # StoreLoad: the kick enable must be visible to the driver before we
         # look at its index again, or a publish in between is never kicked.
         self.mem.fence()
@@ -358,6 +391,9 @@ class Virtqueue:
 
     def _publish(self, items: list[tuple[Chain, int]]) -> bool:
         notify = self.ring.publish(items)
+        d = self.dirty
+        if d is not None:  # after the writes the marks stand for
+            d.mark_publish(items, self.dirty_ranges)
         self.stats.publishes += 1
         if notify:
             self.stats.interrupts += 1

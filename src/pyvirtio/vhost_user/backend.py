@@ -64,6 +64,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from pyvirtio.dirtylog import DirtyLog
 from pyvirtio.memory import CountingMemory, GuestMemory, GuestMemoryError, Region
 from pyvirtio.queue import Policy, QueueError, QueueState, Virtqueue, guest_used_idx
 from pyvirtio.queue.virtqueue import QueueStats
@@ -85,6 +86,8 @@ from pyvirtio.vhost_user.codec import (
     Features,
     FrontendProtocolError,
     InflightInfo,
+    LogFd,
+    LogInfo,
     MemoryRegion,
     MemRegMsg,
     Message,
@@ -103,17 +106,24 @@ from pyvirtio.vhost_user.codec import (
 from pyvirtio.vhost_user.inflight import InflightRegion, TrackedVirtqueue
 from pyvirtio.vhost_user.protocol import (
     MAX_CONFIG_SIZE,
+    VHOST_F_LOG_ALL,
     VHOST_USER_F_PROTOCOL_FEATURES,
     BackendRequest,
     ProtocolFeature,
     Request,
+    VringAddrFlags,
 )
 
 log = logging.getLogger(__name__)
 
 #: Protocol features the back-end itself implements for every device.
+#: LOG_SHMFD (with the VHOST_F_LOG_ALL feature bit) is live migration: the
+#: front-end's dirty bitmap, marked for every guest-memory write (dirtylog).
 BASE_PROTOCOL_FEATURES = (ProtocolFeature.REPLY_ACK | ProtocolFeature.STATUS
-                          | ProtocolFeature.CONFIGURE_MEM_SLOTS | ProtocolFeature.RESET_DEVICE)
+                          | ProtocolFeature.CONFIGURE_MEM_SLOTS | ProtocolFeature.RESET_DEVICE
+                          | ProtocolFeature.LOG_SHMFD)
+#: feature bits that belong to the transport, not to the device
+_TRANSPORT_FEATURES = VHOST_USER_F_PROTOCOL_FEATURES | VHOST_F_LOG_ALL
 #: Memory slots offered with CONFIGURE_MEM_SLOTS (libvhost-user's number).
 MAX_MEM_SLOTS = 32
 
@@ -273,7 +283,7 @@ class Backend:
         self._config_pending = False  # a config change no running driver was told of yet
         device.on_config_change = self.notify_config_change
         self.mem = GuestMemory()
-        self.offered_features = int(device.features) | VHOST_USER_F_PROTOCOL_FEATURES
+        self.offered_features = int(device.features) | VHOST_USER_F_PROTOCOL_FEATURES | VHOST_F_LOG_ALL
         self.offered_protocol = int(BASE_PROTOCOL_FEATURES) | protocol_features_for(device)
         self.session = _Session()
         self._rings = [_Ring(i, CountingMemory(self.mem), QueueCounters(), QueueStats())
@@ -281,6 +291,9 @@ class Backend:
         self._started_at = time.monotonic()
         self.connections = 0
         self._inflight: InflightRegion | None = None  # GET/SET_INFLIGHT_FD buffer (INFLIGHT_SHMFD)
+        self._dirty: DirtyLog | None = None  # SET_LOG_BASE (LOG_SHMFD): the migration's dirty bitmap
+        self._log_fd: int | None = None  # SET_LOG_FD
+        self._dirty_totals = {"bases": 0, "pages_marked": 0, "marks": 0, "out_of_range": 0}
         self._handlers: dict[int, Callable[[Message], Any]] = {
             Request.GET_FEATURES: self._get_features,
             Request.SET_FEATURES: self._set_features,
@@ -310,6 +323,8 @@ class Backend:
             Request.NET_SET_MTU: self._net_set_mtu,
             Request.GET_INFLIGHT_FD: self._get_inflight_fd,
             Request.SET_INFLIGHT_FD: self._set_inflight_fd,
+            Request.SET_LOG_BASE: self._set_log_base,
+            Request.SET_LOG_FD: self._set_log_fd,
         }
 
     # -- connection life cycle ------------------------------------------------------
@@ -331,6 +346,10 @@ class Backend:
             ring.failed = False
             ring.saved = None
         self.device.reset()
+        self._replace_dirty(None)
+        if self._log_fd is not None:
+            _close(self._log_fd)
+            self._log_fd = None
         self._unmap_all()
         self._replace_inflight(None)
         self._replace_channel(None)
@@ -391,13 +410,20 @@ class Backend:
             raise FrontendProtocolError(f"SET_FEATURES acks bits {extra:#x} that were never offered",
                                         msg.request)
         s = self.session
-        device_bits = value & ~VHOST_USER_F_PROTOCOL_FEATURES
-        if any(r.started for r in self._rings) and device_bits != s.features & ~VHOST_USER_F_PROTOCOL_FEATURES:
+        device_bits = value & ~_TRANSPORT_FEATURES
+        running = any(r.started for r in self._rings)
+        if running and device_bits != s.features & ~_TRANSPORT_FEATURES:
             raise FrontendProtocolError(
                 f"SET_FEATURES changes the features from {s.features:#x} to {value:#x} while rings run",
                 msg.request)
+        log_toggled = s.features_set and (value ^ s.features) & VHOST_F_LOG_ALL
         s.features = value
         s.features_set = True
+        if log_toggled:  # migration starts or ends: the device sees no change
+            log.info("%s: dirty logging %s", self.device.name, "on" if value & VHOST_F_LOG_ALL else "off")
+            self._apply_logging()
+            if running:
+                return
         self.device.set_features(device_bits)
         # Without bit 30 every ring is enabled; with it, enabled rings stay so.
         for ring in self._rings:
@@ -498,6 +524,70 @@ class Backend:
                         "the driver is not told until it reads the config again", self.device.name)
             return Notice.final(BackendRequest.CONFIG_CHANGE_MSG, Outcome.NO_CHANNEL)
         return channel.send(BackendRequest.CONFIG_CHANGE_MSG)
+
+    # -- the dirty log (live migration) ---------------------------------------------
+
+    def _set_log_base(self, msg: Message) -> int | None:
+        assert isinstance(msg.body, LogInfo) and msg.body.fd is not None
+        b = msg.body
+        if not self.session.protocol_features & ProtocolFeature.LOG_SHMFD:
+            msg.close_fds()
+            log.warning("SET_LOG_BASE without the negotiated LOG_SHMFD protocol feature: ignored "
+                        "(this back-end logs only into a shared-memory log)")
+            return None
+        try:
+            dirty = DirtyLog.map_fd(b.fd, b.mmap_size, b.mmap_offset, self.mem)
+        except (ValueError, OSError) as e:
+            raise FrontendProtocolError(f"SET_LOG_BASE: cannot map the log: {e}", msg.request) from None
+        finally:
+            msg.close_fds()  # the map holds its own reference
+        self._dirty_totals["bases"] += 1
+        self._replace_dirty(dirty)
+        log.info("%s: dirty log of %d bytes (covers %d MiB of guest memory)%s", self.device.name, dirty.size,
+                 dirty.pages >> 8, "; TEST SWITCH: marks are skipped" if dirty.skip else "")
+        return 0
+
+    def _set_log_fd(self, msg: Message) -> None:
+        assert isinstance(msg.body, LogFd)
+        old, self._log_fd = self._log_fd, msg.body.fd
+        if old is not None:
+            _close(old)
+
+    def _replace_dirty(self, dirty: DirtyLog | None) -> None:
+        old, self._dirty = self._dirty, dirty
+        self._apply_logging()
+        if old is not None:
+            old.retire(dirty)  # a mark racing with this lands in the new log
+            for k in ("pages_marked", "marks", "out_of_range"):
+                self._dirty_totals[k] += getattr(old, k)
+            old.close()
+
+    @property
+    def logging(self) -> bool:
+        """Is every guest-memory write being marked in a dirty log?"""
+        return self._dirty is not None and bool(self.session.features & VHOST_F_LOG_ALL)
+
+    def _apply_logging(self) -> None:
+        for ring in self._rings:
+            self._apply_ring_logging(ring)
+
+    def _apply_ring_logging(self, ring: _Ring) -> None:
+        vq = ring.vq
+        if vq is None:
+            return
+        a = ring.addr
+        used_log = a.log if a is not None and a.flags & VringAddrFlags.LOG else None
+        vq.set_dirty_log(self._dirty if self.logging else None, used_log)
+
+    def _dirty_stats(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"active": self.logging, **self._dirty_totals}
+        d = self._dirty
+        if d is not None:
+            for k in ("pages_marked", "marks", "out_of_range"):
+                out[k] += getattr(d, k)
+            out["size"] = d.size
+            out["skip"] = d.skip
+        return out
 
     def _get_queue_num(self, msg: Message) -> int:
         return self.device.queue_num
@@ -693,7 +783,14 @@ class Backend:
     def _set_vring_addr(self, msg: Message) -> None:
         assert isinstance(msg.body, VringAddr)
         ring = self._ring(msg, msg.body.index)
-        if ring.started:  # QEMU re-sends addresses to toggle used-ring logging
+        old = ring.addr
+        if ring.started and old is not None and (old.desc, old.avail, old.used) == (
+                msg.body.desc, msg.body.avail, msg.body.used):
+            # QEMU re-sends the same addresses to toggle used-ring logging
+            ring.addr = msg.body
+            self._apply_ring_logging(ring)
+            return
+        if ring.started:
             ring.saved = self._stop_ring(ring)
             ring.addr = msg.body
             self._maybe_start(ring)
@@ -807,7 +904,7 @@ class Backend:
         if not s.features_set:  # the ring layout depends on the features (VERSION_1, RING_PACKED)
             raise FrontendProtocolError(f"ring {ring.index} would start before SET_FEATURES",
                                         Request.SET_VRING_KICK)
-        features = s.features & ~VHOST_USER_F_PROTOCOL_FEATURES
+        features = s.features & ~_TRANSPORT_FEATURES
         packed = bool(features & Feature.RING_PACKED)
         num = ring.num
         if not packed and not is_power_of_two(num):
@@ -835,6 +932,7 @@ class Backend:
         except QueueError as e:
             raise FrontendProtocolError(f"ring {ring.index}: {e}", Request.SET_VRING_KICK) from None
         ring.vq = vq
+        self._apply_ring_logging(ring)
         ring.counters.starts += 1
         loop = QueueLoop(vq, None if ring.kick_fd is None else Kick(ring.kick_fd), _caller(ring),
                          index=ring.index, counters=ring.counters, on_fail=self._on_queue_fail,
@@ -954,6 +1052,7 @@ class Backend:
                 "uptime_s": round(time.monotonic() - self._started_at, 3),
                 "connections": self.connections, "features": self.session.features,
                 "status": self.session.status,
+                "dirty_log": self._dirty_stats(),
                 "backend_channel": {"up": self.session.channel is not None and not self.session.channel.closed,
                                     **self.channel_counters.as_dict()},
                 **self.device.stats(), "totals": totals, "queues": queues}

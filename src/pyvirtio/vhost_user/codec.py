@@ -274,6 +274,13 @@ class BackendReqFd:
 
 
 @dataclass(slots=True, frozen=True)
+class LogFd:
+    """SET_LOG_FD: an eventfd the back-end may signal about the dirty log."""
+
+    fd: int
+
+
+@dataclass(slots=True, frozen=True)
 class Unknown:
     """A request this codec does not model (or an unmodelled reply): raw payload.
 
@@ -286,7 +293,7 @@ class Unknown:
 
 Body: TypeAlias = (
     None | Features | U64 | Status | Rarp | SetMemTable | MemRegMsg | LogInfo | VringState
-    | VringAddr | VringFd | Config | InflightInfo | BackendReqFd | Unknown
+    | VringAddr | VringFd | Config | InflightInfo | BackendReqFd | LogFd | Unknown
 )
 
 
@@ -595,6 +602,12 @@ def _d_backend_req_fd(p: _Parse) -> BackendReqFd:
     return BackendReqFd(p.fds[0])
 
 
+def _d_log_fd(p: _Parse) -> LogFd:
+    p.size(0)
+    p.nfds(1)
+    return LogFd(p.fds[0])
+
+
 def _config(p: _Parse) -> Config:
     if len(p.payload) < CONFIG_HEADER.size:
         p.fail(f"payload of {len(p.payload)} bytes is shorter than the config header")
@@ -632,6 +645,7 @@ _REQUEST_DECODERS: dict[int, _Decode] = {
     Request.RESET_OWNER: _d_empty,
     Request.SET_MEM_TABLE: _d_mem_table,
     Request.SET_LOG_BASE: _d_log_base,
+    Request.SET_LOG_FD: _d_log_fd,
     Request.SET_VRING_NUM: _d_vring_state,
     Request.SET_VRING_ADDR: _d_vring_addr,
     Request.SET_VRING_BASE: _d_vring_state,
@@ -1091,6 +1105,10 @@ def _encode_request_body(request: int, body: Body) -> tuple[bytes, tuple[int, ..
     if decode is _d_backend_req_fd:
         _want(request, body, BackendReqFd)
         assert isinstance(body, BackendReqFd)
+        return b"", (body.fd,)
+    if decode is _d_log_fd:
+        _want(request, body, LogFd)
+        assert isinstance(body, LogFd)
         return b"", (body.fd,)
     if decode is _config:
         _want(request, body, Config)
