@@ -159,9 +159,14 @@ def migrate(
                     sqmp.command("migrate_cancel")
                 raise MigrationError(f"migration not completed after {timeout:.0f} s: {info}")
             time.sleep(poll)
-        # The destination resumes the guest by itself (autostart) once the stream is in.
+        # The destination resumes the guest by itself once the stream is in (unless started with -S:
+        # then it stays paused, e.g. to compare its RAM with the source's).
         deadline = time.monotonic() + 30.0
-        while not (st := dqmp.command("query-status")).get("running"):
+        paused = "-S" in dest.extra_args
+        while True:
+            st = dqmp.command("query-status")
+            if st.get("running") or (paused and st.get("status") == "paused"):
+                break
             if time.monotonic() > deadline or st.get("status") not in ("inmigrate", "paused", "prelaunch"):
                 raise MigrationError(f"the destination did not resume the guest: {st}")
             time.sleep(poll)
