@@ -59,7 +59,7 @@ from pyvirtio.bench.harness import (
     vhost_user_blk_args,
     vhost_user_net_args,
 )
-from pyvirtio.bench.harness.migration import MigrationResult, destination, migrate
+from pyvirtio.bench.harness.migration import MigrationResult, destination, migrate, ram_diff
 from test_guest_blk import BackendProcess, _exit_stats, cleanup  # noqa: F401
 
 pytestmark = pytest.mark.guest
@@ -184,10 +184,12 @@ def _migrate_working_guest(tmp_path: Path, cleanup: list[object], disk: str, rin
         src.check(WORKLOAD.replace("{pause}", str(READ_PAUSE_US)))
         time.sleep(2.0)  # the workload is under way
         before = (_count(src, "/tmp/done"), _count(src, "/tmp/rdone"))
-        dst = destination(src, device_args=dev_dst, log_dir=tmp_path / "dst")
+        dst = destination(src, device_args=dev_dst, log_dir=tmp_path / "dst", paused=True)
         cleanup.append(dst)
         with dst:
             mig: MigrationResult = migrate(src, dst, max_bandwidth=MAX_BANDWIDTH, timeout=150)
+            diff = ram_diff(src, dst, tmp_path)  # before the destination runs
+            dst.qmp().command("cont")
             after = (_count(dst, "/tmp/done"), _count(dst, "/tmp/rdone"))
             src.close()  # paused for good; frees the CPU
             time.sleep(1.0)  # the workload carries on here for a moment
@@ -225,7 +227,7 @@ def _migrate_working_guest(tmp_path: Path, cleanup: list[object], disk: str, rin
         "disk": disk, "ring": ring, "skip_log": skip_log,
         "written_mib": after[0] - before[0], "read_mib": after[1] - before[1],
         "total_ms": mig.total_time_ms, "downtime_ms": mig.downtime_ms, "passes": mig.dirty_sync_count,
-        "sent_mib": mig.transferred / MiB,
+        "sent_mib": mig.transferred / MiB, "ram_diff_pages": len(diff),
         "pages_marked": dirty_log.get("pages_marked"), "log_bases": dirty_log.get("bases"),
         "stopped": "stopped" in stopped, "guest_errors": bad, "dmesg": dmesg,
         "regions": len(regions), "lost": lost, "corrupt": corrupt, "host_bad": host_bad,
@@ -239,6 +241,7 @@ def _migrate_working_guest(tmp_path: Path, cleanup: list[object], disk: str, rin
     print(f"\nmigration {label:26} {ring:6}: during migration wrote {result['written_mib']} MiB, read "
           f"{result['read_mib']} MiB; migration {mig.total_time_ms} ms, downtime {mig.downtime_ms} ms, "
           f"{mig.dirty_sync_count} passes, {result['sent_mib']:.0f} MiB sent; pages_marked {pm}; "
+          f"RAM pages differing {len(diff)}; "
           f"stale page-cache MiB {len(stale)}/{len(chunks)}, regions {len(regions)} lost {lost} B corrupt "
           f"{corrupt} B host mismatches {len(host_bad)}, guest errors {len(bad)}; "
           f"result {'CORRUPT' if damaged else 'intact'}; test {result['seconds']:.0f} s")
@@ -258,6 +261,7 @@ def _assert_intact(r: dict) -> None:  # type: ignore[type-arg]
     assert r["guest_errors"] == [] and r["dmesg"] == "", (r["guest_errors"], r["dmesg"])
     assert r["lost"] == 0 and r["corrupt"] == 0 and r["host_bad"] == []
     assert r["stale_chunks"] == [], f"stale page-cache MiB on the destination: {r['stale_chunks']}"
+    assert r["ram_diff_pages"] == 0, "the destination's RAM differs from the source's"
 
 
 @pytest.mark.parametrize("ring", ["split", "packed"])
@@ -280,6 +284,7 @@ def test_migration_without_dirty_logging_is_caught(tmp_path: Path, cleanup: list
     _assert_workload_spanned(r)
     assert r["pages_marked"] == 0, "the test-only switch did not switch the logging off"
     assert r["stale_chunks"], "an unlogged migration went unnoticed: the test cannot see missing dirty logging"
+    assert r["ram_diff_pages"] > 0
 
 
 # --- net -------------------------------------------------------------------------------------------
@@ -378,11 +383,13 @@ def _migrate_streaming_guest(tmp_path: Path, nic: str, ring: str, *, skip_log: b
         time.sleep(3.0)  # the stream is flowing
         before = int(src.check(RX_BYTES))
         assert before > MiB, "no data reached the guest before the migration"
-        dst = destination(src, device_args=devs[1], log_dir=tmp_path / "dst")
+        dst = destination(src, device_args=devs[1], log_dir=tmp_path / "dst", paused=True)
         stack.callback(dst.close)
         dst.start()
         pids.append(dst.pid)  # type: ignore[arg-type]
         mig = migrate(src, dst, max_bandwidth=MAX_BANDWIDTH, timeout=150)
+        diff = ram_diff(src, dst, tmp_path)  # before the destination runs
+        dst.qmp().command("cont")
         at_switch = int(dst.check(RX_BYTES))
         src.close()
         time.sleep(4.0)  # the stream carries on through the destination's NIC
@@ -401,13 +408,14 @@ def _migrate_streaming_guest(tmp_path: Path, nic: str, ring: str, *, skip_log: b
     print(f"\nmigration {label:26} net {ring:6}: during migration received {(at_switch - before) / MiB:.1f} MiB, "
           f"after it {(after - at_switch) / MiB:.1f} MiB; migration {mig.total_time_ms} ms, downtime "
           f"{mig.downtime_ms} ms, {mig.dirty_sync_count} passes; pages_marked {'-' if pm is None else pm}; "
+          f"RAM pages differing {len(diff)}; "
           f"stream {sent['bytes'] / MiB:.1f} MiB sent in {sent['seconds']:.0f} s; "
           f"result {'intact' if intact else 'CORRUPT'}; test {time.monotonic() - t0:.0f} s")
     for pid in pids:
         assert not pid_alive(pid), f"pid {pid} still running"
     assert not netns_exists(ns.name)
     return {"end": end, "sent": sent, "intact": intact, "rx_errors": rx_errors, "pages_marked": pm,
-            "before": before, "at_switch": at_switch, "after": after}
+            "before": before, "at_switch": at_switch, "after": after, "ram_diff_pages": len(diff)}
 
 
 def _assert_stream_intact(r: dict) -> None:  # type: ignore[type-arg]
@@ -416,6 +424,7 @@ def _assert_stream_intact(r: dict) -> None:  # type: ignore[type-arg]
     assert r["at_switch"] > r["before"] and r["after"] > r["at_switch"], \
         "the stream did not flow during and after the migration"
     assert r["intact"], (r["end"], r["sent"])
+    assert r["ram_diff_pages"] == 0, "the destination's RAM differs from the source's"
 
 
 @pytest.mark.parametrize("ring", ["split", "packed"])
@@ -437,3 +446,4 @@ def test_migration_net_without_dirty_logging_is_caught(tmp_path: Path) -> None:
     assert r["end"][0] == "end" and r["at_switch"] > r["before"]
     assert r["pages_marked"] == 0, "the test-only switch did not switch the logging off"
     assert not r["intact"], "an unlogged migration went unnoticed: the test cannot see missing dirty logging"
+    assert r["ram_diff_pages"] > 0

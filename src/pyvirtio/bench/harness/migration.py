@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -73,12 +74,15 @@ class MigrationResult:
         )
 
 
-def destination(source: Guest, *, device_args: Sequence[str], log_dir: Any = None, **overrides: Any) -> Guest:
+def destination(source: Guest, *, device_args: Sequence[str], log_dir: Any = None, paused: bool = False,
+                **overrides: Any) -> Guest:
     """A `Guest` ready to receive `source` by live migration: the same machine,
     memory, kernel, initramfs and kernel command line, `device_args` (the same
     devices as the source's, each on its own back-end socket or image access),
     its own serial console and QMP socket, started with `-incoming defer`.
-    `overrides` replace any other `Guest` argument."""
+    `paused`: the guest stays paused once it is in (QEMU `-S`), e.g. for
+    `ram_diff`; QMP `cont` runs it. `overrides` replace any other `Guest`
+    argument."""
     kernel = source.kernel or find_kernel()
     initrd = source.initrd or build_initramfs(source.cache_dir, kernel=kernel)  # cached: the source's own
     kwargs: dict[str, Any] = {
@@ -97,7 +101,7 @@ def destination(source: Guest, *, device_args: Sequence[str], log_dir: Any = Non
         "cpu": source.cpu,
         "accel": source.accel,
         "qemu_binary": source.qemu_binary,
-        "extra_args": source.extra_args,
+        "extra_args": [*source.extra_args, *(["-S"] if paused else [])],
         "die_with_parent": source.die_with_parent,
         "qmp": True,
         "incoming": "defer",
@@ -180,4 +184,29 @@ def migrate(
     return result
 
 
-__all__ = ["MigrationError", "MigrationResult", "destination", "migrate"]
+def ram_diff(source: Guest, dest: Guest, work_dir: str | os.PathLike[str]) -> list[int]:
+    """Guest-physical addresses of the 4 KiB pages whose contents differ between
+    the source (stopped after the migration) and a destination that has not run
+    yet (`destination(..., paused=True)`): both QEMUs write the guest's RAM to a
+    file (QMP `pmemsave`), removed afterwards. An exact migration differs
+    nowhere; a device write that reached the source's RAM after QEMU copied
+    the page, and was never logged, differs."""
+    size = source.memory_mib << 20
+    files = [os.path.join(work_dir, f"ram-{name}.bin") for name in ("src", "dst")]
+    try:
+        for guest, path in zip((source, dest), files, strict=True):
+            guest.qmp().command("pmemsave", val=0, size=size, filename=path)
+        diff: list[int] = []
+        with open(files[0], "rb") as a, open(files[1], "rb") as b:
+            for base in range(0, size, 64 << 20):
+                x, y = a.read(64 << 20), b.read(64 << 20)
+                if x != y:
+                    diff += [base + i for i in range(0, len(x), 4096) if x[i:i + 4096] != y[i:i + 4096]]
+        return diff
+    finally:
+        for path in files:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+
+__all__ = ["MigrationError", "MigrationResult", "destination", "migrate", "ram_diff"]
