@@ -29,6 +29,16 @@ def run_atheris(target: str, seconds: int, extra: list[str]) -> int:
 
     with atheris.instrument_imports(include=["pyvirtio"]):
         from fuzz import targets
+    # The pure engine's modules load through pyvirtio._engine's own finder
+    # (PYVIRTIO_PURE=1), which the import hook above never sees: instrument
+    # every function loaded so far. A compiled engine is native code that
+    # no Python instrumentation reaches: it runs the inputs, unguided.
+    atheris.instrument_all()
+    from pyvirtio import _engine
+    print(f"fuzz {target}: ring engine {_engine.name()}"
+          + ("" if not _engine.is_compiled() else " (not instrumented: coverage guides only the Python parts; "
+                                                   "run with PYVIRTIO_PURE=1 to grow the corpus)"),
+          file=sys.stderr, flush=True)
     fn = targets.TARGETS[target]
     crashes = HERE / "crashes"
     crashes.mkdir(exist_ok=True)

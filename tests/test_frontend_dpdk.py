@@ -226,5 +226,9 @@ def test_bench_dpdk_runs_both_backends_in_one_run():
     labels = {run["label"]: run for run in res["runs"]}
     assert labels["dpdk-net_vhost"]["pps"] > 0 and labels["pyvirtio-lazy"]["pps"] > 0
     assert res["ratio_to_dpdk"]["lazy"] > 0
+    from pyvirtio import _engine
+    if _engine.is_compiled():  # both engines side by side, what compiling bought printed
+        assert labels["pyvirtio-lazy"]["engine"] == "compiled" and labels["pyvirtio-lazy-pure"]["engine"] == "pure"
+        assert labels["pyvirtio-lazy-pure"]["pps"] > 0 and res["compiled_over_pure"]["lazy"] > 0
     assert subprocess.run(["pgrep", "-f", "pyvirtio-bench-dpdk-"], check=False).returncode == 1  # nothing left
     assert labels["pyvirtio-lazy"]["accesses_per_packet"] is not None

@@ -405,12 +405,12 @@ def test_blk_bench_measures_ours_and_qsd_with_their_host_cpu(tmp_path: Path) -> 
         pytest.skip("qemu-storage-daemon not installed (scripts/setup.sh --peers)")
     from pyvirtio.bench.guest_blk import BlkBenchConfig, format_table, run
 
-    cfg = BlkBenchConfig(targets=("pyvirtio-lazy", "qsd"), image_mib=128, write_mib=32, read_mib=128,
+    cfg = BlkBenchConfig(targets=("pyvirtio-lazy", "pyvirtio-lazy-pure", "qsd"), image_mib=128, write_mib=32, read_mib=128,
                          read_passes=1, read4k_count=500, work_dir=tmp_path)
     res = run(cfg)
     table = format_table(res)
     print("\n" + table)
-    assert [r["target"] for r in res] == ["pyvirtio-lazy", "qsd"]
+    assert [r["target"] for r in res] == ["pyvirtio-lazy", "pyvirtio-lazy-pure", "qsd"]
     for r in res:
         assert r["write_MBps"] > 1 and r["read_MBps"] > 1 and r["read4k_iops"] > 10
         assert r["max_segments"] == cfg.queue_size - 2
@@ -418,5 +418,5 @@ def test_blk_bench_measures_ours_and_qsd_with_their_host_cpu(tmp_path: Path) -> 
     ours = res[0]
     # 128 MiB through a Python back-end costs well over one 10 ms clock tick
     assert ours["cpu_us_per_mib_read"] > 0 and ours["cpu_us_per_4k_read"] > 0
-    assert "xqsd (w/r/4k)" in table and "1.00/1.00/1.00" in table.splitlines()[2]
+    assert "xqsd (w/r/4k)" in table and "1.00/1.00/1.00" in table.splitlines()[3]
     assert list(tmp_path.iterdir()) == []  # the work directory (image, sockets, logs) is gone

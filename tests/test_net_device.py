@@ -164,6 +164,45 @@ def test_tap_passes_frames_both_ways(tmp_path, mergeable):
         fe.close()
 
 
+@pytest.mark.skipif(not _tap_available(), reason="no /dev/net/tun or no CAP_NET_ADMIN")
+def test_after_a_migration_send_rarp_announces_the_guest_on_the_tap(tmp_path):
+    """QEMU sends SEND_RARP with the guest's MAC when a migrated guest
+    starts on this host (its driver has no GUEST_ANNOUNCE): a RARP from that
+    MAC comes out of the TAP, so bridges learn where the guest now is."""
+    from pyvirtio.driver.frontend import VhostUserFrontend
+    from pyvirtio.vhost_user import ProtocolFeature, Rarp, Request
+
+    name = f"pvr{uuid.uuid4().hex[:8]}"
+    mac = bytes.fromhex("02aabbccdd01")
+    with running(tmp_path, f"tap:{name}") as (path, be):
+        subprocess.run(["ip", "link", "set", name, "up"], check=True, capture_output=True)
+        host = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x8035))
+        host.bind((name, 0))
+        host.settimeout(5)
+        want = int(ProtocolFeature.REPLY_ACK | ProtocolFeature.MQ | ProtocolFeature.RARP)
+        with VhostUserFrontend(path, want_protocol_features=want) as fe:
+            assert fe.protocol_features is not None and fe.protocol_features & ProtocolFeature.RARP
+            fe.request(Request.SEND_RARP, Rarp(mac), need_reply=True)  # acked 0: announced
+            frame = host.recv(2048)
+        host.close()
+    assert frame[:6] == b"\xff" * 6 and frame[6:12] == mac and frame[12:14] == b"\x80\x35"
+    htype, ptype, hlen, plen, op = struct.unpack_from("!HHBBH", frame, 14)
+    assert (htype, ptype, hlen, plen, op) == (1, 0x0800, 6, 4, 3)  # Ethernet/IPv4, request reverse
+    assert frame[22:28] == mac and frame[32:38] == mac
+
+
+def test_send_rarp_on_a_port_without_a_network_is_refused_in_the_ack(tmp_path):
+    from pyvirtio.driver.frontend import FrontendError, VhostUserFrontend
+    from pyvirtio.vhost_user import ProtocolFeature, Rarp, Request
+
+    with running(tmp_path, "loopback") as (path, _be):
+        want = int(ProtocolFeature.REPLY_ACK | ProtocolFeature.MQ | ProtocolFeature.RARP)
+        with VhostUserFrontend(path, want_protocol_features=want) as fe:
+            with pytest.raises(FrontendError, match="refused SEND_RARP"):
+                fe.request(Request.SEND_RARP, Rarp(b"\x02" * 6), need_reply=True)
+            assert fe.send([b"\x02" * 6 + b"\x04" * 6 + b"\x88\xb5" + bytes(50)]) == 1  # the device still works
+
+
 # --- DPDK testpmd with the virtio-user PMD ------------------------------------------------
 
 PMD_DIR = "/usr/lib/x86_64-linux-gnu/dpdk/pmds-23.0"
@@ -318,3 +357,31 @@ def test_dpdk_reconnect_after_testpmd_restarts(tmp_path):
     tx = _by_role(s)["tx0"]
     assert first["TX-packets"] > 10_000 and second["TX-packets"] > 10_000
     assert abs(tx["packets"] + tx["dropped"] - first["TX-packets"] - second["TX-packets"]) <= 512
+
+
+def test_loopback_takes_a_bulk_of_tx_frames_without_chain_objects_and_drops_what_is_not_a_frame():
+    """The vectorised tx path (`tx_bulk`) gives the rx side the same frames
+    as the per-chain path: device-writable buffers and buffers shorter than
+    the header are dropped and counted."""
+    from pyvirtio.queue.bulk import Bulk
+    from pyvirtio.runtime import QueueCounters
+    from pyvirtio.testing import QueuePair
+
+    pair = QueuePair("split", size=16)
+    port = LoopbackPort(1)
+    frames = [bytes(HDR) + bytes([i]) * (60 + i) for i in range(5)]
+    for i, f in enumerate(frames):
+        gpa = pair.pool.alloc(len(f))
+        pair.raw.write(gpa, f)
+        pair.driver.add([(gpa, len(f))], [], token=i)
+    short = pair.pool.alloc(8)
+    pair.driver.add([(short, 8)], [], token="short")
+    pair.driver.add([], [(pair.pool.alloc(128), 128)], token="writable")
+    pair.driver.publish()
+    bulk = pair.vq.pop_bulk()
+    assert isinstance(bulk, Bulk) and bulk.n == 7
+    c = QueueCounters()
+    port.tx_bulk(0, bulk, c)
+    assert list(port.queues[0].frames) == frames
+    assert c.packets == 5 and c.dropped == 2 and c.bytes == sum(len(f) - HDR for f in frames)
+    port.close()

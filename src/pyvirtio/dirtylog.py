@@ -79,6 +79,17 @@ except ImportError:  # pragma: no cover - exercised only without a C compiler
                 page = top + 1
 
 
+def _gpa_of(view: memoryview, hosts: list[tuple[int, int, int]]) -> int:
+    """The guest address of a view of guest memory, from (host start, host
+    end, gpa) per region; a large negative number (counted as outside the
+    log) if it is not guest memory."""
+    h = _address(view)
+    for start, end, gpa in hosts:
+        if start <= h < end:
+            return gpa + (h - start)
+    return -(1 << 62)
+
+
 def skip_requested() -> bool:
     return os.environ.get(SKIP_ENV, "") not in ("", "0")
 
@@ -105,7 +116,6 @@ class DirtyLog:
         self._lock = threading.Lock()
         self._retired = False
         self._successor: DirtyLog | None = None
-        self._hosts: list[tuple[int, int, int]] = []  # (host start, host end, gpa) per region
         #: counters: ranges marked, pages covered, marks outside the bitmap or guest memory
         self.marks = 0
         self.pages_marked = 0
@@ -176,6 +186,7 @@ class DirtyLog:
         """After a used-ring publication: every device-writable buffer of
         each completed chain (or `Bulk`), then the ring's device-written area."""
         ranges: list[tuple[int, int]] = list(ring_ranges)
+        hosts: list[tuple[int, int, int]] | None = None  # per call: a new memory table may reuse addresses
         for chain, _written in items:
             writable = getattr(chain, "writable_len", None)
             if writable is None:  # a Bulk
@@ -194,19 +205,11 @@ class DirtyLog:
             if segs:
                 ranges.extend((a, n) for a, n, w in segs if w)
                 continue
+            if hosts is None:
+                hosts = [(r.host_addr, r.host_addr + r.size, r.gpa) for r in self.mem.regions]
             for v in chain.writable:
-                ranges.append((self._gpa_of(v), len(v)))
+                ranges.append((_gpa_of(v, hosts), len(v)))
         self.mark_ranges(ranges)
-
-    def _gpa_of(self, view: memoryview) -> int:
-        """The guest address of a view of guest memory (-1 if none)."""
-        h = _address(view)
-        for _ in range(2):
-            for start, end, gpa in self._hosts:
-                if start <= h < end:
-                    return gpa + (h - start)
-            self._hosts = [(r.host_addr, r.host_addr + r.size, r.gpa) for r in self.mem.regions]
-        return -(1 << 62)  # not guest memory: counted as outside by the caller
 
     # -- life cycle ---------------------------------------------------------------
 

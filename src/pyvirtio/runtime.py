@@ -604,7 +604,9 @@ class VirtioDevice(abc.ABC):
       protocol (vhost-user: protocol feature bits): `multiqueue` (more than
       one queue may run), `config_space` (the driver reads `config()`),
       `mtu_control` (the front-end may set the MTU: `set_mtu`),
-      `inflight_tracking` (requests in flight survive a back-end restart).
+      `inflight_tracking` (requests in flight survive a back-end restart),
+      `announces` (after a live migration the device can tell the network
+      where the guest now is: `announce`).
 
     Each started ring gets a `QueueLoop`; the device says what to do with
     its chains by returning a `Service` from `service(queue)`. The transport
@@ -620,6 +622,7 @@ class VirtioDevice(abc.ABC):
     config_space: bool = False
     mtu_control: bool = False
     inflight_tracking: bool = False
+    announces: bool = False
 
     #: ring index -> its running loop (the defaults below manage it)
     loops: dict[int, QueueLoop]
@@ -657,6 +660,12 @@ class VirtioDevice(abc.ABC):
 
     def set_status(self, status: int) -> None:
         """The driver's status byte changed."""
+
+    def announce(self, mac: bytes) -> bool:
+        """The guest with this MAC address arrived here by live migration
+        (`announces`; vhost-user: SEND_RARP): tell the network. Returns
+        False when there is nothing to tell it through."""
+        return False
 
     @abc.abstractmethod
     def service(self, queue: Queue) -> Service:

@@ -18,6 +18,10 @@ testpmd's per-second "Throughput (since last show)" samples after a warm-up.
 For pyvirtio the back-end's JSON counters (printed at exit) give kicks,
 interrupts and guest-memory accesses per packet.
 
+When the ring engine is compiled, each pyvirtio run is made twice, on the
+compiled engine (`pyvirtio-lazy`) and on pure Python (`pyvirtio-lazy-pure`,
+PYVIRTIO_PURE=1), so the table shows what compiling bought (`engines`).
+
 Every process started is stopped by pid (SIGTERM, then SIGKILL), also on
 errors and Ctrl-C; file prefixes and socket paths are unique per run.
 """
@@ -37,6 +41,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from pyvirtio._engine import PURE_ENV
 from pyvirtio.bench.net import (
     ManagedProcess,
     backend_per_packet,
@@ -77,6 +82,8 @@ class DpdkBenchConfig:
     warmup: float = 2.0
     startup_timeout: float = 30.0
     keep_logs: bool = False
+    #: ring engines of the pyvirtio back-end: "compiled" and/or "pure"
+    engines: tuple[str, ...] = ("compiled",)
 
 
 def pmd_command(cpu: int, prefix: str, vdev: str, fwd_mode: str, extra: list[str] | None = None) -> list[str]:
@@ -219,11 +226,16 @@ class _Run:
         res["backend_exit"] = backend.returncode
         return res
 
-    def run_pyvirtio(self, policy: str) -> dict[str, Any]:
+    def run_pyvirtio(self, policy: str, engine: str = "compiled") -> dict[str, Any]:
         cfg = self.cfg
         kind = _PYVIRTIO_BACKEND[cfg.mode].format(size=cfg.size)
+        env = dict(os.environ)
+        if engine == "pure":
+            env[PURE_ENV] = "1"
+        else:
+            env.pop(PURE_ENV, None)
         backend = ManagedProcess(pyvirtio_backend_argv(self.sock, kind, policy), f"{self.label}-backend",
-                                 cpu=cfg.cpus[0], log_dir=self.workdir)
+                                 cpu=cfg.cpus[0], log_dir=self.workdir, env=env)
         self.procs.append(backend)
         wait_for_socket(self.sock, backend, cfg.startup_timeout)
         res = self.measure(backend, False)
@@ -246,26 +258,29 @@ def run(cfg: DpdkBenchConfig, progress: Callable[[str], None] | None = None) -> 
         raise RuntimeError(f"CPUs {cfg.cpus} requested but the machine has {ncpu}")
     workdir = tempfile.mkdtemp(prefix="pyvirtio-bench-dpdk-")
     runs: list[dict[str, Any]] = []
-    jobs: list[tuple[str, str | None]] = []
+    jobs: list[tuple[str, str | None, str]] = []
     if "pyvirtio" in cfg.targets:
-        jobs += [(f"pyvirtio-{p}", p) for p in cfg.policies]
+        jobs += [(f"pyvirtio-{p}" + ("-pure" if e == "pure" and "compiled" in cfg.engines else ""), p, e)
+                 for p in cfg.policies for e in cfg.engines]
     if "dpdk" in cfg.targets:
-        jobs.append(("dpdk-net_vhost", None))
+        jobs.append(("dpdk-net_vhost", None, ""))
     ok = True
     try:
         with _sigterm_raises():
-            for seq, (label, policy) in enumerate(jobs):
+            for seq, (label, policy, engine) in enumerate(jobs):
                 if progress:
                     progress(f"{label}: {cfg.mode} {cfg.ring} {cfg.seconds:g} s (+{cfg.warmup:g} s warm-up)")
                 r = _Run(cfg, label, workdir, seq)
                 try:
-                    res = r.run_pyvirtio(policy) if policy is not None else r.run_dpdk()
+                    res = r.run_pyvirtio(policy, engine) if policy is not None else r.run_dpdk()
                 except RuntimeError as exc:
                     log.error("%s failed: %s", label, exc)
                     res = {"label": label, "pps": None, "error": str(exc)}
                 finally:
                     r.cleanup()
                 res["policy"] = policy
+                if policy is not None:
+                    res["engine"] = engine
                 if not res.get("pps"):
                     ok = False
                 runs.append(res)
@@ -275,9 +290,16 @@ def run(cfg: DpdkBenchConfig, progress: Callable[[str], None] | None = None) -> 
         else:
             shutil.rmtree(workdir, ignore_errors=True)
     dpdk = next((r["pps"] for r in runs if r["label"] == "dpdk-net_vhost"), None)
-    ratios = {r["policy"]: (round(r["pps"] / dpdk, 4) if r.get("pps") and dpdk else None)
+    ratios = {r["label"].removeprefix("pyvirtio-"): (round(r["pps"] / dpdk, 4) if r.get("pps") and dpdk else None)
               for r in runs if r["policy"] is not None}
-    return {"config": asdict(cfg), "runs": runs, "dpdk_pps": dpdk, "ratio_to_dpdk": ratios, "ok": ok}
+    speedups = {}
+    for p in cfg.policies:
+        c = next((r.get("pps") for r in runs if r.get("policy") == p and r.get("engine") == "compiled"), None)
+        u = next((r.get("pps") for r in runs if r.get("policy") == p and r.get("engine") == "pure"), None)
+        if c and u:
+            speedups[p] = round(c / u, 3)
+    return {"config": asdict(cfg), "runs": runs, "dpdk_pps": dpdk, "ratio_to_dpdk": ratios,
+            "compiled_over_pure": speedups, "ok": ok}
 
 
 def format_results(res: dict[str, Any]) -> str:
@@ -288,9 +310,9 @@ def format_results(res: dict[str, Any]) -> str:
     dpdk = res.get("dpdk_pps")
     for r in res["runs"]:
         if r.get("pps") is None:
-            lines.append(f"  {r['label']:16} FAILED: {r.get('error', 'no rate measured')[:300]}")
+            lines.append(f"  {r['label']:19} FAILED: {r.get('error', 'no rate measured')[:300]}")
             continue
-        line = f"  {r['label']:16} {r['pps']:>12,} pps"
+        line = f"  {r['label']:19} {r['pps']:>12,} pps"
         if r.get("policy") is not None:
             if dpdk:
                 line += f"  ({r['pps'] / dpdk:.3f}x net_vhost)"
@@ -298,4 +320,6 @@ def format_results(res: dict[str, Any]) -> str:
                      f"  accesses/pkt {r.get('accesses_per_packet')}"
                      f" (metadata {r.get('metadata_accesses_per_packet')})")
         lines.append(line)
+    for p, x in (res.get("compiled_over_pure") or {}).items():
+        lines.append(f"  {p}: the compiled engine moves {x:.2f}x the packets of pure Python")
     return "\n".join(lines)

@@ -374,7 +374,8 @@ def summarize(cfg: GuestBenchConfig, runs: dict[str, dict[str, Any]]) -> dict[st
         return out
 
     ratios, ratios_per_vcpu = {}, {}
-    for a, b in (("lazy", "builtin"), ("lazy", "eager"), ("eager", "builtin")):
+    for a, b in (("lazy", "builtin"), ("lazy", "eager"), ("eager", "builtin"), ("lazy", "lazy-pure"),
+                 ("lazy-pure", "builtin")):
         if a in summary and b in summary:
             ratios[f"{a}/{b}"] = ratio(a, b)
             ratios_per_vcpu[f"{a}/{b}"] = ratio_per_vcpu(a, b)
@@ -471,10 +472,10 @@ def format_table(res: dict[str, Any]) -> str:
         "median [min-max] per back-end; TCP in Gbit/s at the receiver, UDP in thousands of datagrams/s received",
         "",
     ]
-    head = f"{'backend':9}" + "".join(f"{TEST_TITLES[t]:>27}" for t in tests)
+    head = f"{'backend':11}" + "".join(f"{TEST_TITLES[t]:>27}" for t in tests)
     lines.append(head)
     for backend, per_test in res["summary"].items():
-        row = f"{backend:9}"
+        row = f"{backend:11}"
         for t in tests:
             s = per_test[t]
             cell = (
@@ -488,14 +489,14 @@ def format_table(res: dict[str, Any]) -> str:
     if ours:
         lines += ["", "pyvirtio counters per frame on the data queue (median; TCP frames are TSO frames):"]
         lines.append(
-            f"{'backend':9}{'test':8}{'kicks':>9}{'irqs':>9}{'accesses':>10}{'B/frame':>9}"
+            f"{'backend':11}{'test':8}{'kicks':>9}{'irqs':>9}{'accesses':>10}{'B/frame':>9}"
             f"{'all kicks':>11}{'all irqs':>10}"
         )
         for b in ours:
             for t in tests:
                 s = res["summary"][b][t]
                 lines.append(
-                    f"{b:9}{t:8}{_fmt(s['kicks_per_packet']):>9}{_fmt(s['interrupts_per_packet']):>9}"
+                    f"{b:11}{t:8}{_fmt(s['kicks_per_packet']):>9}{_fmt(s['interrupts_per_packet']):>9}"
                     f"{_fmt(s['accesses_per_packet'], 2):>10}{_fmt(s['bytes_per_frame'], 0):>9}"
                     f"{_fmt(s['all_kicks_per_packet']):>11}{_fmt(s['all_interrupts_per_packet']):>10}"
                 )
@@ -518,21 +519,21 @@ def format_table(res: dict[str, Any]) -> str:
                     else f"{c['vcpu']:.0f}/{c['qemu']:.0f}/{c['backend']:.0f}/{c['iperf3_server']:.0f}"
                 )
             )
-        lines.append(f"  {backend:9}" + "   ".join(cells))
+        lines.append(f"  {backend:11}" + "   ".join(cells))
     lines += [
         "",
         "per vCPU-second (result / share of a core the vCPU thread got; the TCG guest is CPU-bound):",
     ]
     for backend, per_test in res["summary"].items():
         lines.append(
-            f"  {backend:9}" + "   ".join(f"{t} {_fmt(per_test[t].get('median_per_vcpu'))}" for t in tests)
+            f"  {backend:11}" + "   ".join(f"{t} {_fmt(per_test[t].get('median_per_vcpu'))}" for t in tests)
         )
     if res.get("ratios"):
         lines += ["", "ratios of medians (per vCPU-second in brackets):"]
         for name, r in res["ratios"].items():
             rv = res.get("ratios_per_vcpu", {}).get(name, {})
             lines.append(
-                f"  {name:14}" + "  ".join(f"{t} {_fmt(r[t], 2)}x [{_fmt(rv.get(t), 2)}x]" for t in tests)
+                f"  {name:20}" + "  ".join(f"{t} {_fmt(r[t], 2)}x [{_fmt(rv.get(t), 2)}x]" for t in tests)
             )
     for backend, entry in res["runs"].items():
         for err in entry["errors"]:

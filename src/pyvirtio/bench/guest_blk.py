@@ -3,6 +3,9 @@ same image file behind each disk, one after the other in one run:
 
 - `pyvirtio-lazy`, `pyvirtio-eager`: our back-end (`pyvirtio blk`) with the
   two notification policies, through `vhost-user-blk-pci`;
+  `pyvirtio-lazy-pure` (`-eager-pure`): the same on the pure-Python ring
+  engine (PYVIRTIO_PURE=1), run beside the compiled one by default when
+  the engine is compiled, to show what compiling bought;
 - `qsd`: `qemu-storage-daemon --export vhost-user-blk`, the reference
   vhost-user-blk back-end, through `vhost-user-blk-pci`;
 - `builtin`: QEMU's own virtio-blk (`virtio-blk-pci`, `aio=threads`).
@@ -44,11 +47,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from pyvirtio._engine import PURE_ENV
 from pyvirtio.bench.procs import BenchError, stop_process, wait_socket
 
 log = logging.getLogger(__name__)
 
-TARGETS = ("pyvirtio-lazy", "pyvirtio-eager", "builtin", "qsd")
+TARGETS = ("pyvirtio-lazy", "pyvirtio-eager", "pyvirtio-lazy-pure", "pyvirtio-eager-pure", "builtin", "qsd")
 MiB = 1 << 20
 
 
@@ -103,8 +107,14 @@ def _disk(target: str, cfg: BlkBenchConfig, image: Path, work: Path) -> Iterator
     # (a unix socket path is at most 107 bytes: sockets go under /tmp, whatever the work directory)
     sock = Path(tempfile.mkdtemp(prefix="pyvirtio-blkbench-")) / f"{target}.sock"
     log_path = work / f"{target}.log"
+    env = None
     if target.startswith("pyvirtio-"):
-        policy = target.removeprefix("pyvirtio-")
+        policy = target.removeprefix("pyvirtio-").removesuffix("-pure")
+        env = dict(os.environ)
+        if target.endswith("-pure"):
+            env[PURE_ENV] = "1"
+        else:
+            env.pop(PURE_ENV, None)
         argv = [sys.executable, "-m", "pyvirtio", "blk", "--socket-path", str(sock), "--blk-file", str(image),
                 "--policy", policy, "--queues", str(max(1, cfg.smp)), "--io-threads", str(cfg.io_threads),
                 "--seg-max", str(qs - 2), *cfg.pyvirtio_args]
@@ -113,7 +123,7 @@ def _disk(target: str, cfg: BlkBenchConfig, image: Path, work: Path) -> Iterator
                 "--export", (f"type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path={sock},"
                              f"writable=on,num-queues={max(1, cfg.smp)}")]
     with open(log_path, "wb") as f:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT, env=env)
     try:
         wait_socket(proc, sock, target, log_path)
         yield (vhost_user_blk_args(sock, num_queues=max(1, cfg.smp), queue_size=qs, reconnect=None,
@@ -203,13 +213,13 @@ def run(cfg: BlkBenchConfig, progress: Callable[[str], None] | None = None) -> l
 
 def format_table(results: list[dict[str, Any]], reference: str = "qsd") -> str:
     ref = next((r for r in results if r["target"] == reference), None)
-    head = f"{'target':>15} {'ring':>6} {'write MB/s':>11} {'read MB/s':>10} {'4k read IOPS':>13} {'max_seg':>8}"
+    head = f"{'target':>18} {'ring':>6} {'write MB/s':>11} {'read MB/s':>10} {'4k read IOPS':>13} {'max_seg':>8}"
     if ref:
         head += f"  {'x' + reference + ' (w/r/4k)':>22}"
     head += f"  {'back-end CPU us: /MiB w':>23} {'/MiB r':>7} {'/4k r':>6}"
     lines = [head]
     for r in results:
-        line = (f"{r['target']:>15} {r.get('ring', '?'):>6} {r['write_MBps']:>11.1f} {r['read_MBps']:>10.1f} {r['read4k_iops']:>13.0f} "
+        line = (f"{r['target']:>18} {r.get('ring', '?'):>6} {r['write_MBps']:>11.1f} {r['read_MBps']:>10.1f} {r['read4k_iops']:>13.0f} "
                 f"{r['max_segments']:>8}")
         if ref:
             line += "  " + f"{r['write_MBps'] / ref['write_MBps']:.2f}/{r['read_MBps'] / ref['read_MBps']:.2f}/" \
@@ -228,8 +238,15 @@ def main_from_guest_args(args: Any) -> int:
     queues; `--json`)."""
     import json
 
-    names = {"lazy": "pyvirtio-lazy", "eager": "pyvirtio-eager", "builtin": "builtin"}
-    targets = tuple(names[b] for b in getattr(args, "backends", ["lazy", "eager", "builtin"]) if b in names)
+    from pyvirtio import _engine
+
+    names = {"lazy": "pyvirtio-lazy", "eager": "pyvirtio-eager", "builtin": "builtin",
+             "lazy-pure": "pyvirtio-lazy-pure", "eager-pure": "pyvirtio-eager-pure"}
+    chosen = getattr(args, "backends", None)
+    targets = tuple(names[b] for b in chosen or ["lazy", "eager", "builtin"] if b in names)
+    if not chosen and _engine.is_compiled() and "pyvirtio-lazy" in targets:  # what compiling bought, same run
+        i = targets.index("pyvirtio-lazy")
+        targets = (*targets[:i + 1], "pyvirtio-lazy-pure", *targets[i + 1:])
     cfg = BlkBenchConfig(targets=(*targets, "qsd"), rounds=max(1, getattr(args, "repeat", 1)),
                          ring=getattr(args, "ring", "split"), smp=max(1, getattr(args, "queues", 1)))
     as_json = bool(getattr(args, "json", False))

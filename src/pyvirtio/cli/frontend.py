@@ -46,13 +46,20 @@ def _bench_net(args: argparse.Namespace) -> int:
     return 0
 
 
+def _default_engines() -> list[str]:
+    """Both engines side by side when this process runs the compiled one."""
+    from pyvirtio import _engine
+
+    return ["compiled", "pure"] if _engine.is_compiled() else ["pure"]
+
+
 def _bench_dpdk(args: argparse.Namespace) -> int:
     from pyvirtio.bench.dpdk import DpdkBenchConfig, format_results, run
 
     cfg = DpdkBenchConfig(mode=args.mode, ring=args.ring, seconds=args.seconds, policies=tuple(args.policy),
                           size=args.size, cpus=args.cpus, targets=tuple(args.against),
                           in_order=args.in_order, mrg_rxbuf=args.mrg_rxbuf, keep_logs=args.keep_logs,
-                          queue_size=args.queue_size)
+                          queue_size=args.queue_size, engines=tuple(args.engine or _default_engines()))
     progress = None if args.json else (lambda msg: print(f"# {msg}", file=sys.stderr, flush=True))
     results = run(cfg, progress=progress)
     print(json.dumps(with_engine(results), indent=1) if args.json else engine_header() + "\n" + format_results(results))
@@ -102,6 +109,9 @@ def register(sub: Any, bench_sub: Any) -> None:
     d.add_argument("--queue-size", type=int, default=None,
                    help="virtio-user queue_size devarg (default: the PMD's, 256), same for both back-ends")
     d.add_argument("--mrg-rxbuf", type=int, choices=[0, 1], default=None, help="virtio-user mrg_rxbuf devarg")
+    d.add_argument("--engine", type=csv_list(["compiled", "pure"]), default=None,
+                   help="pyvirtio ring engines to run (comma list; default: compiled and pure side by side "
+                        "when the engine is compiled, else pure)")
     d.add_argument("--keep-logs", action="store_true", help="keep the processes' output files")
     d.add_argument("--json", action="store_true", help="one JSON object")
     d.set_defaults(func=_bench_dpdk)

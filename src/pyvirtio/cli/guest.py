@@ -27,8 +27,9 @@ def register(sub: Any, bench_sub: Any) -> None:
     p.add_argument(
         "--backends",
         type=csv_list(BACKENDS),
-        default=list(BACKENDS),
-        help="comma list of lazy, eager, builtin (default all three)",
+        default=None,
+        help="comma list of lazy, eager, lazy-pure, eager-pure (the pure-Python ring engine), builtin "
+             "(default lazy, eager, builtin, and lazy-pure when the engine is compiled)",
     )
     p.add_argument("--ring", choices=["split", "packed"], default="split")
     p.add_argument("--seconds", type=float, default=10.0, help="length of each iperf3 test (default 10)")
@@ -83,6 +84,13 @@ def register(sub: Any, bench_sub: Any) -> None:
 DEMO_ARGS = ("--backends", "lazy,builtin", "--seconds", "3", "--repeat", "1")
 
 
+def _default_backends() -> list[str]:
+    """lazy, eager, builtin; and lazy-pure beside lazy when the ring engine is compiled."""
+    from pyvirtio import _engine
+
+    return ["lazy", "lazy-pure", "eager", "builtin"] if _engine.is_compiled() else ["lazy", "eager", "builtin"]
+
+
 def _run(args: argparse.Namespace) -> int:
     if args.device == "blk":
         from pyvirtio.bench.guest_blk import main_from_guest_args
@@ -107,7 +115,7 @@ def _run(args: argparse.Namespace) -> int:
             return 2
     try:
         cfg = GuestBenchConfig(
-            backends=tuple(args.backends), ring=args.ring, seconds=args.seconds, repeat=args.repeat,
+            backends=tuple(args.backends or _default_backends()), ring=args.ring, seconds=args.seconds, repeat=args.repeat,
             tests=tuple(args.tests), omit=args.omit, event_idx=not args.no_event_idx,
             indirect=not args.no_indirect, mrg_rxbuf=not args.no_mrg_rxbuf, offloads=not args.no_offloads,
             queues=args.queues, grouped=args.grouped, pin=args.pin, log_dir=args.log_dir, profile_dir=args.profile_dir,

@@ -49,6 +49,9 @@ from pyvirtio.spec import (
 )
 
 _NEXT = int(PackedDescFlags.NEXT)
+_MAX = np.maximum.reduce  # ufunc methods: cheaper per batch than ndarray.max()/.any()
+_MIN = np.minimum.reduce
+_OR = np.bitwise_or.reduce
 _WRITE = int(PackedDescFlags.WRITE)
 _INDIRECT = int(PackedDescFlags.INDIRECT)
 _AVAIL = int(PackedDescFlags.AVAIL)
@@ -293,7 +296,7 @@ class PackedRing:
         else:
             first = q - start
             bodies = self.desc.read(start * DESC_SIZE, first * DESC_SIZE) + self.desc.read(0, (n - first) * DESC_SIZE)
-        flags = fl.tolist() if (fl & (_NEXT | _INDIRECT)).any() else None
+        flags = fl.tolist() if int(_OR(fl)) & (_NEXT | _INDIRECT) else None
         if flags is None:
             descs = np.frombuffer(bodies, PACKED_DESC_DTYPE)
             addrs = descs["addr"]
@@ -301,7 +304,7 @@ class PackedRing:
             r = self.mem.region_at(int(addrs[0]))
             if r is not None:
                 g, end = r.gpa, r.gpa + r.size
-                if int(addrs.min()) >= g and int(addrs.max()) <= end and int((addrs + lens).max()) <= end:
+                if int(_MIN(addrs)) >= g and int(_MAX(addrs)) <= end and int(_MAX(addrs + lens)) <= end:
                     self._advance(n)
                     return Bulk(descs["id"], start, q, addrs, lens, fl, g, r.mv)
         self._parse(out, start, flags if flags is not None else fl.tolist(), bodies)

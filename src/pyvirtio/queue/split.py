@@ -62,6 +62,11 @@ from pyvirtio.spec import (
 )
 
 _NEXT = int(DescFlags.NEXT)
+# numpy reductions called as ufunc methods: a few microseconds less per batch
+# than ndarray.max()/.any(), which go through numpy's Python-level wrappers
+_MAX = np.maximum.reduce
+_MIN = np.minimum.reduce
+_OR = np.bitwise_or.reduce
 _WRITE = int(DescFlags.WRITE)
 _INDIRECT = int(DescFlags.INDIRECT)
 _NO_INTERRUPT = int(AvailFlags.NO_INTERRUPT)
@@ -268,18 +273,18 @@ class SplitRing:
             first = q - start
             heads = np.concatenate((avail.np_load16s(AVAIL_RING + 2 * start, first),
                                     avail.np_load16s(AVAIL_RING, n - first)))
-        if int(heads.max()) >= q:
+        if int(_MAX(heads)) >= q:
             self._consume(out, heads.tolist(), last)  # raises HeadOutOfRange
         descs = self.desc.np_gather(SPLIT_DESC_DTYPE, heads)
         flags = descs["flags"]
         addrs = descs["addr"]
         lens = descs["len"]
         r = self.mem.region_at(int(addrs[0]))
-        if r is not None and not (flags & (_NEXT | _INDIRECT)).any():
+        if r is not None and not int(_OR(flags)) & (_NEXT | _INDIRECT):
             g, end = r.gpa, r.gpa + r.size
             # every buffer inside the region (addrs <= end first, so that
             # addr + len cannot wrap); anything else takes the chain path
-            if int(addrs.min()) >= g and int(addrs.max()) <= end and int((addrs + lens).max()) <= end:
+            if int(_MIN(addrs)) >= g and int(_MAX(addrs)) <= end and int(_MAX(addrs + lens)) <= end:
                 self.last_avail = (last + n) & 0xFFFF
                 return Bulk(heads, last, 0x10000, addrs, lens, flags, g, r.mv)
         self._consume(out, heads.tolist(), last, descs.tolist())

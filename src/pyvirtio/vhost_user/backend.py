@@ -91,6 +91,7 @@ from pyvirtio.vhost_user.codec import (
     MemoryRegion,
     MemRegMsg,
     Message,
+    Rarp,
     SetMemTable,
     Status,
     VringAddr,
@@ -155,6 +156,8 @@ def protocol_features_for(device: VirtioDevice) -> int:
         proto |= ProtocolFeature.NET_MTU
     if device.inflight_tracking:
         proto |= ProtocolFeature.INFLIGHT_SHMFD
+    if device.announces:
+        proto |= ProtocolFeature.RARP
     return int(proto)
 
 
@@ -325,6 +328,7 @@ class Backend:
             Request.SET_INFLIGHT_FD: self._set_inflight_fd,
             Request.SET_LOG_BASE: self._set_log_base,
             Request.SET_LOG_FD: self._set_log_fd,
+            Request.SEND_RARP: self._send_rarp,
         }
 
     # -- connection life cycle ------------------------------------------------------
@@ -588,6 +592,17 @@ class Backend:
             out["size"] = d.size
             out["skip"] = d.skip
         return out
+
+    def _send_rarp(self, msg: Message) -> bool:
+        assert isinstance(msg.body, Rarp)
+        if not self.session.protocol_features & ProtocolFeature.RARP:
+            log.warning("SEND_RARP without the negotiated RARP protocol feature: ignored")
+            return False
+        mac = msg.body.mac
+        done = self.device.announce(mac)
+        log.info("%s: guest %s arrived (SEND_RARP): %s", self.device.name, mac.hex(":"),
+                 "announced to the network" if done else "nothing to announce it to")
+        return done
 
     def _get_queue_num(self, msg: Message) -> int:
         return self.device.queue_num

@@ -42,11 +42,13 @@ from pyvirtio.bench.harness.backend import PyvirtioNetBackend
 from pyvirtio.bench.harness.initramfs import InitramfsError, find_busybox, find_kernel
 from pyvirtio.bench.harness.iperf import DEFAULT_PORT, IperfResult, IperfServer, run_iperf
 from pyvirtio.bench.harness.netns import NetNamespace
+from pyvirtio._engine import PURE_ENV
 from pyvirtio.bench.harness.qemu import Guest, GuestError, builtin_net_args, vhost_user_net_args
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("lazy", "eager", "builtin")
+#: "-pure": the same back-end on the pure-Python ring engine (PYVIRTIO_PURE=1)
+BACKENDS = ("lazy", "eager", "lazy-pure", "eager-pure", "builtin")
 RINGS = ("split", "packed")
 
 
@@ -176,12 +178,12 @@ class GuestNetwork:
                 self.backend = self._stack.enter_context(
                     PyvirtioNetBackend(
                         self.ns,
-                        policy=v.backend,
+                        policy=v.backend.removesuffix("-pure"),
                         queues=v.queues,
                         log_dir=self.log_dir,
                         profile_dir=self.profile_dir,
                         extra_args=self.backend_args,
-                        env=self.backend_env,
+                        env={**(self.backend_env or {}), **({PURE_ENV: "1"} if v.backend.endswith("-pure") else {})},
                     )
                 )
                 device_args = vhost_user_net_args(
