@@ -327,13 +327,15 @@ STREAM_PORT = 5001
 
 def _bridge(ns: NetNamespace, tap2: str, bridge: str = "pvbr0") -> None:
     """A second TAP in `ns`, both TAPs in one bridge that holds the host address.
-    The bridge floods every frame to both TAPs (no MAC learning): the guest's
-    frames reach the host from whichever QEMU runs it, with no need for an
-    announcement after the migration."""
+    The bridge learns where the guest's MAC is: after the migration the host's
+    frames reach the destination only once something announces the move (a
+    RARP that QEMU or the back-end sends for the guest, VHOST_USER_SEND_RARP),
+    or the guest itself sends; a host-to-guest stream whose sender gets no
+    answer stalls otherwise."""
     def ip(*args: str) -> None:
         subprocess.run(["ip", "-n", ns.name, *args], check=True, capture_output=True, timeout=30)
     ip("tuntap", "add", "dev", tap2, "mode", "tap")
-    ip("link", "add", bridge, "type", "bridge", "ageing_time", "0", "stp_state", "0")
+    ip("link", "add", bridge, "type", "bridge", "stp_state", "0", "forward_delay", "0")
     ip("addr", "del", ns.host_cidr, "dev", ns.tap)
     for tap in (ns.tap, tap2):
         ip("link", "set", tap, "master", bridge)
