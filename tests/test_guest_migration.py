@@ -1,35 +1,43 @@
 """Live migration with a real guest: QEMU 7.2 (TCG) moves a running Linux
 guest to a second QEMU on this host (`-incoming defer`, a unix socket, QMP)
-while the guest works on its disk, and the guest carries on there.
+while the guest works, and the guest carries on there.
 
-The disk is pyvirtio's vhost-user-blk back-end (one per QEMU, both on the
-same image file), or QEMU's built-in virtio-blk for the baseline. During the
-migration the guest:
-
-- writes a known pattern with several O_DIRECT writers (`dd oflag=direct
+blk: the disk is pyvirtio's vhost-user-blk back-end (one per QEMU, both on
+the same image file), or QEMU's built-in virtio-blk for the baseline. During
+the migration the guest
+- writes a known pattern with three O_DIRECT writers (`dd oflag=direct
   conv=fsync`) to distinct 1 MiB regions, each read back (O_DIRECT) at once;
 - reads a host-generated area of the disk through the page cache (buffered
   `dd`, caches dropped first): the device writes those pages into guest RAM
   while QEMU copies the RAM to the destination.
-
 Only the back-end knows which guest pages it wrote: unless it marks them in
 the dirty log QEMU gave it (VHOST_F_LOG_ALL, SET_LOG_BASE), QEMU copies a
 page before the device fills it and never again, and the guest on the
 destination finds stale bytes in its page cache. So after the migration the
 destination checksums the cached area again (without dropping caches; the
 disk's read counter shows it came from the cache, not the device), every
-acknowledged write is read back, dmesg has no I/O error, and the source
-back-end's exit stats show it marked pages. The guest boots with
-`init_on_alloc=0`: Debian's kernel otherwise zeroes every page it allocates,
-a CPU write that QEMU tracks itself and that would hide an unlogged device
-write to a page still unsent.
+acknowledged write is read back (and its bytes on the host), dmesg has no
+I/O error, and the source back-end's exit stats show it marked pages.
 
-The test is not vacuous: the same migration with the source back-end told
-to log nothing (PYVIRTIO_TEST_SKIP_DIRTY_LOG=1, a test-only switch) must
-find corrupt data. The migration bandwidth is capped so that QEMU makes
-several passes while the guest reads.
+net: pyvirtio's vhost-user-net (or QEMU's virtio-net) on a TAP; the
+destination's back-end has its own TAP, both in one learning bridge inside a
+private namespace. The host streams random data into the guest at 3 MiB/s
+across the migration; it goes on through the destination, and the guest's
+md5 of the whole stream matches the host's.
 
-Deselected by default (root, QEMU, a kernel); run with
+Every test also compares the guest's RAM exactly: the destination starts
+paused (`-S`), both QEMUs dump the RAM (`pmemsave`), not one 4 KiB page may
+differ; then the destination runs. The guest boots with `init_on_alloc=0`:
+Debian's kernel otherwise zeroes every page it allocates, a CPU write that
+QEMU tracks itself and that would hide an unlogged device write to a page.
+The migration bandwidth is capped (24 MiB/s) so that QEMU makes several
+passes while the guest works.
+
+Not vacuous: the same migrations with the source back-end told to log
+nothing (PYVIRTIO_TEST_SKIP_DIRTY_LOG=1, a test-only switch) must find stale
+page-cache data (blk), a wrong stream checksum (net) and differing RAM pages.
+
+Deselected by default (root, QEMU, a kernel); about 35 s each; run with
 
     .venv/bin/pytest -m guest tests/test_guest_migration.py -s
 """
