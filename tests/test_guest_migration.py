@@ -34,8 +34,9 @@ The migration bandwidth is capped (24 MiB/s) so that QEMU makes several
 passes while the guest works.
 
 Not vacuous: the same migrations with the source back-end told to log
-nothing (PYVIRTIO_TEST_SKIP_DIRTY_LOG=1, a test-only switch) must find stale
-page-cache data (blk), a wrong stream checksum (net) and differing RAM pages.
+nothing (PYVIRTIO_TEST_SKIP_DIRTY_LOG=1, a test-only switch) must find
+differing RAM pages, and for blk stale page-cache data too (net: the
+stream's checksum usually differs as well; printed).
 
 Deselected by default (root, QEMU, a kernel); about 35 s each; run with
 
@@ -449,11 +450,12 @@ def test_migration_net_baseline_with_qemu_builtin_virtio_net(tmp_path: Path) -> 
 
 
 def test_migration_net_without_dirty_logging_is_caught(tmp_path: Path) -> None:
-    """Non-vacuity: the source back-end marks nothing; frames it wrote into guest
-    buffers after QEMU copied those pages arrive stale on the destination and
-    the guest's checksum of the stream differs from the host's."""
+    """Non-vacuity: the source back-end marks nothing. Frames it wrote into
+    guest buffers after QEMU copied those pages are stale on the destination:
+    the RAM comparison finds them every time; the stream's checksum differs
+    too when such a buffer still held unread data at the switch-over (most
+    runs, not all: 5 of 6 on a 2-core TCG host), so it is printed, not asserted."""
     r = _migrate_streaming_guest(tmp_path, "pyvirtio", "split", skip_log=True)
     assert r["end"][0] == "end" and r["at_switch"] > r["before"]
     assert r["pages_marked"] == 0, "the test-only switch did not switch the logging off"
-    assert not r["intact"], "an unlogged migration went unnoticed: the test cannot see missing dirty logging"
-    assert r["ram_diff_pages"] > 0
+    assert r["ram_diff_pages"] > 0, "an unlogged migration went unnoticed: the test cannot see missing dirty logging"
