@@ -257,8 +257,10 @@ def test_open_existing_file_with_truncate_and_append_without_writeback_cache(sha
     dev.close()
 
 
-def test_with_writeback_cache_the_guest_places_appends_and_may_read_write_only_files(fuse: Fuse,
-                                                                                     shared: Path) -> None:
+def test_with_writeback_cache_the_guest_places_appends_and_may_read_write_only_files(shared: Path) -> None:
+    dev = FsDevice(shared, cache="auto")
+    fuse = Fuse(dev)
+    assert fuse.init()[3] & fs.WRITEBACK_CACHE
     (shared / "f").write_bytes(b"hello")
     nodeid, _ = fuse.lookup("f")
     fh = fuse.open(nodeid, os.O_WRONLY | os.O_APPEND)
@@ -267,6 +269,7 @@ def test_with_writeback_cache_the_guest_places_appends_and_may_read_write_only_f
     fuse.write(nodeid, fh, 0, b"J")
     fuse.release(nodeid, fh)
     assert (shared / "f").read_bytes() == b"Jello world"
+    dev.close()
 
 
 def test_write_and_truncate_clear_setuid_when_the_guest_asks(fuse: Fuse, shared: Path) -> None:
@@ -641,6 +644,27 @@ def test_cache_never_opens_files_for_direct_io_and_caches_nothing(shared: Path) 
     _fh, open_flags, _ = fs.OPEN_OUT.unpack(f.ok(fs.OPEN, nodeid, fs.OPEN_IN.pack(os.O_RDONLY, 0)))
     assert open_flags & fs.FOPEN_DIRECT_IO
     assert f.call(fs.LOOKUP, ROOT, b"missing\0")[0] == errno.ENOENT  # no negative entry to cache
+    dev.close()
+
+
+def test_metadata_cache_is_direct_io_with_names_and_attributes_cached(shared: Path) -> None:
+    (shared / "f").write_text("x")
+    assert FsDevice(shared).cache == "auto"  # the default, as virtiofsd's
+    dev = FsDevice(shared, cache="metadata")
+    f = Fuse(dev)
+    assert not f.init()[3] & fs.WRITEBACK_CACHE  # no page cache for data: nothing to write back
+    body = f.ok(fs.LOOKUP, ROOT, b"f\0")
+    nodeid, _gen, entry_valid, attr_valid, *_ = fs.ENTRY_OUT.unpack_from(body)
+    assert entry_valid == 1 and attr_valid == 1
+    fh, open_flags, _ = fs.OPEN_OUT.unpack(f.ok(fs.OPEN, nodeid, fs.OPEN_IN.pack(os.O_WRONLY | os.O_APPEND, 0)))
+    assert open_flags & fs.FOPEN_DIRECT_IO
+    f.write(nodeid, fh, 0, b"y")  # O_APPEND kept on the host (no write-back cache placing appends)
+    f.release(nodeid, fh)
+    assert (shared / "f").read_text() == "xy"
+    assert fs.OPEN_OUT.unpack_from(f.ok(fs.CREATE, ROOT, fs.CREATE_IN.pack(os.O_RDWR, 0o100644, 0o022, 0)
+                                        + b"h\0"), fs.ENTRY_OUT.size + fs.ATTR.size)[1] & fs.FOPEN_DIRECT_IO
+    nodeid0, _, entry_valid, *_ = fs.ENTRY_OUT.unpack_from(f.ok(fs.LOOKUP, ROOT, b"missing\0"))
+    assert nodeid0 == 0 and entry_valid == 1  # a negative entry the guest may cache
     dev.close()
 
 

@@ -89,6 +89,8 @@ WORKLOAD = [
     ("cd / && umount /mnt && mount -t virtiofs share /mnt && ls /mnt/bigdir | wc -l && ls /mnt/small | wc -l "
      "&& md5sum /mnt/large"),
     "rm -f /mnt/bigdir/e0 /mnt/bigdir/e1 && ls /mnt/bigdir | wc -l && df -k /mnt | tail -1",
+    # a program run from the share (its file is mapped privately: works with direct I/O too)
+    "cp /bin/busybox /mnt/busybox && /mnt/busybox echo exec-ok",
     "sync && umount /mnt",
 ]
 
@@ -122,6 +124,7 @@ def test_guest_uses_the_shared_directory_as_a_file_system(tmp_path: Path, cleanu
     assert outs[13].split("\n")[:2] == [str(BIGDIR), str(SMALL + 3 - 1)]
     assert outs[13].split("\n")[2].split()[0] == large_md5
     assert outs[14].split("\n")[0] == str(BIGDIR - 2)
+    assert outs[15] == "exec-ok"
     assert dmesg == ""
 
     # the host's view of every file

@@ -126,3 +126,15 @@ def test_complete_bulk_refuses_more_bytes_than_the_buffers_hold():
     pair.vq.complete_bulk(b, 8)
     with pytest.raises(ValueError):
         pair.vq.complete_bulk(b, 0)  # twice
+
+
+def test_complete_bulk_with_one_length_refuses_read_only_buffers_and_negative_lengths():
+    pair = QueuePair("split", 8)
+    pair.post(2, out=16)  # device-readable: the device may write nothing
+    b = pair.vq.pop_bulk()
+    for bad in (1, -1):
+        with pytest.raises(ValueError):
+            pair.vq.complete_bulk(b, bad)
+    pair.vq.complete_bulk(b, 0)
+    pair.vq.flush()
+    assert sorted(pair.driver.get_used()) == [(0, 0), (1, 0)]

@@ -27,15 +27,27 @@ Containment (the guest never reaches outside `shared_dir`):
 - SETXATTR/REMOVEXATTR are limited to the `user.` namespace (a guest must
   not set `security.capability` or `trusted.*` on host files).
 
-Caching (`cache`, as virtiofsd names the modes): `never` opens every file
-for direct I/O (no guest page cache, like 9p's cache=none; the guest then
-refuses shared writable mmap) and lets nothing be cached; `auto` (default)
-and `always` let the guest cache names and attributes for `timeout` seconds
-(1 s, a day; missing names too: a LOOKUP that finds nothing answers nodeid
-0 with that timeout) and, unless `writeback=False`, keep a write-back page cache
+Caching (`cache`, as virtiofsd names the modes, and with its default,
+`auto`): `metadata` opens every file for direct I/O (no guest page cache for file data, like 9p's
+default cache=none: each read() and write() is one request of up to
+`max_write` bytes moved straight between the host file and the caller's
+pages; the guest then refuses MAP_SHARED mmap of the file, while MAP_PRIVATE
+mmap and exec still work) and lets the guest cache names and attributes for
+`timeout` seconds (1 s; missing names too: a LOOKUP that finds nothing
+answers nodeid 0 with that timeout; virtiofsd's `metadata` caches them a
+day, `timeout=86400` here). `never` is direct I/O with nothing cached.
+`auto` (default) and `always` cache names and attributes the same way (1 s,
+a day) and keep file data in the guest's page cache, needed for shared
+writable mmap and fast re-reads; unless `writeback=False` it is a write-back cache
 (FUSE_WRITEBACK_CACHE: writes are flushed in the background, many requests
 in flight; files opened write-only are opened read-write on the host and
 O_APPEND is left to the guest, which sends every WRITE with its offset).
+`auto` is the default because programs expect shared mmap to work on a
+file system. Under TCG every byte through the guest's page cache is also
+copied by the emulated guest CPU (~90 MB/s for a guest's read of its own
+tmpfs), which caps a page-cache read far below a direct one: there,
+`metadata` is the faster choice for bulk data.
+
 HANDLE_KILLPRIV_V2: the device clears set-user/group-ID bits when a WRITE,
 truncate or O_TRUNC open asks it to, and the guest skips a GETXATTR
 (security.capability) round trip per write. FLUSH answers ENOSYS (nothing
@@ -61,8 +73,10 @@ import stat
 import struct
 import threading
 import time
+from bisect import bisect_left
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import accumulate
 
 from pyvirtio.device import RING_FEATURES, Device
 from pyvirtio.queue import Chain, IovChain
@@ -153,15 +167,18 @@ FOPEN_KEEP_CACHE = 1 << 1
 
 #: cache modes (as virtiofsd names them) and the name/attribute timeout each implies:
 #: never: no guest page cache for file data (direct I/O, like 9p's cache=none;
-#: shared writable mmap is refused by the guest), nothing cached;
-#: auto: page cache kept while a file is open, write-back cache, 1 s timeouts;
+#: MAP_SHARED mmap is refused by the guest), nothing cached;
+#: metadata: direct I/O for data, names and attributes cached 1 s;
+#: auto (default, as virtiofsd's): page cache kept while a file is open,
+#: write-back cache, 1 s timeouts;
 #: always: page cache kept across opens, write-back cache, a day's timeouts
 #: (only for a directory nothing else changes).
-CACHE_MODES = {"never": 0.0, "auto": 1.0, "always": 86400.0}
+CACHE_MODES = {"never": 0.0, "metadata": 1.0, "auto": 1.0, "always": 86400.0}
+DEFAULT_CACHE = "auto"
 
 
 def cache_uses_page_cache(mode: str) -> bool:
-    return mode != "never"
+    return mode in ("auto", "always")
 
 
 # setattr valid bits
@@ -315,7 +332,7 @@ class FsDevice(Device):
     features = RING_FEATURES
 
     def __init__(self, shared_dir: str | os.PathLike[str], *, tag: str = "pyvirtio", read_only: bool = False,
-                 request_queues: int = 1, cache: str = "auto", timeout: float | None = None,
+                 request_queues: int = 1, cache: str = DEFAULT_CACHE, timeout: float | None = None,
                  max_write: int = 1 << 20,
                  lock_wait: float = 0.5, xattr: bool = True, writeback: bool = True) -> None:
         if not tag or len(tag.encode()) > TAG_MAX:
@@ -334,7 +351,8 @@ class FsDevice(Device):
         self.cache = cache
         self.timeout = timeout
         #: FOPEN_* flags every OPEN/CREATE answers
-        self._open_flags = {"never": FOPEN_DIRECT_IO, "auto": 0, "always": FOPEN_KEEP_CACHE}[cache]
+        self._open_flags = {"never": FOPEN_DIRECT_IO, "metadata": FOPEN_DIRECT_IO, "auto": 0,
+                            "always": FOPEN_KEEP_CACHE}[cache]
         self.max_write = max_write
         self.lock_wait = lock_wait
         self.xattr = xattr
@@ -1163,7 +1181,8 @@ def _iov_span(chain: IovChain, first: int, end: int, skip: int, size: int) -> tu
     """The `struct iovec[]` of bytes [skip, skip + size) of segments first..end
     of an array-form chain, for preadv/pwritev without a view per page; None
     when `skip` does not fall on a segment boundary or the span is too long
-    (the caller takes the general path)."""
+    (the caller takes the general path). Sums and searches the segment
+    lengths with builtins (a 1 MiB READ has 256 of them)."""
     lens = chain.lens
     i = first
     while i < end and skip >= lens[i] and skip:
@@ -1171,11 +1190,14 @@ def _iov_span(chain: IovChain, first: int, end: int, skip: int, size: int) -> tu
         i += 1
     if skip or i >= end or size <= 0:
         return None
-    j = i
-    total = 0
-    while j < end and total < size:
-        total += lens[j]
-        j += 1
+    total = sum(lens[i:end])
+    if total - size < lens[end - 1]:  # the usual case: the buffers are the span (the last one maybe longer)
+        j = end
+    else:
+        sums = list(accumulate(lens[i:end]))
+        k = bisect_left(sums, size)
+        j = i + k + 1
+        total = sums[k]
     if total < size or j - i > IOV_MAX:
         return None
     seg = bytearray(chain.iov[16 * i:16 * j])

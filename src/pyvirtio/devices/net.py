@@ -286,10 +286,11 @@ class _GenSource(RxSource):
         lens = bulk.lens
         ok = lens >= n
         if ok.all():
-            # One numpy scatter of the frame into every buffer (no per-frame Python).
-            region = np.frombuffer(bulk.region_mv, np.uint8)
-            offs = (bulk.addrs - np.uint64(bulk.region_gpa)).astype(np.int64)
-            region[offs[:, None] + self.port.frame_index] = self.port.frame_array
+            # One slice assignment (a memcpy) per buffer: several times
+            # cheaper than one numpy scatter through an index array.
+            mv = bulk.region_mv
+            for o in (bulk.addrs - np.uint64(bulk.region_gpa)).tolist():
+                mv[o:o + n] = frame
             k = bulk.n
             c.packets += k
             c.bytes += k * (n - self.port.hdr_len)
@@ -331,8 +332,6 @@ class GenPort(SinkPort):
         eth = self.mac + src + b"\x88\xb5"  # local experimental ethertype
         body = bytes(i & 0xFF for i in range(self.size - len(eth)))
         self.frame = bytes(hdr) + eth + body
-        self.frame_array = np.frombuffer(self.frame, np.uint8)
-        self.frame_index = np.arange(len(self.frame), dtype=np.int64)
 
     def configure(self, features: int, hdr_len: int) -> None:
         super().configure(features, hdr_len)

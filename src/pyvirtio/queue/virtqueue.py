@@ -32,7 +32,7 @@ from typing import Any, Literal, TypeVar
 import numpy as np
 
 from pyvirtio.memory import GuestMemory
-from pyvirtio.queue.bulk import Bulk
+from pyvirtio.queue.bulk import WRITE_FLAG, Bulk
 from pyvirtio.queue.chain import Chain
 from pyvirtio.queue.errors import InvalidSavedState, QueueError
 from pyvirtio.queue.packed import PackedRing
@@ -53,6 +53,8 @@ log = logging.getLogger(__name__)
 Policy = Literal["lazy", "eager"]
 DEFAULT_BATCH = 64
 U32_MAX = (1 << 32) - 1
+_AND = np.bitwise_and.reduce
+_MIN = np.minimum.reduce
 
 
 class ArmResult(enum.Enum):
@@ -237,8 +239,13 @@ class Virtqueue:
     def complete_bulk(self, bulk: Bulk, written: int | np.ndarray = 0) -> bool:
         """Complete every chain of `bulk`, `written` bytes each (an int, or an
         array in bulk order). Lazy: queued until `flush()`, returns False."""
-        if type(written) is int and written == 0:
-            w: int | np.ndarray = 0
+        w: int | np.ndarray
+        if type(written) is int:
+            # one length for all (a generator's frames): two reductions, no arrays
+            if written and (written < 0 or not int(_AND(bulk.flags)) & WRITE_FLAG
+                            or written > int(_MIN(bulk.lens))):
+                raise ValueError(f"{self.name}: written bytes exceed a buffer's writable length")
+            w = written
         else:
             w = np.asarray(written, np.int64)
             if (w < 0).any() or (w > np.where(bulk.writable, bulk.lens, 0)).any():
@@ -280,7 +287,8 @@ class Virtqueue:
                 ring.enable_kicks_eager()
                 self.armed = True
                 self.stats.arms += 1
-                self._log_ring()
+                if self.dirty is not None:
+                    self._log_ring()
                 self.mem.fence()
                 if not ring.recheck():
                     return
@@ -289,7 +297,8 @@ class Virtqueue:
             out.append(c)
             ring.disable_kicks_eager()
             self.armed = False
-            self._log_ring()
+            if self.dirty is not None:
+                self._log_ring()
 
     def arm(self) -> ArmResult:
         """Call at the sleep boundary. Enables kicks, issues a full fence and
