@@ -12,6 +12,8 @@ Three parts, usable together or alone:
   attaches to, and the place to run host-side peers such as `iperf3 -s`;
 * `PyvirtioNetBackend` (backend.py): our vhost-user-net back-end as a child
   process inside that namespace, serving its TAP, with its counters on demand;
+* `destination`, `migrate` (migration.py): a second QEMU for the same guest
+  (`-incoming defer`) and a live migration into it over QMP;
 * `IperfServer`, `run_iperf` (iperf.py): iperf3 between guest and namespace;
 * `GuestNetwork` (network.py): all of the above for one `NetVariant`
   (back-end lazy/eager/builtin, ring, EVENT_IDX, ...), as tests and
@@ -45,6 +47,7 @@ from pyvirtio.bench.harness.iperf import (
     parse_iperf_json,
     run_iperf,
 )
+from pyvirtio.bench.harness.migration import MigrationError, MigrationResult, destination, migrate
 from pyvirtio.bench.harness.netns import (
     NetNamespace,
     NetNamespaceError,
@@ -88,6 +91,8 @@ __all__ = [
     "IperfResult",
     "IperfServer",
     "KernelInfo",
+    "MigrationError",
+    "MigrationResult",
     "NetNamespace",
     "NetNamespaceError",
     "NetVariant",
@@ -97,9 +102,11 @@ __all__ = [
     "builtin_blk_args",
     "builtin_net_args",
     "builtin_rng_args",
+    "destination",
     "extract_vmlinux",
     "feature_bit",
     "find_kernel",
+    "migrate",
     "netns_exists",
     "parse_iperf_json",
     "qemu_escape",

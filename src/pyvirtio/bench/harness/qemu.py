@@ -52,6 +52,7 @@ from pyvirtio.bench.harness.initramfs import (
     kernel_supports_pvh,
 )
 from pyvirtio.bench.harness.netns import wrap_command
+from pyvirtio.bench.harness.qmp import QMP
 
 log = logging.getLogger(__name__)
 
@@ -435,6 +436,14 @@ class Guest:
             an unhandled SIGTERM). The signal fires when the *thread* that
             called `start` exits, so start the guest from a thread that
             outlives it (the main thread, or pass False).
+        qmp: give QEMU a QMP socket (in the private socket directory); `qmp()`
+            returns a client connected to it.
+        incoming: start QEMU as a live-migration destination (`-incoming
+            <incoming>`, e.g. "defer"): it runs no guest of its own, so
+            entering the `with` only starts it (no boot to wait for);
+            `migration.migrate` brings the guest in and calls
+            `migrated_in`, after which `run` talks to the guest that booted
+            in the source. Implies `qmp`.
     """
 
     def __init__(
@@ -458,6 +467,8 @@ class Guest:
         boot_timeout: float = 120.0,
         extra_args: Sequence[str] = (),
         die_with_parent: bool = True,
+        qmp: bool = False,
+        incoming: str | None = None,
     ) -> None:
         if smp < 1 or memory_mib < 64:
             raise ValueError("smp must be >= 1 and memory_mib >= 64")
@@ -480,6 +491,8 @@ class Guest:
         self.boot_timeout = boot_timeout
         self.extra_args = list(extra_args)
         self.die_with_parent = die_with_parent
+        self.incoming = incoming
+        self.want_qmp = qmp or incoming is not None
         self._user_log_dir = log_dir
         self.log_dir: Path | None = log_dir
         self.boot_seconds: float | None = None
@@ -500,6 +513,9 @@ class Guest:
         self._keep_logs = False
         self._ids = itertools.count(1)
         self._t_start = 0.0
+        self._qmp_path: str | None = None
+        self._qmp: QMP | None = None
+        self._migrated_out = False  # the guest now runs elsewhere: this QEMU is paused for good
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -507,6 +523,39 @@ class Guest:
     def pid(self) -> int | None:
         """The QEMU process id (None before `start`)."""
         return self._proc.pid if self._proc is not None else None
+
+    @property
+    def qmp_path(self) -> str | None:
+        """The QMP socket (None without `qmp=True` or before `start`)."""
+        return self._qmp_path
+
+    def qmp(self) -> QMP:
+        """The QMP client of this QEMU, connected on first use and closed by `close`
+        (QEMU serves one QMP client at a time on a socket)."""
+        if self._qmp_path is None:
+            raise GuestError("this guest has no QMP socket (Guest(qmp=True)) or is not started")
+        if self._qmp is None:
+            self._qmp = QMP(self._qmp_path)
+        return self._qmp
+
+    @property
+    def booted(self) -> bool:
+        """Whether `run` may be used: the guest booted here, or migrated in."""
+        return self._booted
+
+    def migrated_in(self) -> None:
+        """The guest now runs in this (destination) QEMU: `run` talks to it.
+        Called by `migration.migrate` once the migration completed."""
+        if self.incoming is None:
+            raise GuestError("not a migration destination (Guest(incoming=...))")
+        with self._cond:
+            self._booted = True
+            self.boot_seconds = 0.0
+
+    def migrated_out(self) -> None:
+        """The guest left this (source) QEMU, which stays paused: `close` stops
+        it without asking the guest to power off (it would never answer)."""
+        self._migrated_out = True
 
     @property
     def serial_log(self) -> Path | None:
@@ -553,6 +602,10 @@ class Guest:
             *self.device_args,
             *self.extra_args,
         ]
+        if self._qmp_path is not None:
+            argv += ["-qmp", f"unix:{qemu_escape(self._qmp_path)},server=on,wait=off"]
+        if self.incoming is not None:
+            argv += ["-incoming", self.incoming]
         # fmt: on
         return wrap_command(argv, netns=self.netns, die_with_parent=self.die_with_parent)
 
@@ -583,6 +636,8 @@ class Guest:
         # A short private directory: unix socket paths are limited to 107 bytes.
         self._sock_dir = tempfile.mkdtemp(prefix="pvg-")
         sock_path = os.path.join(self._sock_dir, "serial.sock")
+        if self.want_qmp:
+            self._qmp_path = os.path.join(self._sock_dir, "qmp.sock")
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._listener = listener
         listener.bind(sock_path)
@@ -706,7 +761,7 @@ class Guest:
         if len(cmd.encode()) > MAX_COMMAND_BYTES:
             raise ValueError(f"guest command longer than {MAX_COMMAND_BYTES} bytes")
         if not self._booted:
-            raise GuestError("guest not booted (call wait_booted first)")
+            raise GuestError("guest not booted (call wait_booted first, or migrate it in)")
         assert self._conn is not None
         cid = f"c{next(self._ids)}"
         begin = BEGIN_MARKER.format(id=cid)
@@ -748,7 +803,7 @@ class Guest:
         proc = self._proc
         if proc is None or proc.poll() is not None:
             return
-        if self._booted and self._conn is not None:
+        if self._booted and self._conn is not None and not self._migrated_out:
             with contextlib.suppress(OSError):
                 self._conn.sendall(b"off poweroff -f\n")
             try:
@@ -787,6 +842,10 @@ class Guest:
             finally:
                 self._kill()
         finally:
+            if self._qmp is not None:
+                with contextlib.suppress(OSError):
+                    self._qmp.close()
+                self._qmp = None
             for s in (self._conn, self._listener):
                 if s is not None:
                     with contextlib.suppress(OSError):
@@ -808,7 +867,8 @@ class Guest:
     def __enter__(self) -> Self:
         try:
             self.start()
-            self.wait_booted()
+            if self.incoming is None:
+                self.wait_booted()
         except BaseException:
             self._failed = True
             self.close()
