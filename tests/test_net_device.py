@@ -174,7 +174,7 @@ def test_after_a_migration_send_rarp_announces_the_guest_on_the_tap(tmp_path):
 
     name = f"pvr{uuid.uuid4().hex[:8]}"
     mac = bytes.fromhex("02aabbccdd01")
-    with running(tmp_path, f"tap:{name}") as (path, be):
+    with running(tmp_path, f"tap:{name}") as (path, _be):
         subprocess.run(["ip", "link", "set", name, "up"], check=True, capture_output=True)
         host = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x8035))
         host.bind((name, 0))

@@ -51,8 +51,8 @@ PAGE_SHIFT = 12
 SKIP_ENV = "PYVIRTIO_TEST_SKIP_DIRTY_LOG"
 
 try:
-    from pyvirtio._fence import address as _address  # type: ignore[attr-defined]
-    from pyvirtio._fence import log_mark as _log_mark  # type: ignore[attr-defined]
+    from pyvirtio._fence import address as _address  # type: ignore[import-not-found,unused-ignore]
+    from pyvirtio._fence import log_mark as _log_mark  # type: ignore[import-not-found,unused-ignore]
     ATOMIC = True
 except ImportError:  # pragma: no cover - exercised only without a C compiler
     ATOMIC = False

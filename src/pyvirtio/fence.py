@@ -29,7 +29,7 @@ release: Callable[[], None]
 IMPLEMENTATION: str
 
 try:
-    from pyvirtio import _fence  # type: ignore[attr-defined]
+    from pyvirtio import _fence  # type: ignore[attr-defined,unused-ignore]
 
     full = _fence.full
     acquire = _fence.acquire

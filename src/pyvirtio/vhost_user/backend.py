@@ -540,6 +540,7 @@ class Backend:
                         "(this back-end logs only into a shared-memory log)")
             return None
         try:
+            assert b.fd is not None  # the decoder requires one
             dirty = DirtyLog.map_fd(b.fd, b.mmap_size, b.mmap_offset, self.mem)
         except (ValueError, OSError) as e:
             raise FrontendProtocolError(f"SET_LOG_BASE: cannot map the log: {e}", msg.request) from None

@@ -38,11 +38,11 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
+from pyvirtio._engine import PURE_ENV
 from pyvirtio.bench.harness.backend import PyvirtioNetBackend
 from pyvirtio.bench.harness.initramfs import InitramfsError, find_busybox, find_kernel
 from pyvirtio.bench.harness.iperf import DEFAULT_PORT, IperfResult, IperfServer, run_iperf
 from pyvirtio.bench.harness.netns import NetNamespace
-from pyvirtio._engine import PURE_ENV
 from pyvirtio.bench.harness.qemu import Guest, GuestError, builtin_net_args, vhost_user_net_args
 
 log = logging.getLogger(__name__)
