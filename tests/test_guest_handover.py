@@ -14,6 +14,7 @@ Deselected by default (root, QEMU, a kernel); run with
 from __future__ import annotations
 
 import re
+import shutil
 import tempfile
 import threading
 import time
@@ -38,14 +39,15 @@ def _requirements() -> None:
 
 @pytest.mark.parametrize("ring", ["split", "packed"])
 def test_stop_cont_cycles_during_out_of_order_writes_lose_and_repeat_nothing(
-        tmp_path: Path, cleanup: list[object], ring: str) -> None:  # noqa: F811
+        tmp_path: Path, cleanup: list[object], ring: str, request: pytest.FixtureRequest) -> None:  # noqa: F811
     t0 = time.monotonic()
     nregions = 48
     image = _image(tmp_path, nregions * REGION)
     be = _blk_backend(tmp_path, image, "--inject-latency-ms", "3", "--io-threads", "3")
     cleanup.append(be)
     be.start()
-    qmp_dir = tempfile.mkdtemp(prefix="pvq-")
+    qmp_dir = tempfile.mkdtemp(prefix="pvq-")  # short: a socket path has at most 107 bytes
+    request.addfinalizer(lambda: shutil.rmtree(qmp_dir, ignore_errors=True))
     qmp_path = f"{qmp_dir}/qmp.sock"
     extra = {"packed": True} if ring == "packed" else {}
     guest = Guest(device_args=vhost_user_blk_args(be.sock, num_queues=1, extra=extra), log_dir=tmp_path,
