@@ -239,6 +239,11 @@ def test_create_write_read_back_and_the_host_file_matches(fuse: Fuse, shared: Pa
     assert (shared / "a.txt").read_bytes() == data
     assert stat.S_IMODE((shared / "a.txt").stat().st_mode) == 0o644
     assert fuse.lookup("a.txt")[1][1] == len(data)  # size attr
+    # the stats say what each request type cost, and the time adds up
+    st = fuse.dev.stats()["fs"]
+    assert st["read_bytes"] >= len(data) + 262_144 and st["write_bytes"] == len(data)
+    assert st["op_us"]["write"] > 0 and st["op_us"]["read"] > 0
+    assert set(st["op_us"]) <= set(st["ops"]) and sum(st["op_us"].values()) == st["busy_us"]
 
 
 def test_open_existing_file_with_truncate_and_append_without_writeback_cache(shared: Path) -> None:

@@ -199,17 +199,31 @@ def test_guest_cannot_leave_the_shared_directory(tmp_path: Path, cleanup: list[o
 
 def test_fs_bench_measures_ours_and_9p_in_one_run(tmp_path: Path) -> None:
     """A small `pyvirtio bench guest-fs`: our default back-end and QEMU's
-    virtio-9p serve the same guest workload; the table has every rate and
-    the ratios to 9p; nothing is left behind."""
-    from pyvirtio.bench.guest_fs import FsBenchConfig, format_table, run
+    virtio-9p with the same data caching (cache=loose) serve the same guest
+    workload; the table has every rate, our back-end's time per MiB and the
+    ratios to that 9p; nothing is left behind."""
+    from pyvirtio.bench.guest_fs import BASELINE, FsBenchConfig, format_table, run
 
-    cfg = FsBenchConfig(targets=("pyvirtio-fs", "9p"), file_mib=8, small_files=100, work_dir=tmp_path)
+    assert BASELINE["pyvirtio-fs"] == "9p-loose" and BASELINE["pyvirtio-fs-metadata"] == "9p"
+    cfg = FsBenchConfig(targets=("pyvirtio-fs", "9p-loose"), file_mib=8, small_files=100, work_dir=tmp_path)
     res = run(cfg)
     table = format_table(res)
     print("\n" + table)
-    assert [r["target"] for r in res] == ["pyvirtio-fs", "9p"]
+    assert [r["target"] for r in res] == ["pyvirtio-fs", "9p-loose"]
     for r in res:
         assert r["write_MBps"] > 0.5 and r["read_MBps"] > 0.5
         assert r["create_per_s"] > 5 and r["stat_per_s"] > 5 and r["delete_per_s"] > 5
-    assert "1.00/1.00/1.00/1.00/1.00" in table.splitlines()[3]
+    ours, base = res
+    # our back-end's own time per MiB: more than nothing, less than the guest's whole wall time per MiB
+    for op, rate in (("write", "write_MBps"), ("read", "read_MBps")):
+        assert 0 < ours[f"backend_{op}_us_per_MiB"] < 1.05 * MiB_us / ours[rate]
+    assert "backend_read_us_per_MiB" not in base
+    row = table.splitlines()[2]
+    ratios = "/".join(f"{ours[k] / base[k]:.2f}" for k in ("write_MBps", "read_MBps", "create_per_s",
+                                                             "stat_per_s", "delete_per_s"))
+    assert row.startswith("pyvirtio-fs ") and row.endswith(f"9p-loose  {ratios}")
     assert list(tmp_path.iterdir()) == []
+
+
+#: microseconds per MiB at 1 MB/s
+MiB_us = float(1 << 20)

@@ -373,6 +373,10 @@ class FsDevice(Device):
         self._valid = (int(timeout), int((timeout % 1) * 1e9))
         #: requests per opcode
         self.ops_seen: dict[int, int] = {}
+        #: microseconds spent serving each opcode
+        self.op_us: dict[int, int] = {}
+        #: the opcode being served, per queue thread
+        self._current = threading.local()
         self.counters = {"requests": 0, "errors": 0, "busy_us": 0, "reads": 0, "read_bytes": 0, "writes": 0,
                          "write_bytes": 0}
         self._ops: dict[int, Callable[[tuple[int, ...], bytes, Chain], bytes | None]] = {
@@ -398,7 +402,9 @@ class FsDevice(Device):
 
     def stats(self) -> dict[str, object]:
         ops = {OPCODE_NAMES.get(op, "unknown"): n for op, n in sorted(self.ops_seen.items())}
-        return {"fs": {**self.counters, "inodes": len(self._inodes), "handles": len(self._handles), "ops": ops}}
+        op_us = {OPCODE_NAMES.get(op, "unknown"): us for op, us in sorted(self.op_us.items())}
+        return {"fs": {**self.counters, "inodes": len(self._inodes), "handles": len(self._handles), "ops": ops,
+                       "op_us": op_us}}
 
     def queue_role(self, index: int) -> str:
         return "hiprio" if index == 0 else f"req{index - 1}"
@@ -410,10 +416,14 @@ class FsDevice(Device):
 
     def handle(self, queue: int, chain: Chain) -> int:
         t = time.perf_counter()
+        self._current.op = -1
         try:
             return self._handle_request(chain)
         finally:
-            self.counters["busy_us"] += int((time.perf_counter() - t) * 1e6)
+            us = int((time.perf_counter() - t) * 1e6)
+            self.counters["busy_us"] += us
+            op = self._current.op
+            self.op_us[op] = self.op_us.get(op, 0) + us
 
     def _handle_request(self, chain: Chain) -> int:
         if chain.readable_len < IN_HEADER.size:
@@ -426,6 +436,7 @@ class FsDevice(Device):
         ops = self.ops_seen
         key = opcode if opcode in OPCODE_NAMES else -1  # bounded: a guest may send any number
         ops[key] = ops.get(key, 0) + 1
+        self._current.op = key
         if opcode in (FORGET, BATCH_FORGET, INTERRUPT):
             if opcode == FORGET:
                 self._forget(hdr[3], FORGET_IN.unpack_from(head, IN_HEADER.size)[0])
