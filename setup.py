@@ -4,6 +4,8 @@ Compiled pieces (all optional; pure Python is complete without them):
 
 - `pyvirtio._fence` (src/pyvirtio/_fence.c): a full memory barrier.
   pyvirtio.fence falls back to membarrier(2) when it could not be built.
+- `pyvirtio._ringscan` (src/pyvirtio/_ringscan.c): the split ring's batch
+  scan in one call; queue/split.py keeps the numpy version beside it.
 - the ring engine (the modules in ENGINE), compiled from their own `.py`
   source by mypyc: one shared library (`pyvirtio__mypyc`) and, beside each
   `.py` file, a small extension of the same name that loads it. Without
@@ -37,6 +39,9 @@ ENGINE = [
 GROUP = "pyvirtio"  # the shared library: pyvirtio__mypyc
 
 FENCE = Extension("pyvirtio._fence", ["src/pyvirtio/_fence.c"], optional=True)
+#: the split ring's batch scan (the engine's one hand-written C piece; the
+#: numpy version beside it in queue/split.py runs without it)
+RINGSCAN = Extension("pyvirtio._ringscan", ["src/pyvirtio/_ringscan.c"], optional=True)
 
 
 def _warn(msg: str) -> None:
@@ -112,4 +117,4 @@ class BuildExt(build_ext):
             built.append(self.get_ext_fullpath(ext.name))
 
 
-setup(ext_modules=[FENCE], cmdclass={"build_ext": BuildExt})
+setup(ext_modules=[FENCE, RINGSCAN], cmdclass={"build_ext": BuildExt})

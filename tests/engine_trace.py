@@ -87,7 +87,10 @@ def trace(data: bytes) -> list[Any]:
                 ws.append(c.write(bytes([0xD7 ^ (c.id & 0xFF)]) * min(c.writable_len, 32)))
             try:
                 if hasattr(unit, "chains"):
-                    vq.complete_bulk(unit, np.array(ws, np.uint32))  # type: ignore[arg-type]
+                    out.append(["bulk", list(unit.len_summary())])  # type: ignore[attr-defined]
+                    # one length for all takes the int form (what a generator passes), else one each
+                    w: Any = ws[0] if len(set(ws)) == 1 else np.array(ws, np.uint32)
+                    vq.complete_bulk(unit, w)  # type: ignore[arg-type]
                 else:
                     vq.complete(unit, ws[0])  # type: ignore[arg-type]
             except Exception as e:  # noqa: BLE001

@@ -105,7 +105,7 @@ def compare(pure: PureWorker, data: bytes) -> list[Any]:
 
 
 def test_the_two_engines_really_differ(pure: PureWorker) -> None:
-    assert _engine.name() == "mypyc"
+    assert _engine.name().startswith("mypyc")
     assert pure.engine.startswith("pure")
 
 

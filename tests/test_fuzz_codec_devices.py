@@ -240,7 +240,7 @@ def test_decoder_on_arbitrary_bytes_and_fds_raises_only_frontend_errors_and_leak
         event(f"decoded {type(m.body).__name__}")
         assert isinstance(m.body, (type(None), Features, SetMemTable, MemRegMsg, LogInfo, VringState, VringAddr,
                                    VringFd, Config, InflightInfo, Status, Rarp, Unknown)) or m.body.__class__.__name__ in (
-            "U64", "BackendReqFd")
+            "U64", "BackendReqFd", "LogFd")
         if max_queues is not None and isinstance(m.body, (VringState, VringAddr, VringFd)):
             assert m.body.index < max_queues
         m.close_fds()

@@ -849,6 +849,14 @@ class _MutatingArea(CountingArea):
         self.owner.after_read(self, [(off, length)])
         return v
 
+    def gather_split(self, desc, start, n, q, heads, descs):  # type: ignore[no-untyped-def]
+        # the C batch scan: every head it read, then every descriptor
+        v = super().gather_split(desc, start, n, q, heads, descs)
+        self.owner.after_read(self, [(AVAIL_RING + 2 * ((start + i) % q), 2) for i in range(n)])
+        if v[0] < 0:
+            self.owner.after_read(desc, [(int(h) * 16, 16) for h in heads])
+        return v
+
 
 @pytest.mark.parametrize("ring", RINGS)
 @pytest.mark.parametrize("mode", MODES)

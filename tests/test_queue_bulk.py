@@ -138,3 +138,35 @@ def test_complete_bulk_with_one_length_refuses_read_only_buffers_and_negative_le
     pair.vq.complete_bulk(b, 0)
     pair.vq.flush()
     assert sorted(pair.driver.get_used()) == [(0, 0), (1, 0)]
+
+
+@pytest.mark.parametrize("ring", RINGS)
+def test_bulk_fill_copies_one_payload_into_every_buffer_and_refuses_what_cannot_take_it(ring):
+    """`Bulk.fill` (a generator's frame into a batch of receive buffers; C
+    with the compiled engine, slices in pure Python): every buffer gets the
+    payload at its start and nothing past it; a batch with a buffer too
+    short, or one the device may only read, is refused with nothing written."""
+    pair = QueuePair(ring, 16)
+    gpas = pair.post(6, out=0, in_=80)
+    for g in gpas:
+        pair.raw.write(g, b"\xEE" * 80)
+    b = pair.vq.pop_bulk(16)
+    assert isinstance(b, Bulk) and b.len_summary() == (80, 80, 480)
+    payload = bytes(range(60))
+    b.fill(payload)
+    for g in gpas:
+        assert pair.raw.read(g, 80) == payload + b"\xEE" * 20
+    with pytest.raises(ValueError):
+        b.fill(bytes(81))  # longer than the buffers
+    assert all(pair.raw.read(g, 80) == payload + b"\xEE" * 20 for g in gpas)
+    pair.vq.complete_bulk(b, 60)
+    pair.vq.flush()
+    assert [w for _, w in pair.driver.get_used()] == [60] * 6
+    # device-readable buffers: refused, untouched
+    gpas = pair.post(3, out=40)
+    originals = [pair.raw.read(g, 40) for g in gpas]
+    b = pair.vq.pop_bulk(16)
+    assert isinstance(b, Bulk)
+    with pytest.raises(ValueError):
+        b.fill(b"x" * 10)
+    assert [pair.raw.read(g, 40) for g in gpas] == originals

@@ -39,9 +39,30 @@ except ImportError:  # pragma: no cover
 if sys.byteorder != "little":  # pragma: no cover
     raise ImportError("pyvirtio's ring code assumes a little-endian host")
 
+#: the split ring's batch scan in C (pyvirtio/_ringscan.c), with the compiled
+#: engine only: PYVIRTIO_PURE=1 or a build without it keep the numpy scan
+_ScanFn = Callable[[memoryview, memoryview, int, int, int, np.ndarray, np.ndarray],
+                   tuple[int, int, int, int, int, int, int]]
+_UsedFn = Callable[[memoryview, int, int, np.ndarray, "int | np.ndarray"], None]
+_FillFn = Callable[[memoryview, np.ndarray, int, np.ndarray, bytes], None]
+_split_gather: _ScanFn | None = None
+_split_used: _UsedFn | None = None
+#: copy one payload into every buffer of a batch (`Bulk.fill`)
+ring_fill: _FillFn | None = None
+if os.environ.get("PYVIRTIO_PURE", "") in ("", "0"):
+    try:
+        from pyvirtio._ringscan import fill as ring_fill  # type: ignore[import-not-found,no-redef,unused-ignore]
+        from pyvirtio._ringscan import split_gather as _split_gather  # type: ignore[import-not-found,no-redef,unused-ignore]
+        from pyvirtio._ringscan import split_used as _split_used  # type: ignore[import-not-found,no-redef,unused-ignore]
+    except ImportError:
+        _split_gather = _split_used = ring_fill = None
+#: whether `Area.gather_split` is available
+HAVE_RING_SCAN = _split_gather is not None
+
 U64_MAX = (1 << 64) - 1
 _U64 = np.dtype(np.uint64)
 _U16 = np.dtype(np.uint16)
+SPLIT_DESC_SIZE = 16
 
 
 class GuestMemoryError(Exception):
@@ -138,6 +159,28 @@ class Area:
         """Copy record `i` of a table of `dtype` for each i in `index`
         (one read per record)."""
         return self._table(dtype)[index]
+
+    def put_used(self, start: int, q: int, ids: np.ndarray, written: int | np.ndarray) -> None:
+        """Write len(ids) used elements (id, written) from slot `start` of this
+        used ring, wrapping at q (one bulk write, two when they wrap; as
+        `np_write`). `ids` u16, `written` an int or one u32 each. Needs
+        HAVE_RING_SCAN."""
+        assert _split_used is not None
+        _split_used(self.mv, start, q, ids, written)
+
+    def gather_split(self, desc: Area, start: int, n: int, q: int, heads: np.ndarray,
+                     descs: np.ndarray) -> tuple[int, int, int, int, int, int, int]:
+        """This avail ring's `n` heads from slot `start` (one bulk read, two
+        when they wrap, into `heads`) and, when every head is below `q`, each head's descriptor
+        from `desc` (one read each, into `descs`): returns (-1, OR of the
+        flags, lowest addr, highest addr + len, lowest len, highest len, sum
+        of lens), or (index of the first head >= q, 0, ...) having read no
+        descriptor. Needs HAVE_RING_SCAN."""
+        assert _split_gather is not None
+        return _split_gather(self.mv, desc.mv, start, n, q, heads, descs)
+
+    def count_reads(self, reads: int, nbytes: int) -> None:
+        """Account for reads made outside this area's methods (none here)."""
 
     def np_scatter64(self, word_index: np.ndarray, values: np.ndarray) -> None:
         """Store u64 `values[k]` at 8-byte word `word_index[k]`, one aligned
@@ -479,6 +522,30 @@ class CountingArea(Area):
         c.reads += len(index)
         c.bytes_read += dtype.itemsize * len(index)
         return self._table(dtype)[index]
+
+    def put_used(self, start: int, q: int, ids: np.ndarray, written: int | np.ndarray) -> None:
+        assert _split_used is not None
+        _split_used(self.mv, start, q, ids, written)
+        n = len(ids)
+        c = self.c
+        c.writes += 1 if start + n <= q else 2
+        c.bytes_written += 8 * n
+
+    def gather_split(self, desc: Area, start: int, n: int, q: int, heads: np.ndarray,
+                     descs: np.ndarray) -> tuple[int, int, int, int, int, int, int]:
+        assert _split_gather is not None
+        r = _split_gather(self.mv, desc.mv, start, n, q, heads, descs)
+        c = self.c
+        c.reads += 1 if start + n <= q else 2  # as the numpy scan: one bulk read, two when it wraps
+        c.bytes_read += 2 * n
+        if r[0] < 0:
+            desc.count_reads(n, SPLIT_DESC_SIZE * n)
+        return r
+
+    def count_reads(self, reads: int, nbytes: int) -> None:
+        c = self.c
+        c.reads += reads
+        c.bytes_read += nbytes
 
     def np_scatter64(self, word_index: np.ndarray, values: np.ndarray) -> None:
         c = self.c

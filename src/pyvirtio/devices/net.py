@@ -230,14 +230,17 @@ class SinkPort(Port):
         c.bytes += sum(lens) - h * n
 
     def tx_bulk(self, pair: int, bulk: Any, c: QueueCounters) -> None:
-        lens = bulk.lens
+        lo, hi, total = bulk.len_summary()
         h = self.hdr_len
-        if int(_MIN(lens)) < h or int(_MAX(lens)) > h + MAX_GSO_FRAME:  # not frames: drop, count them
+        n = bulk.n
+        if lo < h or hi > h + MAX_GSO_FRAME:  # not frames: drop, count them
+            lens = bulk.lens
             lens = lens[(lens >= h) & (lens <= h + MAX_GSO_FRAME)]
-            c.dropped += bulk.n - len(lens)
-        n = len(lens)
+            c.dropped += n - len(lens)
+            n = len(lens)
+            total = int(_SUM(lens))
         c.packets += n
-        c.bytes += int(_SUM(lens)) - h * n
+        c.bytes += total - h * n
 
 
 class _GenSource(RxSource):
@@ -283,20 +286,15 @@ class _GenSource(RxSource):
         of one descriptor each). Returns the bytes written per buffer."""
         frame = self.port.frame
         n = len(frame)
-        lens = bulk.lens
-        ok = lens >= n
-        if ok.all():
-            # One slice assignment (a memcpy) per buffer: several times
-            # cheaper than one numpy scatter through an index array.
-            mv = bulk.region_mv
-            for o in (bulk.addrs - np.uint64(bulk.region_gpa)).tolist():
-                mv[o:o + n] = frame
+        if bulk.len_summary()[0] >= n:  # every buffer big enough (Bulk.fill refuses read-only ones)
+            bulk.fill(frame)  # one batch copy in the engine
             k = bulk.n
             c.packets += k
             c.bytes += k * (n - self.port.hdr_len)
             return n
         views = bulk.views()
         written = []
+        ok = bulk.lens >= n
         for v, fits in zip(views, ok.tolist()):
             if fits:
                 v[:n] = frame

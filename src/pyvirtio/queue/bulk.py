@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from pyvirtio.memory import ring_fill
 from pyvirtio.queue.chain import Chain
 
 WRITE_FLAG = 0x2  # VIRTQ_DESC_F_WRITE, the same bit in both formats
@@ -37,10 +38,11 @@ class Bulk:
     - all buffers lie in one memory region, `region_gpa`/`region_mv`
     """
 
-    __slots__ = ("_pos0", "_ring", "addrs", "flags", "ids", "lens", "n", "region_gpa", "region_mv")
+    __slots__ = ("_len_summary", "_pos0", "_ring", "addrs", "flags", "ids", "lens", "n", "region_gpa", "region_mv")
 
     def __init__(self, ids: np.ndarray, pos0: int, ring: int, addrs: np.ndarray, lens: np.ndarray,
-                 flags: np.ndarray, region_gpa: int, region_mv: memoryview) -> None:
+                 flags: np.ndarray, region_gpa: int, region_mv: memoryview,
+                 len_summary: tuple[int, int, int] | None = None) -> None:
         self.ids = ids
         self._pos0 = pos0
         self._ring = ring  # positions wrap here (2^16 for split indices, Q for packed slots)
@@ -50,6 +52,7 @@ class Bulk:
         self.region_gpa = region_gpa
         self.region_mv = region_mv
         self.n = len(ids)
+        self._len_summary = len_summary
 
     # computed on demand: the hot path never needs them for device-readable runs
 
@@ -61,6 +64,16 @@ class Bulk:
     def writable(self) -> np.ndarray:
         return (self.flags & WRITE_FLAG) != 0
 
+    def len_summary(self) -> tuple[int, int, int]:
+        """(shortest, longest, total) buffer length: free when the ring scan
+        already summed them (the C scan), else three reductions."""
+        s = self._len_summary
+        if s is None:
+            lens = self.lens
+            s = self._len_summary = (int(np.minimum.reduce(lens)), int(np.maximum.reduce(lens)),
+                                     int(np.add.reduce(lens, dtype=np.uint64)))
+        return s
+
     def __len__(self) -> int:
         return self.n
 
@@ -71,6 +84,23 @@ class Bulk:
         """Zero-copy view of buffer `i`."""
         off = int(self.addrs[i]) - self.region_gpa
         return self.region_mv[off : off + int(self.lens[i])]
+
+    def fill(self, data: bytes) -> None:
+        """Copy `data` to the start of every buffer (a generator's frame into
+        a batch of receive buffers): one C call with the compiled engine, one
+        slice assignment per buffer otherwise. Every buffer must be writable
+        and at least len(data) long (ValueError, nothing written)."""
+        k = len(data)
+        lo = self.len_summary()[0] if self.n else k
+        if lo < k or (self.n and not int(np.bitwise_and.reduce(self.flags)) & WRITE_FLAG):
+            raise ValueError(f"{self!r}: a buffer is read-only or shorter than {k} bytes")
+        if ring_fill is not None:
+            ring_fill(self.region_mv, np.ascontiguousarray(self.addrs), self.region_gpa,
+                      np.ascontiguousarray(self.lens), data)
+            return
+        mv = self.region_mv
+        for o in (self.addrs - np.uint64(self.region_gpa)).tolist():
+            mv[o : o + k] = data
 
     def views(self) -> list[memoryview]:
         """Zero-copy views of every buffer, in ring order."""

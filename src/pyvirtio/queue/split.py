@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from pyvirtio import fence as _fence
-from pyvirtio.memory import AreaKind, GuestMemory, GuestMemoryError
+from pyvirtio.memory import HAVE_RING_SCAN, AreaKind, GuestMemory, GuestMemoryError
 from pyvirtio.queue.bulk import SPLIT_DESC_DTYPE, Bulk
 from pyvirtio.queue.chain import IOV_MIN_SEGMENTS, Chain, build_chain, build_iov_chain
 from pyvirtio.queue.errors import (
@@ -72,6 +72,7 @@ _INDIRECT = int(DescFlags.INDIRECT)
 _NO_INTERRUPT = int(AvailFlags.NO_INTERRUPT)
 _NO_NOTIFY = int(UsedFlags.NO_NOTIFY)
 _WEAK = _fence.WEAK_ORDERING
+_U16 = np.dtype(np.uint16)
 _USED_STRUCTS: dict[int, struct.Struct] = {}
 #: a sequential indirect table's `next` fields (entry i links to i + 1), low and high bytes
 _SEQ_LO = bytes((i + 1) & 0xFF for i in range(MAX_QUEUE_SIZE))
@@ -267,6 +268,8 @@ class SplitRing:
         q = self.size
         start = last & (q - 1)
         avail = self.avail
+        if HAVE_RING_SCAN:
+            return self._fetch_bulk_scan(out, last, start, n)
         if start + n <= q:
             heads = avail.np_load16s(AVAIL_RING + 2 * start, n)
         else:
@@ -288,6 +291,26 @@ class SplitRing:
                 self.last_avail = (last + n) & 0xFFFF
                 return Bulk(heads, last, 0x10000, addrs, lens, flags, g, r.mv)
         self._consume(out, heads.tolist(), last, descs.tolist())
+        return None
+
+    def _fetch_bulk_scan(self, out: list[Chain], last: int, start: int, n: int) -> Bulk | None:
+        """`fetch_bulk`'s scan in one C call (the numpy lines above are the
+        reference it must match: same reads, same outcome)."""
+        q = self.size
+        heads = np.empty(n, np.uint16)
+        descs = np.empty(n, SPLIT_DESC_DTYPE)
+        bad, flags_or, amin, emax, lmin, lmax, lsum = self.avail.gather_split(self.desc, start, n, q, heads, descs)
+        if bad >= 0:
+            self._consume(out, heads.tolist(), last)  # raises HeadOutOfRange
+        if n and not flags_or & (_NEXT | _INDIRECT):
+            r = self.mem.region_at(amin)
+            # every buffer inside one region (emax saturates when addr + len wraps)
+            if r is not None and emax <= r.gpa + r.size:
+                self.last_avail = (last + n) & 0xFFFF
+                return Bulk(heads, last, 0x10000, descs["addr"], descs["len"], descs["flags"], r.gpa, r.mv,
+                            (lmin, lmax, lsum))
+        rows: Any = descs.tolist()  # (addr, len, flags, next) tuples
+        self._consume(out, heads.tolist(), last, rows)
         return None
 
     def _fetch_chains(self, out: list[Chain], heads: list[int], last: int,
@@ -442,7 +465,11 @@ class SplitRing:
         old = self.used_idx
         start = old & (q - 1)
         used = self.used
-        if len(items) == 1 and type(items[0][0]) is Bulk or any(type(obj) is Bulk for obj, _ in items):
+        one = items[0][0] if len(items) == 1 else None
+        if HAVE_RING_SCAN and type(one) is Bulk and one.ids.dtype == _U16:
+            k = one.n
+            used.put_used(start, q, one.ids, items[0][1])  # one C call (the numpy lines below are its reference)
+        elif type(one) is Bulk or any(type(obj) is Bulk for obj, _ in items):
             elems = _used_array(items)
             k = len(elems) >> 1
             if start + k <= q:

@@ -1,0 +1,159 @@
+"""The split ring's C batch scan (`pyvirtio._ringscan`) against the numpy
+reference it replaces: the same heads, descriptors and summaries on random
+rings (wrapping, hostile lengths and addresses), the first out-of-range head
+found without reading a descriptor, used elements written where the numpy
+path writes them, and every buffer or geometry it is not given refused with
+an error instead of a read or write outside it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pyvirtio.queue.bulk import SPLIT_DESC_DTYPE
+
+ringscan = pytest.importorskip("pyvirtio._ringscan", reason="the C ring scan was not built")
+
+U64_MAX = (1 << 64) - 1
+
+
+def _rings(q: int, heads: list[int], table: list[tuple[int, int, int, int]]) -> tuple[bytearray, bytearray]:
+    avail = bytearray(6 + 2 * q)
+    np.frombuffer(avail, np.uint16, q, 4)[:] = heads
+    desc = bytearray(16 * q)
+    np.frombuffer(desc, SPLIT_DESC_DTYPE, q)[:] = table
+    return avail, desc
+
+
+@st.composite
+def ring_batches(draw: st.DrawFn) -> tuple[int, int, int, list[int], list[tuple[int, int, int, int]]]:
+    q = draw(st.sampled_from([1, 2, 4, 16, 256]))
+    n = draw(st.integers(0, q))
+    start = draw(st.integers(0, q - 1))
+    heads = draw(st.lists(st.integers(0, q - 1), min_size=q, max_size=q))
+    addr = st.one_of(st.integers(0, 1 << 20), st.integers(U64_MAX - (1 << 20), U64_MAX))
+    table = draw(st.lists(st.tuples(addr, st.integers(0, (1 << 32) - 1), st.integers(0, 0xFFFF),
+                                    st.integers(0, 0xFFFF)), min_size=q, max_size=q))
+    return q, n, start, heads, table
+
+
+@settings(max_examples=300, deadline=None)
+@given(ring_batches())
+def test_gather_matches_the_numpy_scan(batch: tuple[int, int, int, list[int], list[tuple[int, int, int, int]]]) -> None:
+    q, n, start, heads, table = batch
+    avail, desc = _rings(q, heads, table)
+    out_heads = np.empty(n, np.uint16)
+    out_descs = np.empty(n, SPLIT_DESC_DTYPE)
+    bad, flags_or, amin, emax, lmin, lmax, lsum = ringscan.split_gather(
+        memoryview(avail), memoryview(desc), start, n, q, out_heads, out_descs)
+    # the reference: what SplitRing.fetch_bulk computes with numpy
+    ref_heads = np.array([heads[(start + i) % q] for i in range(n)], np.uint16)
+    ref = np.frombuffer(desc, SPLIT_DESC_DTYPE, q)[ref_heads]
+    assert bad == -1
+    assert out_heads.tolist() == ref_heads.tolist()
+    assert out_descs.tolist() == ref.tolist()
+    if n:
+        ends = [min(int(a) + int(ln), U64_MAX) for a, ln in zip(ref["addr"], ref["len"])]
+        assert (flags_or, amin, emax) == (int(np.bitwise_or.reduce(ref["flags"])), int(ref["addr"].min()), max(ends))
+        assert (lmin, lmax, lsum) == (int(ref["len"].min()), int(ref["len"].max()), int(ref["len"].sum(dtype=np.uint64)))
+
+
+def test_a_head_out_of_range_is_found_before_any_descriptor_is_read() -> None:
+    q = 8
+    avail, desc = _rings(q, [1, 2, 3, 9, 4, 0xFFFF, 5, 6], [(0x1000 * i, 64, 0, 0) for i in range(q)])
+    out_descs = np.zeros(8, SPLIT_DESC_DTYPE)
+    heads = np.empty(8, np.uint16)
+    r = ringscan.split_gather(memoryview(avail), memoryview(desc), 0, 8, q, heads, out_descs)
+    assert r[0] == 3  # the first bad head's index in the batch
+    assert heads.tolist() == [1, 2, 3, 9, 4, 0xFFFF, 5, 6]  # every head was read, as the numpy scan does
+    assert not out_descs.tobytes().strip(b"\0")  # and no descriptor
+    # the same ring from slot 6 wraps: heads 5, 6, 1, 2 are all good
+    r = ringscan.split_gather(memoryview(avail), memoryview(desc), 6, 4, q, heads[:4], out_descs[:4])
+    assert r[0] == -1 and heads[:4].tolist() == [5, 6, 1, 2]
+    assert out_descs[:4]["addr"].tolist() == [0x5000, 0x6000, 0x1000, 0x2000]
+
+
+@pytest.mark.parametrize("case", ["q not a power of two", "n > q", "start >= q", "avail short", "desc short",
+                                  "heads short", "descs short", "negative start"])
+def test_gather_refuses_what_does_not_fit(case: str) -> None:
+    q, n, start = 16, 4, 0
+    avail, desc = bytearray(6 + 2 * q), bytearray(16 * q)
+    heads, descs = np.empty(n, np.uint16), np.empty(n, SPLIT_DESC_DTYPE)
+    if case == "q not a power of two":
+        q = 12
+    elif case == "n > q":
+        n = q + 1
+    elif case == "start >= q":
+        start = q
+    elif case == "avail short":
+        avail = bytearray(4 + 2 * q - 2)
+    elif case == "desc short":
+        desc = bytearray(16 * q - 1)
+    elif case == "heads short":
+        heads = np.empty(n - 1, np.uint16)
+    elif case == "descs short":
+        descs = np.empty(n - 1, SPLIT_DESC_DTYPE)
+    else:
+        start = -1
+    with pytest.raises(ValueError):
+        ringscan.split_gather(memoryview(avail), memoryview(desc), start, n, q, heads, descs)
+
+
+@pytest.mark.parametrize("start", [0, 5, 14])
+@pytest.mark.parametrize("same_length", [True, False])
+def test_used_elements_land_where_the_numpy_path_puts_them(start: int, same_length: bool) -> None:
+    q, n = 16, 6
+    used = bytearray(6 + 8 * q)
+    used[:] = b"\xAA" * len(used)
+    ids = np.array([3, 1, 15, 0, 7, 9], np.uint16)
+    written: int | np.ndarray = 1514 if same_length else np.arange(100, 100 + n, dtype=np.uint32)
+    ringscan.split_used(memoryview(used), start, q, ids, written)
+    ring = np.frombuffer(used, np.uint32, 2 * q, 4).reshape(q, 2)
+    lens = [1514] * n if same_length else list(range(100, 100 + n))
+    for i in range(n):
+        assert ring[(start + i) % q].tolist() == [int(ids[i]), lens[i]]
+    touched = {(start + i) % q for i in range(n)}
+    assert all(ring[s].tolist() == [0xAAAAAAAA] * 2 for s in range(q) if s not in touched)
+    assert used[:4] == b"\xAA" * 4 and used[-2:] == b"\xAA" * 2  # flags/idx and avail_event untouched
+
+
+@pytest.mark.parametrize("case", ["used short", "lengths short", "length over u32", "n > q", "read-only ring"])
+def test_used_refuses_what_does_not_fit(case: str) -> None:
+    q = 8
+    used: bytearray | bytes = bytearray(6 + 8 * q)
+    ids = np.arange(4, dtype=np.uint16)
+    written: int | np.ndarray = 60
+    if case == "used short":
+        used = bytearray(4 + 8 * q - 1)
+    elif case == "lengths short":
+        written = np.zeros(3, np.uint32)
+    elif case == "length over u32":
+        written = 1 << 32
+    elif case == "n > q":
+        ids = np.arange(q + 1, dtype=np.uint16)
+    else:
+        used = bytes(6 + 8 * q)
+    with pytest.raises((ValueError, TypeError, BufferError)):
+        ringscan.split_used(memoryview(used), 0, q, ids, written)
+
+
+def test_fill_checks_every_buffer_before_writing_any() -> None:
+    region = bytearray(4096)
+    gpa = 0x10000
+    addrs = np.array([gpa, gpa + 100, gpa + 4000], np.uint64)
+    lens = np.array([64, 64, 96], np.uint32)
+    ringscan.fill(memoryview(region), addrs, gpa, lens, b"A" * 50)
+    assert region[:50] == b"A" * 50 and region[100:150] == b"A" * 50 and region[4000:4050] == b"A" * 50
+    assert region.count(b"A") == 150
+    for bad_addrs, bad_lens, data in [
+        (np.array([gpa, gpa + 4090], np.uint64), np.array([64, 64], np.uint32), b"B" * 10),  # runs off the region
+        (np.array([gpa, gpa - 16], np.uint64), np.array([64, 64], np.uint32), b"B" * 10),  # below the region
+        (np.array([gpa, (1 << 64) - 8], np.uint64), np.array([64, 64], np.uint32), b"B" * 10),  # wraps
+        (np.array([gpa, gpa + 200], np.uint64), np.array([64, 8], np.uint32), b"B" * 10),  # buffer too short
+        (np.array([gpa, gpa + 200], np.uint64), np.array([64], np.uint32), b"B" * 10),  # lengths missing
+    ]:
+        with pytest.raises(ValueError):
+            ringscan.fill(memoryview(region), bad_addrs, gpa, bad_lens, data)
+        assert b"B" not in region
