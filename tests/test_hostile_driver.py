@@ -849,6 +849,18 @@ class _MutatingArea(CountingArea):
         self.owner.after_read(self, [(off, length)])
         return v
 
+    def packed_scan(self, slot, want, q, limit, budget, chunk, lists, count_lists, out):  # type: ignore[no-untyped-def]
+        # the C flag scan: the slots it read, consecutive from `slot`
+        v = super().packed_scan(slot, want, q, limit, budget, chunk, lists, count_lists, out)
+        self.owner.after_read(self, [(((slot + i) % q) * 16 + 14, 2) for i in range(v[1])])
+        return v
+
+    def packed_bodies(self, start, n, q, out):  # type: ignore[no-untyped-def]
+        v = super().packed_bodies(start, n, q, out)
+        first = min(n, q - start)
+        self.owner.after_read(self, [(start * 16, first * 16)] + ([(0, (n - first) * 16)] if n > first else []))
+        return v
+
     def gather_split(self, desc, start, n, q, heads, descs):  # type: ignore[no-untyped-def]
         # the C batch scan: every head it read, then every descriptor
         v = super().gather_split(desc, start, n, q, heads, descs)

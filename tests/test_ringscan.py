@@ -157,3 +157,45 @@ def test_fill_checks_every_buffer_before_writing_any() -> None:
         with pytest.raises(ValueError):
             ringscan.fill(memoryview(region), bad_addrs, gpa, bad_lens, data)
         assert b"B" not in region
+
+
+def test_packed_functions_refuse_what_does_not_fit() -> None:
+    q = 8
+    desc = bytearray(16 * q)
+    out = np.empty(q + 1, np.uint16)
+    ok = {"slot": 1, "want": 0x80, "q": q, "limit": 4, "budget": q, "chunk": 2, "lists": 1, "count_lists": True}
+    ringscan.packed_scan(memoryview(desc), *ok.values(), out)  # the reference call works
+    for key, bad in [("slot", q), ("want", 0x81), ("budget", q + 1), ("budget", 0), ("chunk", 0), ("q", -1)]:
+        args = {**ok, key: bad}
+        with pytest.raises(ValueError):
+            ringscan.packed_scan(memoryview(desc), *args.values(), out)
+    with pytest.raises(ValueError):  # an output shorter than a ring's worth of flags
+        ringscan.packed_scan(memoryview(desc), *ok.values(), np.empty(q, np.uint16))
+    with pytest.raises(ValueError):  # a table shorter than the ring
+        ringscan.packed_scan(memoryview(desc[:-1]), *ok.values(), out)
+    with pytest.raises(ValueError):
+        ringscan.packed_bodies(memoryview(desc), 7, 2, q, np.empty(1, SPLIT_DESC_DTYPE))  # output too small
+    with pytest.raises(ValueError):
+        ringscan.packed_bodies(memoryview(desc), 0, q + 1, q, np.empty(q + 1, SPLIT_DESC_DTYPE))
+    ids, lens, flags = np.arange(3, dtype=np.uint16), np.full(3, 64, np.uint32), np.full(3, 2, np.uint16)
+    with pytest.raises(ValueError):
+        ringscan.packed_used(memoryview(desc), q, q, True, ids, 10, lens, flags)  # slot past the ring
+    with pytest.raises(ValueError):
+        ringscan.packed_used(memoryview(desc), 0, q, True, ids, np.zeros(2, np.uint32), lens, flags)
+    with pytest.raises(ValueError):
+        ringscan.packed_used(memoryview(desc), 0, q, True, ids, 1 << 32, lens, flags)
+
+
+def test_packed_used_wraps_and_leaves_the_first_store_to_the_caller() -> None:
+    q = 4
+    desc = bytearray(16 * q)
+    ids = np.array([5, 6, 7], np.uint16)
+    lens = np.array([64, 0, 64], np.uint32)
+    flags = np.array([2, 2, 0], np.uint16)  # writable, writable but empty, read-only
+    head = ringscan.packed_used(memoryview(desc), 3, q, True, ids, np.array([60, 0, 0], np.uint32), lens, flags)
+    words = np.frombuffer(desc, np.uint64).reshape(q, 2)[:, 1].tolist()
+    both, write = 0x8080, 0x2
+    assert head == 60 | 5 << 32 | (both | write) << 48  # slot 3, this wrap: AVAIL|USED, WRITE
+    assert words[3] == 0  # not stored: the caller stores it last
+    assert words[0] == 0 | 6 << 32 | 0 << 48  # slot 0: the wrap flipped; empty buffer: no WRITE
+    assert words[1] == 0 | 7 << 32 | 0 << 48  # read-only buffer: no WRITE

@@ -1,5 +1,5 @@
 /*
- * The split ring's batch scan in C: the last-resort piece of the compiled
+ * The rings' batch scans in C: the last-resort piece of the compiled
  * engine (see README, "The compiled ring engine").
  *
  * Profiling `bench dpdk --mode tx` showed the compiled engine spending most
@@ -214,11 +214,239 @@ out:
     return result;
 }
 
+/*
+ * The packed ring, same idea. Flags are bit 7 AVAIL, bit 15 USED, bit 0 NEXT,
+ * bit 1 WRITE, bit 2 INDIRECT; a descriptor is addr u64, len u32, id u16,
+ * flags u16 (flags at byte 14).
+ *
+ * packed_scan(desc, slot, want, q, limit, budget, chunk, lists, count_lists, out)
+ * continues PackedRing._scan_vector after its one-slot probe (out[0] holds
+ * the probed flags): reads the flags of the following slots in chunks, as
+ * the numpy loop does (same chunk sizes, so the same slots read), and stops
+ * at the first slot not available, at `budget` slots in all, or after
+ * `limit` descriptor lists when count_lists. Returns (total, reads, OR of
+ * the run's flags): out[:total] are the run's flags, reads the slots read.
+ *
+ * packed_bodies(desc, start, n, q, out): the n 16-byte descriptors from slot
+ * start (wrapping) into out; returns (lowest addr, highest addr + len
+ * saturated, lowest len, highest len, sum of lens).
+ *
+ * packed_used(desc, u, q, wrap, ids, written, lens, flags): the used
+ * descriptors of one batch (n = len(ids)) from slot u, one 8-byte
+ * len|id|flags store each except the first, whose value is returned for the
+ * caller to store last; WRITE where the buffer was writable and not empty.
+ */
+#define P_NEXT 0x1
+#define P_WRITE 0x2
+#define P_AVAIL 0x80
+#define P_USED 0x8000
+#define P_BOTH (P_AVAIL | P_USED)
+
+static PyObject *packed_scan(PyObject *self, PyObject *args)
+{
+    Py_buffer desc, out;
+    Py_ssize_t slot, q, limit, budget, chunk, lists;
+    unsigned int want;
+    int count_lists;
+    PyObject *result = NULL;
+    if (!PyArg_ParseTuple(args, "y*nInnnnnpw*", &desc, &slot, &want, &q, &limit, &budget, &chunk, &lists,
+                          &count_lists, &out))
+        return NULL;
+    Py_ssize_t cap = out.len / 2;
+    if (q <= 0 || q > 32768 || slot < 0 || slot >= q || budget < 1 || budget > q || chunk < 1 || limit < 1
+            || desc.len < 16 * q || cap < q + 1 || (want != P_AVAIL && want != P_USED)) {
+        PyErr_Format(PyExc_ValueError, "packed_scan: bad arguments (q=%zd slot=%zd budget=%zd chunk=%zd)",
+                     q, slot, budget, chunk);
+        goto out;
+    }
+    const unsigned char *table = desc.buf;
+    uint16_t *fl = out.buf;
+    Py_ssize_t total = 1, reads = 0;
+    unsigned long f_or = fl[0];
+    while (lists < limit && total <= budget) {
+        Py_ssize_t k = chunk;
+        if (q - slot < k)
+            k = q - slot;
+        if (budget - total + 1 < k)
+            k = budget - total + 1;
+        /* read k flags (counted as k reads, as np_load16_strided does) */
+        Py_ssize_t m = k;
+        for (Py_ssize_t i = 0; i < k; i++) {
+            uint16_t v;
+            memcpy(&v, table + 16 * (slot + i) + 14, 2);
+            if (total + i < cap)
+                fl[total + i] = v;
+            if (m == k && (v & P_BOTH) != want)
+                m = i;
+        }
+        reads += k;
+        if (total + m > budget)
+            m = budget - total;
+        if (total + m > cap) {
+            PyErr_SetString(PyExc_ValueError, "packed_scan: run longer than the output");
+            goto out;
+        }
+        if (count_lists) {
+            Py_ssize_t ends = 0, cut = -1;
+            for (Py_ssize_t i = 0; i < m; i++) {
+                if (!(fl[total + i] & P_NEXT)) {
+                    ends++;
+                    if (lists + ends >= limit) {
+                        cut = i + 1;
+                        break;
+                    }
+                }
+            }
+            if (cut >= 0) {
+                for (Py_ssize_t i = 0; i < cut; i++)
+                    f_or |= fl[total + i];
+                total += cut;
+                break;
+            }
+            lists += ends;
+        }
+        for (Py_ssize_t i = 0; i < m; i++)
+            f_or |= fl[total + i];
+        total += m;
+        if (m < k)
+            break;
+        slot += m;
+        if (slot == q) {
+            slot = 0;
+            want ^= P_BOTH;
+        }
+        chunk = chunk > k ? chunk - k : 2 * chunk;
+    }
+    result = Py_BuildValue("(nnk)", total, reads, f_or);
+out:
+    PyBuffer_Release(&desc);
+    PyBuffer_Release(&out);
+    return result;
+}
+
+static PyObject *packed_bodies(PyObject *self, PyObject *args)
+{
+    Py_buffer desc, out;
+    Py_ssize_t start, n, q;
+    PyObject *result = NULL;
+    if (!PyArg_ParseTuple(args, "y*nnnw*", &desc, &start, &n, &q, &out))
+        return NULL;
+    if (q <= 0 || q > 32768 || n < 0 || n > q || start < 0 || start >= q || desc.len < 16 * q || out.len < 16 * n) {
+        PyErr_SetString(PyExc_ValueError, "packed_bodies: bad ring geometry or buffers");
+        goto out;
+    }
+    const unsigned char *table = desc.buf;
+    unsigned char *d = out.buf;
+    Py_ssize_t first = q - start < n ? q - start : n;
+    memcpy(d, table + 16 * start, (size_t)(16 * first));
+    memcpy(d + 16 * first, table, (size_t)(16 * (n - first)));
+    uint64_t amin = UINT64_MAX, emax = 0, lsum = 0;
+    uint32_t lmin = UINT32_MAX, lmax = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        uint64_t addr;
+        uint32_t len;
+        memcpy(&addr, d + 16 * i, 8);
+        memcpy(&len, d + 16 * i + 8, 4);
+        lsum += len;
+        if (len < lmin)
+            lmin = len;
+        if (len > lmax)
+            lmax = len;
+        if (addr < amin)
+            amin = addr;
+        uint64_t end = addr + len;
+        if (end < addr)
+            end = UINT64_MAX;
+        if (end > emax)
+            emax = end;
+    }
+    if (n == 0)
+        amin = 0, lmin = 0;
+    result = Py_BuildValue("(KKkkK)", (unsigned long long)amin, (unsigned long long)emax, (unsigned long)lmin,
+                           (unsigned long)lmax, (unsigned long long)lsum);
+out:
+    PyBuffer_Release(&desc);
+    PyBuffer_Release(&out);
+    return result;
+}
+
+static PyObject *packed_used(PyObject *self, PyObject *args)
+{
+    Py_buffer desc, ids, lens, flags, wl;
+    Py_ssize_t u, q;
+    int wrap, have_wl = 0;
+    PyObject *written;
+    unsigned long long same = 0;
+    PyObject *result = NULL;
+    if (!PyArg_ParseTuple(args, "w*nnpy*Oy*y*", &desc, &u, &q, &wrap, &ids, &written, &lens, &flags))
+        return NULL;
+    Py_ssize_t n = ids.len / 2;
+    if (PyLong_Check(written)) {
+        same = PyLong_AsUnsignedLongLong(written);
+        if (PyErr_Occurred())
+            goto out;
+        if (same > UINT32_MAX) {
+            PyErr_SetString(PyExc_ValueError, "packed_used: a used length is a u32");
+            goto out;
+        }
+    } else {
+        if (PyObject_GetBuffer(written, &wl, PyBUF_SIMPLE) < 0)
+            goto out;
+        have_wl = 1;
+        if (wl.len != 4 * n) {
+            PyErr_SetString(PyExc_ValueError, "packed_used: one u32 length per id");
+            goto out;
+        }
+    }
+    if (q <= 0 || q > 32768 || n < 1 || n > q || u < 0 || u >= q || desc.len < 16 * q || lens.len != 4 * n
+            || flags.len != 2 * n) {
+        PyErr_SetString(PyExc_ValueError, "packed_used: bad ring geometry or buffers");
+        goto out;
+    }
+    unsigned char *table = desc.buf;
+    const uint16_t *id = ids.buf, *fl = flags.buf;
+    const unsigned char *ln = lens.buf, *w = have_wl ? wl.buf : NULL;
+    uint64_t used_flags = wrap ? P_BOTH : 0, head = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        uint32_t len, wr;
+        memcpy(&len, ln + 4 * i, 4);
+        if (w)
+            memcpy(&wr, w + 4 * i, 4);
+        else
+            wr = (uint32_t)same;
+        uint64_t word = used_flags | ((fl[i] & P_WRITE) && len ? P_WRITE : 0);
+        uint64_t v = (uint64_t)wr | ((uint64_t)id[i] << 32) | (word << 48);
+        if (i == 0)
+            head = v;
+        else
+            memcpy(table + 16 * u + 8, &v, 8);
+        if (++u == q) {
+            u = 0;
+            used_flags ^= P_BOTH;
+        }
+    }
+    result = PyLong_FromUnsignedLongLong(head);
+out:
+    if (have_wl)
+        PyBuffer_Release(&wl);
+    PyBuffer_Release(&desc);
+    PyBuffer_Release(&ids);
+    PyBuffer_Release(&lens);
+    PyBuffer_Release(&flags);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"split_gather", split_gather, METH_VARARGS,
      "split_gather(avail, desc, start, n, q, heads, descs) -> "
      "(bad_index, flags_or, addr_min, end_max, len_min, len_max, len_sum)"},
     {"split_used", split_used, METH_VARARGS, "split_used(used, start, q, ids, written): write n used elements."},
+    {"packed_scan", packed_scan, METH_VARARGS,
+     "packed_scan(desc, slot, want, q, limit, budget, chunk, lists, count_lists, out) -> (total, reads, flags_or)"},
+    {"packed_bodies", packed_bodies, METH_VARARGS,
+     "packed_bodies(desc, start, n, q, out) -> (addr_min, end_max, len_min, len_max, len_sum)"},
+    {"packed_used", packed_used, METH_VARARGS,
+     "packed_used(desc, u, q, wrap, ids, written, lens, flags) -> the first descriptor's len|id|flags"},
     {"fill", fill, METH_VARARGS, "fill(region, addrs, gpa, lens, data): copy data to the start of every buffer."},
     {NULL, NULL, 0, NULL},
 };

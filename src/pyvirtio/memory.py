@@ -22,7 +22,7 @@ import os
 import struct
 import sys
 from collections.abc import Callable, Iterable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -56,6 +56,9 @@ if os.environ.get("PYVIRTIO_PURE", "") in ("", "0"):
         from pyvirtio._ringscan import split_used as _split_used  # type: ignore[import-not-found,no-redef,unused-ignore]
     except ImportError:
         _split_gather = _split_used = ring_fill = None
+_ring_c: Any = None
+if _split_gather is not None:
+    from pyvirtio import _ringscan as _ring_c  # type: ignore[attr-defined,no-redef,unused-ignore]
 #: whether `Area.gather_split` is available
 HAVE_RING_SCAN = _split_gather is not None
 
@@ -181,6 +184,31 @@ class Area:
 
     def count_reads(self, reads: int, nbytes: int) -> None:
         """Account for reads made outside this area's methods (none here)."""
+
+    # the packed ring's batch forms in C (pyvirtio/_ringscan.c); need HAVE_RING_SCAN
+
+    def packed_scan(self, slot: int, want: int, q: int, limit: int, budget: int, chunk: int, lists: int,
+                    count_lists: bool, out: np.ndarray) -> tuple[int, int, int]:
+        """The flags of the slots after a probed one, read as
+        `PackedRing._scan_vector` reads them (2 bytes a slot, the same slots):
+        (run length, slots read, OR of the run's flags)."""
+        r: tuple[int, int, int] = _ring_c.packed_scan(self.mv, slot, want, q, limit, budget, chunk, lists,
+                                                      count_lists, out)
+        return r
+
+    def packed_bodies(self, start: int, n: int, q: int, out: np.ndarray) -> tuple[int, int, int, int, int]:
+        """The n descriptors from slot `start`, wrapping (one bulk read, two
+        when they wrap): (lowest addr, highest addr + len, lowest len,
+        highest len, sum of lens)."""
+        r: tuple[int, int, int, int, int] = _ring_c.packed_bodies(self.mv, start, n, q, out)
+        return r
+
+    def packed_used(self, u: int, q: int, wrap: bool, ids: np.ndarray, written: int | np.ndarray,
+                    lens: np.ndarray, flags: np.ndarray) -> int:
+        """Store the used descriptors of one batch from slot `u` but the
+        first (one 8-byte store each); returns the first's value."""
+        head: int = _ring_c.packed_used(self.mv, u, q, wrap, ids, written, lens, flags)
+        return head
 
     def np_scatter64(self, word_index: np.ndarray, values: np.ndarray) -> None:
         """Store u64 `values[k]` at 8-byte word `word_index[k]`, one aligned
@@ -546,6 +574,30 @@ class CountingArea(Area):
         c = self.c
         c.reads += reads
         c.bytes_read += nbytes
+
+    def packed_scan(self, slot: int, want: int, q: int, limit: int, budget: int, chunk: int, lists: int,
+                    count_lists: bool, out: np.ndarray) -> tuple[int, int, int]:
+        r: tuple[int, int, int] = _ring_c.packed_scan(self.mv, slot, want, q, limit, budget, chunk, lists,
+                                                      count_lists, out)
+        c = self.c
+        c.reads += r[1]
+        c.bytes_read += 2 * r[1]
+        return r
+
+    def packed_bodies(self, start: int, n: int, q: int, out: np.ndarray) -> tuple[int, int, int, int, int]:
+        r: tuple[int, int, int, int, int] = _ring_c.packed_bodies(self.mv, start, n, q, out)
+        c = self.c
+        c.reads += 1 if start + n <= q else 2
+        c.bytes_read += 16 * n
+        return r
+
+    def packed_used(self, u: int, q: int, wrap: bool, ids: np.ndarray, written: int | np.ndarray,
+                    lens: np.ndarray, flags: np.ndarray) -> int:
+        head: int = _ring_c.packed_used(self.mv, u, q, wrap, ids, written, lens, flags)
+        c = self.c
+        c.writes += len(ids) - 1
+        c.bytes_written += 8 * (len(ids) - 1)
+        return head
 
     def np_scatter64(self, word_index: np.ndarray, values: np.ndarray) -> None:
         c = self.c

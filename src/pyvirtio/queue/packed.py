@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from pyvirtio import fence as _fence
-from pyvirtio.memory import AreaKind, GuestMemory, GuestMemoryError
+from pyvirtio.memory import HAVE_RING_SCAN, AreaKind, GuestMemory, GuestMemoryError
 from pyvirtio.queue.bulk import PACKED_DESC_DTYPE, Bulk
 from pyvirtio.queue.chain import IOV_MIN_SEGMENTS, Chain, build_chain, build_iov_chain
 from pyvirtio.queue.errors import (
@@ -252,6 +252,12 @@ class PackedRing:
             want ^= _BOTH
         chunk = min(self._run_guess, limit)
         count_lists = limit < budget  # otherwise the list limit cannot bind
+        if HAVE_RING_SCAN:  # the loop below in one C call: same slots read, same run
+            out = np.empty(q + 1, np.uint16)
+            out[0] = first
+            total, _reads, _f_or = self.desc.packed_scan(slot, want, q, limit, budget, chunk, lists, count_lists, out)
+            self._run_guess = total
+            return start, out[:total]
         load = self.desc.np_load16_strided
         while lists < limit and total <= budget:
             k = min(chunk, q - slot, budget - total + 1)
@@ -291,6 +297,15 @@ class PackedRing:
         q = self.size
         if _WEAK:
             _fence.acquire()  # bodies are read after their flags said AVAIL
+        if HAVE_RING_SCAN and not int(_OR(fl)) & (_NEXT | _INDIRECT):
+            descs = np.empty(n, PACKED_DESC_DTYPE)
+            amin, emax, lmin, lmax, lsum = self.desc.packed_bodies(start, n, q, descs)
+            r = self.mem.region_at(amin)
+            if r is not None and emax <= r.gpa + r.size:  # every buffer in one region (emax saturates)
+                self._advance(n)
+                return Bulk(descs["id"], start, q, descs["addr"], descs["len"], fl, r.gpa, r.mv, (lmin, lmax, lsum))
+            self._parse(out, start, fl.tolist(), descs.tobytes())
+            return None
         if start + n <= q:
             bodies = self.desc.read(start * DESC_SIZE, n * DESC_SIZE)
         else:
@@ -463,6 +478,20 @@ class PackedRing:
         used_flags = _BOTH if wrap else 0
         freed = 0
         head: tuple[int, int] | None = None  # (byte offset, value) of the batch's first store
+        if HAVE_RING_SCAN and len(items) == 1 and type(items[0][0]) is Bulk:
+            # one batch (the common case): the loop below in one C call
+            bulk, written = items[0]
+            assert isinstance(bulk, Bulk)
+            n = bulk.n
+            head = (u * DESC_SIZE + 8, self.desc.packed_used(u, q, wrap, np.ascontiguousarray(bulk.ids, np.uint16),
+                                                            written, np.ascontiguousarray(bulk.lens),
+                                                            np.ascontiguousarray(bulk.flags)))
+            u += n
+            freed = n
+            if u >= q:
+                u -= q
+                wrap = not wrap
+            items = ()
         for obj, written in items:
             if type(obj) is Bulk:
                 n = obj.n
