@@ -4,8 +4,9 @@ Compiled pieces (all optional; pure Python is complete without them):
 
 - `pyvirtio._fence` (src/pyvirtio/_fence.c): a full memory barrier.
   pyvirtio.fence falls back to membarrier(2) when it could not be built.
-- `pyvirtio._ringscan` (src/pyvirtio/_ringscan.c): the split ring's batch
-  scan in one call; queue/split.py keeps the numpy version beside it.
+- `pyvirtio._ringscan` (src/pyvirtio/_ringscan.c): the rings' batch scans
+  and used writes in one call each; queue/split.py and queue/packed.py keep
+  the numpy versions beside them.
 - the ring engine (the modules in ENGINE), compiled from their own `.py`
   source by mypyc: one shared library (`pyvirtio__mypyc`) and, beside each
   `.py` file, a small extension of the same name that loads it. Without
@@ -39,8 +40,8 @@ ENGINE = [
 GROUP = "pyvirtio"  # the shared library: pyvirtio__mypyc
 
 FENCE = Extension("pyvirtio._fence", ["src/pyvirtio/_fence.c"], optional=True)
-#: the split ring's batch scan (the engine's one hand-written C piece; the
-#: numpy version beside it in queue/split.py runs without it)
+#: the rings' batch scans (the engine's one hand-written C piece; the numpy
+#: versions beside it in queue/split.py and queue/packed.py run without it)
 RINGSCAN = Extension("pyvirtio._ringscan", ["src/pyvirtio/_ringscan.c"], optional=True)
 
 

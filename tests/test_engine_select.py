@@ -31,7 +31,7 @@ def test_pure_env_loads_every_engine_module_from_source() -> None:
 def test_without_the_env_the_engine_is_all_compiled_or_all_pure() -> None:
     name, files = json.loads(_run([sys.executable, "-c", PROBE], pure=False))
     compiled = [m for m, f in files.items() if not f.endswith(".py")]
-    assert name.removesuffix(" + C split scan") == ("mypyc" if compiled else "pure (not compiled)")
+    assert name.removesuffix(" + C ring scan") == ("mypyc" if compiled else "pure (not compiled)")
     assert len(compiled) in (0, len(_engine.ENGINE)), f"a mixed engine: {compiled}"
 
 
@@ -40,7 +40,7 @@ def test_version_names_the_engine() -> None:
         f"pyvirtio {__version__}, ring engine: pure (PYVIRTIO_PURE=1)"
     out = _run([sys.executable, "-m", "pyvirtio", "--version"], pure=False).strip()
     assert out.startswith(f"pyvirtio {__version__}, ring engine: ")
-    assert out.removesuffix(" + C split scan").endswith(("mypyc", "pure (not compiled)"))
+    assert out.removesuffix(" + C ring scan").endswith(("mypyc", "pure (not compiled)"))
 
 
 def test_bench_queue_header_and_json_name_the_engine() -> None:

@@ -113,11 +113,11 @@ def compiled_modules() -> list[str]:
 def name() -> str:
     """"mypyc" when every engine module runs compiled; "pure (PYVIRTIO_PURE=1)"
     or "pure (not compiled)" when none does; "mixed (compiled: ...)"
-    otherwise; followed by " + C split scan" when the split ring's batch scan
-    runs in C (pyvirtio/_ringscan.c). Imports the engine."""
+    otherwise; followed by " + C ring scan" when the rings' batch scans
+    run in C (pyvirtio/_ringscan.c). Imports the engine."""
     compiled = compiled_modules()
     from pyvirtio import memory
-    scan = " + C split scan" if memory.HAVE_RING_SCAN else ""  # pyvirtio/_ringscan.c, never with PYVIRTIO_PURE=1
+    scan = " + C ring scan" if memory.HAVE_RING_SCAN else ""  # pyvirtio/_ringscan.c, never with PYVIRTIO_PURE=1
     if not compiled:
         return ("pure (PYVIRTIO_PURE=1)" if PURE_REQUESTED else "pure (not compiled)") + scan
     if len(compiled) == len(ENGINE):
