@@ -53,15 +53,18 @@ def run_atheris(target: str, seconds: int, extra: list[str]) -> int:
 
 
 def run_hypothesis(target: str, seconds: int) -> int:
-    from hypothesis import HealthCheck, Phase, given, settings
+    import random
+
+    from hypothesis import HealthCheck, Phase, given, seed, settings
     from hypothesis import strategies as st
 
     from fuzz import targets
     fn = targets.TARGETS[target]
     seeds = _seeds(target)
 
-    class TimeUp(Exception):
-        pass
+    class TimeUp(BaseException):
+        """Not an Exception: hypothesis lets it through at once instead of
+        taking it for a failure and replaying (and shrinking) it."""
 
     def mutate(seed: bytes, edits: list[tuple[int, int]]) -> bytes:
         b = bytearray(seed)
@@ -77,9 +80,11 @@ def run_hypothesis(target: str, seconds: int) -> int:
         strategy = st.one_of(mutated, mutated, strategy)
     stop_at = time.monotonic() + seconds
     runs = 0
+    run_seed = random.getrandbits(64)  # ours, so that hypothesis does not print its own at time-up
 
     @settings(max_examples=10**9, deadline=None, database=None, phases=[Phase.generate, Phase.shrink],
               suppress_health_check=list(HealthCheck))
+    @seed(run_seed)
     @given(strategy)
     def long_run(data: bytes) -> None:
         nonlocal runs
@@ -94,7 +99,8 @@ def run_hypothesis(target: str, seconds: int) -> int:
     except TimeUp:
         pass
     rate = runs / max(time.monotonic() - t0, 1e-9)
-    print(f"hypothesis long run of {target}: {runs} inputs in {seconds}s ({rate:.0f}/s), no crash")
+    print(f"hypothesis long run of {target}: {runs} inputs in {seconds}s ({rate:.0f}/s), no crash "
+          f"(seed {run_seed})")
     return 0
 
 
