@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_hypothesis_long_run_stops_cleanly_when_time_is_up(target: str) -> None:
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
     p = subprocess.run([sys.executable, "-m", "fuzz", target, "--seconds", "3", "--engine", "hypothesis"],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+                       check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-2000:]
     out = p.stdout + p.stderr
     assert "Traceback" not in out and "reproduce this failure" not in out
