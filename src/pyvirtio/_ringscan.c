@@ -41,6 +41,64 @@
 
 #define AVAIL_RING 4
 
+/* What the ring code checks and a device sums over a batch of 16-byte
+ * descriptors (addr u64, len u32): lowest addr, highest addr + len
+ * (saturated at 2^64 - 1 where it wraps), lowest, highest and total len. */
+struct summary {
+    uint64_t amin, emax, lsum;
+    uint32_t lmin, lmax;
+};
+
+static void summarize(const unsigned char *d, Py_ssize_t n, struct summary *s)
+{
+    s->amin = n ? UINT64_MAX : 0, s->emax = 0, s->lsum = 0;
+    s->lmin = n ? UINT32_MAX : 0, s->lmax = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        uint64_t addr;
+        uint32_t len;
+        memcpy(&addr, d + 16 * i, 8);
+        memcpy(&len, d + 16 * i + 8, 4);
+        s->lsum += len;
+        if (len < s->lmin)
+            s->lmin = len;
+        if (len > s->lmax)
+            s->lmax = len;
+        if (addr < s->amin)
+            s->amin = addr;
+        uint64_t end = addr + len;
+        if (end < addr)
+            end = UINT64_MAX;
+        if (end > s->emax)
+            s->emax = end;
+    }
+}
+
+/* A batch's used lengths: an int (every element) or n u32. On success
+ * *same holds the int, or *have is set and buf holds the array (the caller
+ * releases it). Returns -1 with an exception set otherwise. */
+static int get_written(PyObject *written, Py_ssize_t n, const char *who, uint32_t *same, Py_buffer *buf, int *have)
+{
+    if (PyLong_Check(written)) {
+        unsigned long long v = PyLong_AsUnsignedLongLong(written);
+        if (PyErr_Occurred())
+            return -1;
+        if (v > UINT32_MAX) {
+            PyErr_Format(PyExc_ValueError, "%s: a used length is a u32", who);
+            return -1;
+        }
+        *same = (uint32_t)v;
+        return 0;
+    }
+    if (PyObject_GetBuffer(written, buf, PyBUF_SIMPLE) < 0)
+        return -1;
+    *have = 1;
+    if (buf->len != 4 * n) {
+        PyErr_Format(PyExc_ValueError, "%s: one u32 length per id", who);
+        return -1;
+    }
+    return 0;
+}
+
 static PyObject *split_gather(PyObject *self, PyObject *args)
 {
     Py_buffer avail, desc, heads, descs;
@@ -72,36 +130,18 @@ static PyObject *split_gather(PyObject *self, PyObject *args)
             goto out;
         }
     }
-    uint64_t amin = UINT64_MAX, emax = 0, lsum = 0;
-    uint32_t lmin = UINT32_MAX, lmax = 0;
     unsigned long fl = 0;
     for (Py_ssize_t i = 0; i < n; i++) {
-        const unsigned char *rec = table + 16 * (Py_ssize_t)h[i];
-        uint64_t addr;
-        uint32_t len;
         uint16_t flags;
-        memcpy(d + 16 * i, rec, 16);
-        memcpy(&addr, d + 16 * i, 8);
-        memcpy(&len, d + 16 * i + 8, 4);
+        memcpy(d + 16 * i, table + 16 * (Py_ssize_t)h[i], 16);
         memcpy(&flags, d + 16 * i + 12, 2);
         fl |= flags;
-        lsum += len;
-        if (len < lmin)
-            lmin = len;
-        if (len > lmax)
-            lmax = len;
-        if (addr < amin)
-            amin = addr;
-        uint64_t end = addr + len;
-        if (end < addr)
-            end = UINT64_MAX;
-        if (end > emax)
-            emax = end;
     }
-    if (n == 0)
-        amin = 0, lmin = 0;
-    result = Py_BuildValue("(nkKKkkK)", (Py_ssize_t)-1, fl, (unsigned long long)amin, (unsigned long long)emax,
-                           (unsigned long)lmin, (unsigned long)lmax, (unsigned long long)lsum);
+    struct summary sm;
+    summarize(d, n, &sm);
+    result = Py_BuildValue("(nkKKkkK)", (Py_ssize_t)-1, fl, (unsigned long long)sm.amin,
+                           (unsigned long long)sm.emax, (unsigned long)sm.lmin, (unsigned long)sm.lmax,
+                           (unsigned long long)sm.lsum);
 out:
     PyBuffer_Release(&avail);
     PyBuffer_Release(&desc);
@@ -116,28 +156,13 @@ static PyObject *split_used(PyObject *self, PyObject *args)
     Py_ssize_t start, q;
     PyObject *written;
     int have_lens = 0;
-    unsigned long long same = 0;
+    uint32_t same = 0;
     PyObject *result = NULL;
     if (!PyArg_ParseTuple(args, "w*nny*O", &used, &start, &q, &ids, &written))
         return NULL;
     Py_ssize_t n = ids.len / 2;
-    if (PyLong_Check(written)) {
-        same = PyLong_AsUnsignedLongLong(written);
-        if (PyErr_Occurred())
-            goto out;
-        if (same > UINT32_MAX) {
-            PyErr_SetString(PyExc_ValueError, "split_used: a used length is a u32");
-            goto out;
-        }
-    } else {
-        if (PyObject_GetBuffer(written, &lens, PyBUF_SIMPLE) < 0)
-            goto out;
-        have_lens = 1;
-        if (lens.len != 4 * n) {
-            PyErr_SetString(PyExc_ValueError, "split_used: one u32 length per id");
-            goto out;
-        }
-    }
+    if (get_written(written, n, "split_used", &same, &lens, &have_lens) < 0)
+        goto out;
     if (q <= 0 || (q & (q - 1)) != 0 || q > 32768 || n > q || start < 0 || start >= q
             || used.len < AVAIL_RING + 8 * q) {
         PyErr_Format(PyExc_ValueError, "split_used: bad ring geometry (q=%zd n=%zd start=%zd)", q, n, start);
@@ -153,7 +178,7 @@ static PyObject *split_used(PyObject *self, PyObject *args)
         if (ln)
             memcpy(&e[1], ln + 4 * i, 4);
         else
-            e[1] = (uint32_t)same;
+            e[1] = same;
         memcpy(ring + 8 * ((start + i) & mask), e, 8);
     }
     result = Py_None;
@@ -340,30 +365,10 @@ static PyObject *packed_bodies(PyObject *self, PyObject *args)
     Py_ssize_t first = q - start < n ? q - start : n;
     memcpy(d, table + 16 * start, (size_t)(16 * first));
     memcpy(d + 16 * first, table, (size_t)(16 * (n - first)));
-    uint64_t amin = UINT64_MAX, emax = 0, lsum = 0;
-    uint32_t lmin = UINT32_MAX, lmax = 0;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        uint64_t addr;
-        uint32_t len;
-        memcpy(&addr, d + 16 * i, 8);
-        memcpy(&len, d + 16 * i + 8, 4);
-        lsum += len;
-        if (len < lmin)
-            lmin = len;
-        if (len > lmax)
-            lmax = len;
-        if (addr < amin)
-            amin = addr;
-        uint64_t end = addr + len;
-        if (end < addr)
-            end = UINT64_MAX;
-        if (end > emax)
-            emax = end;
-    }
-    if (n == 0)
-        amin = 0, lmin = 0;
-    result = Py_BuildValue("(KKkkK)", (unsigned long long)amin, (unsigned long long)emax, (unsigned long)lmin,
-                           (unsigned long)lmax, (unsigned long long)lsum);
+    struct summary sm;
+    summarize(d, n, &sm);
+    result = Py_BuildValue("(KKkkK)", (unsigned long long)sm.amin, (unsigned long long)sm.emax,
+                           (unsigned long)sm.lmin, (unsigned long)sm.lmax, (unsigned long long)sm.lsum);
 out:
     PyBuffer_Release(&desc);
     PyBuffer_Release(&out);
@@ -376,28 +381,13 @@ static PyObject *packed_used(PyObject *self, PyObject *args)
     Py_ssize_t u, q;
     int wrap, have_wl = 0;
     PyObject *written;
-    unsigned long long same = 0;
+    uint32_t same = 0;
     PyObject *result = NULL;
     if (!PyArg_ParseTuple(args, "w*nnpy*Oy*y*", &desc, &u, &q, &wrap, &ids, &written, &lens, &flags))
         return NULL;
     Py_ssize_t n = ids.len / 2;
-    if (PyLong_Check(written)) {
-        same = PyLong_AsUnsignedLongLong(written);
-        if (PyErr_Occurred())
-            goto out;
-        if (same > UINT32_MAX) {
-            PyErr_SetString(PyExc_ValueError, "packed_used: a used length is a u32");
-            goto out;
-        }
-    } else {
-        if (PyObject_GetBuffer(written, &wl, PyBUF_SIMPLE) < 0)
-            goto out;
-        have_wl = 1;
-        if (wl.len != 4 * n) {
-            PyErr_SetString(PyExc_ValueError, "packed_used: one u32 length per id");
-            goto out;
-        }
-    }
+    if (get_written(written, n, "packed_used", &same, &wl, &have_wl) < 0)
+        goto out;
     if (q <= 0 || q > 32768 || n < 1 || n > q || u < 0 || u >= q || desc.len < 16 * q || lens.len != 4 * n
             || flags.len != 2 * n) {
         PyErr_SetString(PyExc_ValueError, "packed_used: bad ring geometry or buffers");
@@ -413,7 +403,7 @@ static PyObject *packed_used(PyObject *self, PyObject *args)
         if (w)
             memcpy(&wr, w + 4 * i, 4);
         else
-            wr = (uint32_t)same;
+            wr = same;
         uint64_t word = used_flags | ((fl[i] & P_WRITE) && len ? P_WRITE : 0);
         uint64_t v = (uint64_t)wr | ((uint64_t)id[i] << 32) | (word << 48);
         if (i == 0)

@@ -39,28 +39,19 @@ except ImportError:  # pragma: no cover
 if sys.byteorder != "little":  # pragma: no cover
     raise ImportError("pyvirtio's ring code assumes a little-endian host")
 
-#: the split ring's batch scan in C (pyvirtio/_ringscan.c), with the compiled
-#: engine only: PYVIRTIO_PURE=1 or a build without it keep the numpy scan
-_ScanFn = Callable[[memoryview, memoryview, int, int, int, np.ndarray, np.ndarray],
-                   tuple[int, int, int, int, int, int, int]]
-_UsedFn = Callable[[memoryview, int, int, np.ndarray, "int | np.ndarray"], None]
-_FillFn = Callable[[memoryview, np.ndarray, int, np.ndarray, bytes], None]
-_split_gather: _ScanFn | None = None
-_split_used: _UsedFn | None = None
-#: copy one payload into every buffer of a batch (`Bulk.fill`)
-ring_fill: _FillFn | None = None
+#: the rings' batch scans in C (pyvirtio/_ringscan.c), with the compiled
+#: engine only: PYVIRTIO_PURE=1 or a build without it keep the numpy scans
+_ring_c: Any = None
 if os.environ.get("PYVIRTIO_PURE", "") in ("", "0"):
     try:
-        from pyvirtio._ringscan import fill as ring_fill  # type: ignore[import-not-found,no-redef,unused-ignore]
-        from pyvirtio._ringscan import split_gather as _split_gather  # type: ignore[import-not-found,no-redef,unused-ignore]
-        from pyvirtio._ringscan import split_used as _split_used  # type: ignore[import-not-found,no-redef,unused-ignore]
+        from pyvirtio import _ringscan as _ring_c  # type: ignore[attr-defined,no-redef,unused-ignore]
     except ImportError:
-        _split_gather = _split_used = ring_fill = None
-_ring_c: Any = None
-if _split_gather is not None:
-    from pyvirtio import _ringscan as _ring_c  # type: ignore[attr-defined,no-redef,unused-ignore]
-#: whether `Area.gather_split` is available
-HAVE_RING_SCAN = _split_gather is not None
+        _ring_c = None
+#: whether the C batch forms of `Area` (gather_split, put_used, packed_*) are available
+HAVE_RING_SCAN = _ring_c is not None
+#: copy one payload into every buffer of a batch (`Bulk.fill`), or None
+ring_fill: Callable[[memoryview, np.ndarray, int, np.ndarray, bytes], None] | None = (
+    _ring_c.fill if _ring_c is not None else None)
 
 U64_MAX = (1 << 64) - 1
 _U64 = np.dtype(np.uint64)
@@ -168,8 +159,7 @@ class Area:
         used ring, wrapping at q (one bulk write, two when they wrap; as
         `np_write`). `ids` u16, `written` an int or one u32 each. Needs
         HAVE_RING_SCAN."""
-        assert _split_used is not None
-        _split_used(self.mv, start, q, ids, written)
+        _ring_c.split_used(self.mv, start, q, ids, written)
 
     def gather_split(self, desc: Area, start: int, n: int, q: int, heads: np.ndarray,
                      descs: np.ndarray) -> tuple[int, int, int, int, int, int, int]:
@@ -179,8 +169,9 @@ class Area:
         flags, lowest addr, highest addr + len, lowest len, highest len, sum
         of lens), or (index of the first head >= q, 0, ...) having read no
         descriptor. Needs HAVE_RING_SCAN."""
-        assert _split_gather is not None
-        return _split_gather(self.mv, desc.mv, start, n, q, heads, descs)
+        r: tuple[int, int, int, int, int, int, int] = _ring_c.split_gather(self.mv, desc.mv, start, n, q, heads,
+                                                                             descs)
+        return r
 
     def count_reads(self, reads: int, nbytes: int) -> None:
         """Account for reads made outside this area's methods (none here)."""
@@ -552,8 +543,7 @@ class CountingArea(Area):
         return self._table(dtype)[index]
 
     def put_used(self, start: int, q: int, ids: np.ndarray, written: int | np.ndarray) -> None:
-        assert _split_used is not None
-        _split_used(self.mv, start, q, ids, written)
+        super().put_used(start, q, ids, written)
         n = len(ids)
         c = self.c
         c.writes += 1 if start + n <= q else 2
@@ -561,8 +551,7 @@ class CountingArea(Area):
 
     def gather_split(self, desc: Area, start: int, n: int, q: int, heads: np.ndarray,
                      descs: np.ndarray) -> tuple[int, int, int, int, int, int, int]:
-        assert _split_gather is not None
-        r = _split_gather(self.mv, desc.mv, start, n, q, heads, descs)
+        r = super().gather_split(desc, start, n, q, heads, descs)
         c = self.c
         c.reads += 1 if start + n <= q else 2  # as the numpy scan: one bulk read, two when it wraps
         c.bytes_read += 2 * n
@@ -577,15 +566,14 @@ class CountingArea(Area):
 
     def packed_scan(self, slot: int, want: int, q: int, limit: int, budget: int, chunk: int, lists: int,
                     count_lists: bool, out: np.ndarray) -> tuple[int, int, int]:
-        r: tuple[int, int, int] = _ring_c.packed_scan(self.mv, slot, want, q, limit, budget, chunk, lists,
-                                                      count_lists, out)
+        r = super().packed_scan(slot, want, q, limit, budget, chunk, lists, count_lists, out)
         c = self.c
         c.reads += r[1]
         c.bytes_read += 2 * r[1]
         return r
 
     def packed_bodies(self, start: int, n: int, q: int, out: np.ndarray) -> tuple[int, int, int, int, int]:
-        r: tuple[int, int, int, int, int] = _ring_c.packed_bodies(self.mv, start, n, q, out)
+        r = super().packed_bodies(start, n, q, out)
         c = self.c
         c.reads += 1 if start + n <= q else 2
         c.bytes_read += 16 * n
@@ -593,7 +581,7 @@ class CountingArea(Area):
 
     def packed_used(self, u: int, q: int, wrap: bool, ids: np.ndarray, written: int | np.ndarray,
                     lens: np.ndarray, flags: np.ndarray) -> int:
-        head: int = _ring_c.packed_used(self.mv, u, q, wrap, ids, written, lens, flags)
+        head = super().packed_used(u, q, wrap, ids, written, lens, flags)
         c = self.c
         c.writes += len(ids) - 1
         c.bytes_written += 8 * (len(ids) - 1)

@@ -224,9 +224,10 @@ class PackedRing:
         if flags:
             self._parse(out, start, flags, bodies)
 
-    def _scan_vector(self, limit: int) -> tuple[int, np.ndarray]:
+    def _scan_vector(self, limit: int) -> tuple[int, np.ndarray, int]:
         """The flags of the available run, read in numpy chunks: still one
         2-byte read per slot, counted as such, but no Python loop per slot.
+        Returns (first slot, the run's flags, their OR).
 
         The next slot is probed alone first (an empty ring costs one read).
         The rest is read in a chunk sized from the previous run, so a steady
@@ -239,7 +240,7 @@ class PackedRing:
         want = _AVAIL if self.avail_wrap else _USED
         first = self.desc.load16(start * DESC_SIZE + PACKED_FLAGS)
         if first & _BOTH != want:
-            return start, _EMPTY
+            return start, _EMPTY, 0
         budget = q - self.in_flight_slots
         if budget <= 0:
             raise TooManyInFlight(f"slot {start} made available while every slot is in flight")
@@ -255,9 +256,9 @@ class PackedRing:
         if HAVE_RING_SCAN:  # the loop below in one C call: same slots read, same run
             out = np.empty(q + 1, np.uint16)
             out[0] = first
-            total, _reads, _f_or = self.desc.packed_scan(slot, want, q, limit, budget, chunk, lists, count_lists, out)
+            total, _reads, f_or = self.desc.packed_scan(slot, want, q, limit, budget, chunk, lists, count_lists, out)
             self._run_guess = total
-            return start, out[:total]
+            return start, out[:total], f_or
         load = self.desc.np_load16_strided
         while lists < limit and total <= budget:
             k = min(chunk, q - slot, budget - total + 1)
@@ -285,19 +286,20 @@ class PackedRing:
                 want ^= _BOTH
             chunk = chunk - k if chunk > k else 2 * chunk
         self._run_guess = total
-        return start, parts[0] if len(parts) == 1 else np.concatenate(parts)
+        run = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        return start, run, int(_OR(run))
 
     def fetch_bulk(self, out: list[Chain], limit: int) -> Bulk | None:
         """Like `fetch`, but a run of single-descriptor lists in one memory
         region comes back as one `Bulk` (array form: no Python loop per slot)."""
-        start, fl = self._scan_vector(limit)
+        start, fl, f_or = self._scan_vector(limit)
         n = len(fl)
         if not n:
             return None
         q = self.size
         if _WEAK:
             _fence.acquire()  # bodies are read after their flags said AVAIL
-        if HAVE_RING_SCAN and not int(_OR(fl)) & (_NEXT | _INDIRECT):
+        if HAVE_RING_SCAN and not f_or & (_NEXT | _INDIRECT):
             descs = np.empty(n, PACKED_DESC_DTYPE)
             amin, emax, lmin, lmax, lsum = self.desc.packed_bodies(start, n, q, descs)
             r = self.mem.region_at(amin)
@@ -311,7 +313,7 @@ class PackedRing:
         else:
             first = q - start
             bodies = self.desc.read(start * DESC_SIZE, first * DESC_SIZE) + self.desc.read(0, (n - first) * DESC_SIZE)
-        flags = fl.tolist() if int(_OR(fl)) & (_NEXT | _INDIRECT) else None
+        flags = fl.tolist() if f_or & (_NEXT | _INDIRECT) else None
         if flags is None:
             descs = np.frombuffer(bodies, PACKED_DESC_DTYPE)
             addrs = descs["addr"]

@@ -302,7 +302,7 @@ class SplitRing:
         bad, flags_or, amin, emax, lmin, lmax, lsum = self.avail.gather_split(self.desc, start, n, q, heads, descs)
         if bad >= 0:
             self._consume(out, heads.tolist(), last)  # raises HeadOutOfRange
-        if n and not flags_or & (_NEXT | _INDIRECT):
+        if not flags_or & (_NEXT | _INDIRECT):
             r = self.mem.region_at(amin)
             # every buffer inside one region (emax saturates when addr + len wraps)
             if r is not None and emax <= r.gpa + r.size:
