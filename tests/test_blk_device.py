@@ -351,6 +351,41 @@ def test_many_requests_in_flight_complete_with_their_own_data(tmp_path: Path, wh
         assert dev.counts.pooled == 0 and dev.counts.inline == len(sectors)
 
 
+def test_buffered_writes_run_on_the_queue_thread_until_one_stalls(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Writes into the host page cache are done on the queue's thread (the
+    pool's hand-off costs more CPU than the copy); a write that stalls (the
+    host throttling dirty pages) sends the writes after it to the pool, where
+    they overlap again."""
+    path = image(tmp_path, 4 * MiB)
+    with serving(tmp_path, path, io_threads=4) as (sock, dev), frontend(sock) as fe:
+        def burst(first: int) -> None:
+            for i in range(16):
+                fe.add(T_OUT, 8 * (first + i), data=bytes([first + i]) * 4096, token=i)
+            fe.submit()
+            assert sorted(st for _, st, _ in fe.reap(16)) == [S_OK] * 16
+
+        monkeypatch.setattr(dev, "SLOW_WRITE", 5.0)  # no write counts as stalled, however loaded the machine
+        burst(0)
+        assert (dev.counts.inline, dev.counts.pooled) == (16, 0)
+        monkeypatch.setattr(dev, "SLOW_WRITE", 0.01)
+        real = dev._write
+        stall = [0.05]
+
+        def stalled(req: object) -> None:
+            if stall:
+                time.sleep(stall.pop())
+            real(req)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(dev, "_write", stalled)
+        burst(16)
+        assert dev.counts.pooled > 0
+    with open(path, "rb") as f:
+        for i in range(32):
+            f.seek(8 * 512 * i)
+            assert f.read(4096) == bytes([i]) * 4096
+
+
 def test_flush_syncs_the_file_before_the_status_is_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     seen: list[int] = []
     real = os.fdatasync

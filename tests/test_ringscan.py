@@ -199,3 +199,41 @@ def test_packed_used_wraps_and_leaves_the_first_store_to_the_caller() -> None:
     assert words[3] == 0  # not stored: the caller stores it last
     assert words[0] == 0 | 6 << 32 | 0 << 48  # slot 0: the wrap flipped; empty buffer: no WRITE
     assert words[1] == 0 | 7 << 32 | 0 << 48  # read-only buffer: no WRITE
+
+
+@st.composite
+def iov_tables(draw: st.DrawFn) -> tuple[int, int, int, int, list[tuple[int, int]]]:
+    gpa = draw(st.sampled_from([0, 0x1000, 1 << 32, U64_MAX - 0x1FFFF]))  # the highest region ends 2^64 - 0xFFFF
+    size = draw(st.sampled_from([0x1000, 0x10000]))
+    host = draw(st.sampled_from([0x7F0000000000, 0x1000]))
+    inside = st.tuples(st.integers(gpa, gpa + size), st.integers(0, 0x1000))
+    anywhere = st.tuples(st.integers(0, U64_MAX), st.integers(0, (1 << 32) - 1))
+    entries = draw(st.lists(st.one_of(inside, inside, inside, anywhere), min_size=1, max_size=300))
+    nr = draw(st.integers(0, len(entries)))
+    return gpa, size, host, nr, entries
+
+
+@settings(max_examples=300, deadline=None)
+@given(iov_tables())
+def test_iov_table_gives_the_iovecs_only_for_buffers_inside_the_region(
+        case: tuple[int, int, int, int, list[tuple[int, int]]]) -> None:
+    gpa, size, host, nr, entries = case
+    table = b"".join(a.to_bytes(8, "little") + n.to_bytes(4, "little") + b"\x01\x00\x07\x00" for a, n in entries)
+    got = ringscan.iov_table(table, nr, gpa, size, host)
+    if not all(gpa <= a and a + n <= gpa + size for a, n in entries):
+        assert got is None  # one buffer outside (or wrapping past 2^64): no iovecs at all
+        return
+    iov, rlen, total = got
+    assert iov == b"".join((host + a - gpa).to_bytes(8, "little") + n.to_bytes(8, "little") for a, n in entries)
+    assert (rlen, total) == (sum(n for _, n in entries[:nr]), sum(n for _, n in entries))
+
+
+@pytest.mark.parametrize("case", ["ragged table", "nr beyond the table", "negative nr", "region wraps"])
+def test_iov_table_refuses_what_does_not_fit(case: str) -> None:
+    table = bytes(16 * 4)
+    args = {"ragged table": (table[:-1], 0, 0, 0x1000, 0x1000),
+            "nr beyond the table": (table, 5, 0, 0x1000, 0x1000),
+            "negative nr": (table, -1, 0, 0x1000, 0x1000),
+            "region wraps": (table, 0, U64_MAX - 10, 0x1000, 0x1000)}[case]
+    with pytest.raises(ValueError):
+        ringscan.iov_table(*args)

@@ -426,6 +426,63 @@ out:
     return result;
 }
 
+/*
+ * iov_table(table, nr, gpa, size, host): a long indirect table (n entries of
+ * 16 bytes: addr u64, len u32, flags, next) as a `struct iovec[]` for
+ * preadv(2)/pwritev(2), when every buffer lies inside the one memory region
+ * [gpa, gpa + size) mapped at host address `host`. Returns (iov bytes, sum
+ * of the first nr lengths, sum of all), or None when a buffer is outside
+ * the region (the caller then walks the table the general way, which says
+ * what is wrong). The table is the caller's snapshot: read once here.
+ */
+static PyObject *iov_table(PyObject *self, PyObject *args)
+{
+    Py_buffer table;
+    Py_ssize_t nr;
+    unsigned long long gpa, size, host;
+    PyObject *result = NULL;
+    if (!PyArg_ParseTuple(args, "y*nKKK", &table, &nr, &gpa, &size, &host))
+        return NULL;
+    Py_ssize_t n = table.len / 16;
+    if (table.len % 16 || nr < 0 || nr > n || gpa + size < gpa || host + size < host) {
+        PyErr_SetString(PyExc_ValueError, "iov_table: a table of 16-byte entries, nr <= entries, a region that fits");
+        goto out;
+    }
+    const unsigned char *t = table.buf;
+    uint64_t rsum = 0, tsum = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        uint64_t addr;
+        uint32_t len;
+        memcpy(&addr, t + 16 * i, 8);
+        memcpy(&len, t + 16 * i + 8, 4);
+        if (addr < gpa || addr - gpa > size || size - (addr - gpa) < len) {
+            result = Py_None;
+            Py_INCREF(result);
+            goto out;
+        }
+        tsum += len;
+        if (i < nr)
+            rsum += len;
+    }
+    result = PyBytes_FromStringAndSize(NULL, 16 * n);
+    if (result == NULL)
+        goto out;
+    unsigned char *o = (unsigned char *)PyBytes_AS_STRING(result);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        uint64_t addr, len = 0;
+        memcpy(&addr, t + 16 * i, 8);
+        memcpy(&len, t + 16 * i + 8, 4);
+        addr = host + (addr - gpa);
+        memcpy(o + 16 * i, &addr, 8);
+        memcpy(o + 16 * i + 8, &len, 8);
+    }
+    PyObject *tuple = Py_BuildValue("(NKK)", result, (unsigned long long)rsum, (unsigned long long)tsum);
+    result = tuple;
+out:
+    PyBuffer_Release(&table);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"split_gather", split_gather, METH_VARARGS,
      "split_gather(avail, desc, start, n, q, heads, descs) -> "
@@ -438,6 +495,8 @@ static PyMethodDef methods[] = {
     {"packed_used", packed_used, METH_VARARGS,
      "packed_used(desc, u, q, wrap, ids, written, lens, flags) -> the first descriptor's len|id|flags"},
     {"fill", fill, METH_VARARGS, "fill(region, addrs, gpa, lens, data): copy data to the start of every buffer."},
+    {"iov_table", iov_table, METH_VARARGS,
+     "iov_table(table, nr, gpa, size, host) -> (iov, readable_len, total_len), or None (a buffer outside)"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -34,7 +34,7 @@ import logging
 from typing import Any
 
 from pyvirtio.queue import Chain, Policy
-from pyvirtio.runtime import Completion, Queue, QueueLoop, Service, VirtioDevice
+from pyvirtio.runtime import Completion, Queue, QueueLoop, Service, VirtioDevice, settle_heap
 from pyvirtio.spec import Feature
 from pyvirtio.vhost_user.backend import Backend
 from pyvirtio.vhost_user.server import Server
@@ -183,8 +183,9 @@ def serve(device: Device | VirtioDevice, *, socket_path: str | None = None, fd: 
     `handle_signals=False` when not called from the main thread.
     """
     server, backend = _server(device, socket_path, fd, policy)
-    if handle_signals:
+    if handle_signals:  # the process's main thread: this process serves
         server.install_signal_handlers()
+        settle_heap()
     try:
         server.serve_forever()
     finally:

@@ -52,6 +52,9 @@ HAVE_RING_SCAN = _ring_c is not None
 #: copy one payload into every buffer of a batch (`Bulk.fill`), or None
 ring_fill: Callable[[memoryview, np.ndarray, int, np.ndarray, bytes], None] | None = (
     _ring_c.fill if _ring_c is not None else None)
+#: a long indirect table as a `struct iovec[]` (`build_iov_chain`), or None
+ring_iov_table: Callable[[bytes, int, int, int, int], tuple[bytes, int, int] | None] | None = (
+    _ring_c.iov_table if _ring_c is not None else None)
 
 U64_MAX = (1 << 64) - 1
 _U64 = np.dtype(np.uint64)

@@ -86,6 +86,7 @@ def serve_device(command: str, device: Any, args: argparse.Namespace, started: s
     given; `on_hup` runs on SIGHUP. Returns the exit status."""
     from pyvirtio.control import ControlServer
     from pyvirtio.device import as_virtio_device
+    from pyvirtio.runtime import settle_heap
     from pyvirtio.vhost_user.backend import Backend
     from pyvirtio.vhost_user.server import Server
 
@@ -112,6 +113,7 @@ def serve_device(command: str, device: Any, args: argparse.Namespace, started: s
     server.install_signal_handlers()
     faulthandler.register(signal.SIGUSR2, all_threads=True)  # thread dump for debugging a stall
     log.info("%s", started)
+    settle_heap()
     try:
         server.serve_forever()
     finally:

@@ -239,7 +239,7 @@ class BlkStats:
     ioerr: int = 0        # requests answered IOERR (bad requests and host I/O errors)
     unsupp: int = 0       # requests answered UNSUPP
     no_status: int = 0    # chains without a writable byte, returned with length 0
-    inline: int = 0       # requests run on the queue thread (the last of a burst)
+    inline: int = 0       # requests run on the queue thread (page-cache hits, buffered writes, the last of a burst)
     pooled: int = 0       # requests run in the I/O pool
 
     def as_dict(self) -> dict[str, int]:
@@ -340,7 +340,8 @@ class _BlkService(Service):
             c.bytes += r.nbytes  # type: ignore[union-attr]
             if pool is not None:
                 # A read the host page cache holds runs here (it cannot
-                # block); so does the last request of a burst (nothing
+                # block), and a buffered write while writes are fast; so
+                # does the last request of a burst (nothing
                 # behind it in the ring: no hand-off, the lowest latency
                 # at queue depth 1). Anything else goes to the pool, so
                 # that slow requests overlap.
@@ -378,6 +379,10 @@ class BlkDevice(VirtioDevice):
     """
 
     name = "blk"
+    #: an inline buffered write slower than this (seconds) was throttled or
+    #: waited for the disk: writes then go to the pool for SLOW_WRITE_HOLD
+    SLOW_WRITE = 0.01
+    SLOW_WRITE_HOLD = 1.0
 
     def __init__(self, path: str, *, read_only: bool = False, num_queues: int = 8, direct: bool = False,
                  io_threads: int = 4, seg_max: int = 126, size_max: int = 1 << 20, serial: str | None = None,
@@ -445,6 +450,8 @@ class BlkDevice(VirtioDevice):
         self._io_errors_logged = 0
         #: RWF_NOWAIT reads work here (cleared on the first EOPNOTSUPP)
         self._nowait = True
+        #: buffered writes go to the pool until then (a write was slow: `execute_cached`)
+        self._pool_writes_until = 0.0
         self._resize_lock = threading.Lock()
         self.resizes = 0
 
@@ -715,9 +722,29 @@ class BlkDevice(VirtioDevice):
         return req.written
 
     def execute_cached(self, req: _Req) -> int | None:
-        """A read the host page cache can serve whole, done without blocking
-        (preadv2 with RWF_NOWAIT): its used length; None when it would wait
-        for the disk (or is not a buffered read): `execute` it instead."""
+        """A request the host page cache takes without waiting for the disk,
+        done here: its used length; None when it may wait (or is neither a
+        buffered read nor a buffered write): `execute` it instead.
+
+        - A read is done with preadv2(RWF_NOWAIT), so it fails instead of
+          blocking unless the page cache holds all of it.
+        - A buffered write lands in the page cache (ext4 refuses
+          RWF_NOWAIT for writes, so it is simply done). Handing it to the
+          pool costs more CPU than the copy (measured: 898 vs 645 µs per
+          MiB written under `bench guest-blk`), but a write can still
+          block when the host throttles dirty pages: one that takes longer
+          than `SLOW_WRITE` sends writes to the pool for `SLOW_WRITE_HOLD`
+          seconds, so that they overlap again while the disk is the limit."""
+        if req.kind == T_OUT:
+            if self.dfd >= 0 or self.writethrough or self.inject_latency:
+                return None
+            t = time.monotonic()
+            if t < self._pool_writes_until:
+                return None
+            w = self.execute(req)
+            if time.monotonic() - t > self.SLOW_WRITE:
+                self._pool_writes_until = time.monotonic() + self.SLOW_WRITE_HOLD
+            return w
         if req.kind != T_IN or self.dfd >= 0 or not self._nowait or self.inject_latency or not req.nbytes:
             return None
         try:

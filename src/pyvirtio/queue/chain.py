@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from operator import add as _add
 
-from pyvirtio.memory import AccessCounter, GuestMemory, GuestMemoryError
+from pyvirtio.memory import AccessCounter, GuestMemory, GuestMemoryError, ring_iov_table
 from pyvirtio.queue.errors import BadBufferAddress, ChainTooLarge, ReadableAfterWritable
 
 CHAIN_MAX_BYTES = 1 << 32
@@ -302,17 +302,23 @@ def build_iov_chain(mem: GuestMemory, chain_id: int, pos: int, slots: int, table
     if r is None:
         return None
     g = r.gpa
-    end = g + r.size
-    if min(addrs) < g or max(addrs) + max(lens) > end and max(map(_add, addrs, lens)) > end:
-        return None
-    total = sum(lens)
-    rlen = sum(lens[:nr])
+    delta = r.host_addr - g
+    if ring_iov_table is not None:  # the same checks and iovecs in one C pass (pyvirtio/_ringscan.c)
+        got = ring_iov_table(table, nr, g, r.size, r.host_addr)
+        if got is None:
+            return None
+        iov, rlen, total = got
+    else:
+        end = g + r.size
+        if min(addrs) < g or max(addrs) + max(lens) > end and max(map(_add, addrs, lens)) > end:
+            return None
+        total = sum(lens)
+        rlen = sum(lens[:nr])
+        n = len(addrs)
+        ones, mask = _IOV_PATTERNS.get(n) or _iov_patterns(n)
+        t = int.from_bytes(table, "little") & mask
+        t = t + delta * ones if delta >= 0 else t - -delta * ones
+        iov = t.to_bytes(16 * n, "little")
     if total > CHAIN_MAX_BYTES:
         raise ChainTooLarge(f"chain {chain_id} is {total} bytes long (limit 2^32)")
-    n = len(addrs)
-    ones, mask = _IOV_PATTERNS.get(n) or _iov_patterns(n)
-    delta = r.host_addr - g
-    t = int.from_bytes(table, "little") & mask
-    t = t + delta * ones if delta >= 0 else t - -delta * ones
-    return IovChain(chain_id, pos, slots, addrs, lens, t.to_bytes(16 * n, "little"), nr, rlen, total - rlen,
-                    r.mv[:], g, delta, counter)
+    return IovChain(chain_id, pos, slots, addrs, lens, iov, nr, rlen, total - rlen, r.mv[:], g, delta, counter)
