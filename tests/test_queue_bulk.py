@@ -170,3 +170,73 @@ def test_bulk_fill_copies_one_payload_into_every_buffer_and_refuses_what_cannot_
     with pytest.raises(ValueError):
         b.fill(b"x" * 10)
     assert [pair.raw.read(g, 40) for g in gpas] == originals
+
+
+@pytest.mark.parametrize("ring", RINGS)
+def test_bulk_frames_copies_the_readable_buffers_in_bounds_and_ors_their_first_two_bytes(ring):
+    """`Bulk.frames` (a loopback's tx batch; C with the compiled engine):
+    copies of the device-readable buffers whose length is in bounds, in ring
+    order; a buffer the device may write, or out of bounds, is left out."""
+    pair = QueuePair(ring, 16)
+    sizes = [20, 5, 30, 200, 12]
+    data = [bytes([i, i & 1]) + bytes([0x40 + i]) * (n - 2) for i, n in enumerate(sizes)]
+    for i, (n, d) in enumerate(zip(sizes, data)):
+        g = pair.pool.alloc(n)
+        pair.raw.write(g, d)
+        pair.driver.add([(g, n)], [], token=i)
+    pair.driver.add([], [(pair.pool.alloc(40), 40)], token="writable")
+    pair.driver.publish()
+    b = pair.vq.pop_bulk(16)
+    assert isinstance(b, Bulk) and b.n == 6
+    frames, lead = b.frames(10, 100)
+    assert frames == [data[0], data[2], data[4]]
+    assert lead == 0 | 2 | 4  # first bytes 0, 2, 4; second bytes 0
+    assert b.frames() == (data, (0 | 1 | 2 | 3 | 4) | 1 << 8)  # buffers 1 and 3 have a second byte 1
+
+
+@pytest.mark.parametrize("ring", RINGS)
+def test_bulk_scatter_copies_a_frame_into_each_buffer_or_writes_nothing(ring):
+    """`Bulk.scatter` (a loopback's frames into a batch of receive buffers):
+    frame i at the start of buffer i with the patch over it, the lengths
+    summed; a batch with a buffer shorter than its frame, or read-only, is
+    refused (None) and left untouched."""
+    pair = QueuePair(ring, 16)
+    gpas = pair.post(4, out=0, in_=64)
+    for g in gpas:
+        pair.raw.write(g, b"\xEE" * 64)
+    b = pair.vq.pop_bulk(16)
+    assert isinstance(b, Bulk) and b.n == 4
+    frames = [bytes([i]) * (20 + 10 * i) for i in range(4)]
+    assert b.scatter([*frames[:3], bytes(65)], 10, b"\x01\x00") is None  # the last does not fit
+    assert [pair.raw.read(g, 64) for g in gpas] == [b"\xEE" * 64] * 4
+    with pytest.raises(ValueError):
+        b.scatter(frames[:3])  # one frame per buffer
+    assert b.scatter(frames, 10, b"\x01\x00") == (20, 50, 140)
+    for g, f in zip(gpas, frames):
+        assert pair.raw.read(g, 64) == f[:10] + b"\x01\x00" + f[12:] + b"\xEE" * (64 - len(f))
+    pair.vq.complete_bulk(b, np.array([len(f) for f in frames], np.uint32))
+    pair.vq.flush()
+    assert [w for _, w in pair.driver.get_used()] == [20, 30, 40, 50]
+    pair.post(2, out=64)  # device-readable: refused
+    b = pair.vq.pop_bulk(16)
+    assert isinstance(b, Bulk) and b.scatter([b"x" * 8, b"y" * 8]) is None
+
+
+@pytest.mark.parametrize("ring", RINGS)
+def test_unbulk_puts_each_buffer_in_flight_on_its_own(ring):
+    """A device that cannot use a whole `Bulk` takes it apart: each buffer
+    completes on its own (in any order), the bulk is no longer in flight."""
+    pair = QueuePair(ring, 16)
+    pair.post(3, out=0, in_=64)
+    b = pair.vq.pop_bulk(16)
+    assert isinstance(b, Bulk)
+    chains = pair.vq.unbulk(b)
+    assert [len(c.writable[0]) for c in chains] == [64] * 3
+    with pytest.raises(ValueError):
+        pair.vq.complete_bulk(b, 0)
+    with pytest.raises(ValueError):
+        pair.vq.unbulk(b)
+    pair.vq.complete_batch([(chains[2], 7), (chains[0], 5)])
+    pair.vq.complete(chains[1], 6)
+    pair.vq.flush()
+    assert sorted(pair.driver.get_used()) == [(0, 5), (1, 6), (2, 7)]

@@ -237,3 +237,38 @@ def test_iov_table_refuses_what_does_not_fit(case: str) -> None:
             "region wraps": (table, 0, U64_MAX - 10, 0x1000, 0x1000)}[case]
     with pytest.raises(ValueError):
         ringscan.iov_table(*args)
+
+
+def _batch(addrs: list[int], lens: list[int], flags: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return np.array(addrs, np.uint64), np.array(lens, np.uint32), np.array(flags, np.uint16)
+
+
+def test_gather_and_scatter_refuse_buffers_outside_the_region() -> None:
+    region = bytearray(b"\xEE" * 256)
+    gpa = 0x1000
+    inside = (gpa + 16, 32)
+    for bad in [(gpa - 1, 8), (gpa + 250, 8), (gpa + 256, 8), (U64_MAX - 3, 8)]:
+        a, ln, _ = _batch([inside[0], bad[0]], [inside[1], bad[1]], [0, 0])
+        with pytest.raises(ValueError):
+            ringscan.gather(region, a, gpa, ln, np.zeros(2, np.uint16), 0, 1 << 32)
+        a, ln, fl = _batch([inside[0], bad[0]], [inside[1], bad[1]], [2, 2])
+        assert ringscan.scatter(region, a, gpa, ln, fl, [b"a" * 8, b"b" * 8], -1, b"") is None
+        assert region == bytearray(b"\xEE" * 256)  # nothing written, not even the first frame
+
+
+@pytest.mark.parametrize("case", ["lens short", "flags short", "frames short", "frame not bytes"])
+def test_scatter_refuses_what_does_not_fit(case: str) -> None:
+    region = bytearray(64)
+    a, ln, fl = _batch([0, 32], [32, 32], [2, 2])
+    frames: list = [b"x", b"y"]
+    if case == "lens short":
+        ln = ln[:1]
+    elif case == "flags short":
+        fl = fl[:1]
+    elif case == "frames short":
+        frames = frames[:1]
+    else:
+        frames = [b"x", "y"]
+    with pytest.raises((ValueError, TypeError)):
+        ringscan.scatter(region, a, 0, ln, fl, frames, -1, b"")
+    assert region == bytearray(64)

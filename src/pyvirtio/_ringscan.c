@@ -483,6 +483,151 @@ out:
     return result;
 }
 
+/*
+ * scatter(region, addrs, gpa, lens, flags, frames, patch_at, patch): copy
+ * frames[i] (bytes) to the start of buffer i of a batch (buffer i at region
+ * offset addrs[i] - gpa, lens[i] bytes, flags[i] u16), then `patch` over
+ * bytes [patch_at, patch_at + len(patch)) of the copy when patch_at >= 0:
+ * what a loopback does with a batch of receive buffers (the patch is the
+ * virtio-net header's num_buffers). One frame per buffer. Returns (shortest
+ * frame, longest, total), or None having written nothing when a buffer is
+ * not device-writable, lies outside the region or is shorter than its
+ * frame, or a frame is shorter than the patch.
+ */
+static PyObject *scatter(PyObject *self, PyObject *args)
+{
+    Py_buffer region, addrs, lens, flags, patch;
+    unsigned long long gpa;
+    Py_ssize_t patch_at;
+    PyObject *frames, *seq = NULL, *result = NULL;
+    if (!PyArg_ParseTuple(args, "w*y*Ky*y*Ony*", &region, &addrs, &gpa, &lens, &flags, &frames, &patch_at, &patch))
+        return NULL;
+    Py_ssize_t n = addrs.len / 8;
+    if (addrs.len % 8 || lens.len != 4 * n || flags.len != 2 * n) {
+        PyErr_SetString(PyExc_ValueError, "scatter: one u32 length and one u16 flags per u64 address");
+        goto out;
+    }
+    seq = PySequence_Fast(frames, "scatter: frames must be a sequence of bytes");
+    if (seq == NULL)
+        goto out;
+    if (PySequence_Fast_GET_SIZE(seq) != n) {
+        PyErr_SetString(PyExc_ValueError, "scatter: one frame per buffer");
+        goto out;
+    }
+    PyObject **items = PySequence_Fast_ITEMS(seq);
+    const unsigned char *a = addrs.buf, *l = lens.buf, *f = flags.buf;
+    uint64_t size = (uint64_t)region.len, total = 0, fmin = n ? UINT64_MAX : 0, fmax = 0;
+    uint64_t need = patch_at >= 0 ? (uint64_t)patch_at + (uint64_t)patch.len : 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (!PyBytes_Check(items[i])) {
+            PyErr_SetString(PyExc_TypeError, "scatter: frames must be bytes");
+            goto out;
+        }
+        uint64_t addr, k = (uint64_t)PyBytes_GET_SIZE(items[i]);
+        uint32_t len;
+        uint16_t fl;
+        memcpy(&addr, a + 8 * i, 8);
+        memcpy(&len, l + 4 * i, 4);
+        memcpy(&fl, f + 2 * i, 2);
+        if (!(fl & 0x2) || len < k || k < need || addr < gpa || addr - gpa > size || size - (addr - gpa) < k) {
+            result = Py_None;
+            Py_INCREF(result);
+            goto out;
+        }
+        total += k;
+        if (k < fmin)
+            fmin = k;
+        if (k > fmax)
+            fmax = k;
+    }
+    unsigned char *base = region.buf;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        uint64_t addr;
+        memcpy(&addr, a + 8 * i, 8);
+        unsigned char *dst = base + (addr - gpa);
+        memcpy(dst, PyBytes_AS_STRING(items[i]), (size_t)PyBytes_GET_SIZE(items[i]));
+        if (patch_at >= 0)
+            memcpy(dst + patch_at, patch.buf, (size_t)patch.len);
+    }
+    result = Py_BuildValue("(KKK)", (unsigned long long)fmin, (unsigned long long)fmax, (unsigned long long)total);
+out:
+    Py_XDECREF(seq);
+    PyBuffer_Release(&region);
+    PyBuffer_Release(&addrs);
+    PyBuffer_Release(&lens);
+    PyBuffer_Release(&flags);
+    PyBuffer_Release(&patch);
+    return result;
+}
+
+/*
+ * gather(region, addrs, gpa, lens, flags, lo, hi) -> (frames, lead_or):
+ * a copy (bytes) of every device-readable buffer of a batch whose length is
+ * in [lo, hi], in ring order; the others are skipped (the caller counts
+ * them: len(frames) < n). lead_or is the OR of the copies' first two bytes
+ * (as a little-endian u16): for virtio-net frames the header's flags and
+ * gso_type, 0 when no frame asks for an offload. Buffers outside the region
+ * are refused (ValueError) before anything is copied.
+ */
+static PyObject *gather(PyObject *self, PyObject *args)
+{
+    Py_buffer region, addrs, lens, flags;
+    unsigned long long gpa, lo, hi;
+    PyObject *list = NULL, *result = NULL;
+    if (!PyArg_ParseTuple(args, "y*y*Ky*y*KK", &region, &addrs, &gpa, &lens, &flags, &lo, &hi))
+        return NULL;
+    Py_ssize_t n = addrs.len / 8;
+    if (addrs.len % 8 || lens.len != 4 * n || flags.len != 2 * n) {
+        PyErr_SetString(PyExc_ValueError, "gather: one u32 length and one u16 flags per u64 address");
+        goto out;
+    }
+    const unsigned char *a = addrs.buf, *l = lens.buf, *f = flags.buf;
+    uint64_t size = (uint64_t)region.len;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        uint64_t addr;
+        uint32_t len;
+        memcpy(&addr, a + 8 * i, 8);
+        memcpy(&len, l + 4 * i, 4);
+        if (addr < gpa || addr - gpa > size || size - (addr - gpa) < len) {
+            PyErr_Format(PyExc_ValueError, "gather: buffer %zd (%lu bytes at %#llx) is outside the region",
+                         i, (unsigned long)len, (unsigned long long)addr);
+            goto out;
+        }
+    }
+    list = PyList_New(0);
+    if (list == NULL)
+        goto out;
+    unsigned int lead = 0;
+    const unsigned char *base = region.buf;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        uint64_t addr;
+        uint32_t len;
+        uint16_t fl;
+        memcpy(&addr, a + 8 * i, 8);
+        memcpy(&len, l + 4 * i, 4);
+        memcpy(&fl, f + 2 * i, 2);
+        if ((fl & 0x2) || len < lo || len > hi)
+            continue;
+        const unsigned char *src = base + (addr - gpa);
+        PyObject *b = PyBytes_FromStringAndSize((const char *)src, (Py_ssize_t)len);
+        if (b == NULL || PyList_Append(list, b) < 0) {
+            Py_XDECREF(b);
+            goto out;
+        }
+        Py_DECREF(b);
+        if (len >= 2)
+            lead |= (unsigned int)src[0] | ((unsigned int)src[1] << 8);
+    }
+    result = Py_BuildValue("(Ok)", list, (unsigned long)lead);
+out:
+    Py_XDECREF(list);
+    PyBuffer_Release(&region);
+    PyBuffer_Release(&addrs);
+    PyBuffer_Release(&lens);
+    PyBuffer_Release(&flags);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"split_gather", split_gather, METH_VARARGS,
      "split_gather(avail, desc, start, n, q, heads, descs) -> "
@@ -495,13 +640,17 @@ static PyMethodDef methods[] = {
     {"packed_used", packed_used, METH_VARARGS,
      "packed_used(desc, u, q, wrap, ids, written, lens, flags) -> the first descriptor's len|id|flags"},
     {"fill", fill, METH_VARARGS, "fill(region, addrs, gpa, lens, data): copy data to the start of every buffer."},
+    {"scatter", scatter, METH_VARARGS,
+     "scatter(region, addrs, gpa, lens, flags, frames, patch_at, patch) -> (shortest, longest, total), or None"},
+    {"gather", gather, METH_VARARGS,
+     "gather(region, addrs, gpa, lens, flags, lo, hi) -> (copies of the readable buffers lo <= len <= hi, lead_or)"},
     {"iov_table", iov_table, METH_VARARGS,
      "iov_table(table, nr, gpa, size, host) -> (iov, readable_len, total_len), or None (a buffer outside)"},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "_ringscan", "The split ring's batch scan.", -1, methods,
+    PyModuleDef_HEAD_INIT, "_ringscan", "The ring engine's batch operations in C.", -1, methods,
 };
 
 PyMODINIT_FUNC PyInit__ringscan(void)

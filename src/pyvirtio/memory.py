@@ -21,7 +21,7 @@ import mmap
 import os
 import struct
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 import numpy as np
@@ -52,6 +52,12 @@ HAVE_RING_SCAN = _ring_c is not None
 #: copy one payload into every buffer of a batch (`Bulk.fill`), or None
 ring_fill: Callable[[memoryview, np.ndarray, int, np.ndarray, bytes], None] | None = (
     _ring_c.fill if _ring_c is not None else None)
+#: one frame into each buffer of a batch (`Bulk.scatter`), or None
+ring_scatter: Callable[[memoryview, np.ndarray, int, np.ndarray, np.ndarray, Sequence[bytes], int, bytes],
+                       tuple[int, int, int] | None] | None = _ring_c.scatter if _ring_c is not None else None
+#: copies of a batch's readable buffers (`Bulk.frames`), or None
+ring_gather: Callable[[memoryview, np.ndarray, int, np.ndarray, np.ndarray, int, int],
+                      tuple[list[bytes], int]] | None = _ring_c.gather if _ring_c is not None else None
 #: a long indirect table as a `struct iovec[]` (`build_iov_chain`), or None
 ring_iov_table: Callable[[bytes, int, int, int, int], tuple[bytes, int, int] | None] | None = (
     _ring_c.iov_table if _ring_c is not None else None)

@@ -32,6 +32,7 @@ import random
 import struct
 from collections import deque
 from collections.abc import Callable
+from itertools import islice
 from typing import Any
 
 import numpy as np
@@ -352,7 +353,24 @@ class _LoopQueue(RxSource):
         self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.waiting = False
 
-    def push(self, frames: list[bytes], c: QueueCounters) -> None:
+    def push(self, frames: list[bytes], c: QueueCounters, lead_or: int = -1) -> None:
+        """Queue a tx batch for the rx queue. Frames that ask for an offload
+        (header flags or gso_type set; `lead_or` 0 says none does) are made
+        valid for this guest first (`LoopbackPort.fix_header`, dropped and
+        counted when they cannot be), so every queued frame can be copied
+        as it is."""
+        if lead_or:
+            fix = self.port.fix_header
+            ok = []
+            for f in frames:
+                if f[0] | f[1]:
+                    g = fix(f)
+                    if g is None:
+                        c.dropped += 1
+                        continue
+                    f = g
+                ok.append(f)
+            frames = ok
         room = self.LIMIT - len(self.frames)
         if room < len(frames):
             c.dropped += len(frames) - max(room, 0)
@@ -371,39 +389,31 @@ class _LoopQueue(RxSource):
             return False
         hdr_len = self.port.hdr_len
         mergeable = self.port.mergeable
-        fix = self.port.fix_header
         v1 = hdr_len == NET_HDR_SIZE
         append = done.append
         popframe = frames.popleft
         popchain = held.popleft
         packets = nbytes = 0
         while frames and held:
+            # (push made every frame's header valid for this guest)
             frame = frames[0]
-            if not frame[0] | frame[1]:
-                # Hot path: no offload to fix; the frame fits the first buffer
-                # of the next chain: one copy, num_buffers patched in place.
-                ch = held[0]
-                w = ch.writable
-                n = len(frame)
-                if w and len(w[0]) >= n:
-                    v = w[0]
-                    v[:n] = frame
-                    if v1:
-                        v[10:12] = b"\x01\x00"
-                    popchain()
-                    popframe()
-                    append((ch, n))
-                    packets += 1
-                    nbytes += n - hdr_len
-                    continue
-            if frame[0] | frame[1]:  # offload flags or GSO: make them valid for this guest
-                fixed = fix(frame)
-                if fixed is None:
-                    frames.popleft()
-                    c.dropped += 1
-                    continue
-                frame = frames[0] = fixed
-            elif hdr_len == NET_HDR_SIZE and (frame[10] != 1 or frame[11]):
+            ch = held[0]
+            w = ch.writable
+            n = len(frame)
+            if w and len(w[0]) >= n:
+                # Hot path: the frame fits the first buffer of the next
+                # chain: one copy, num_buffers patched in place.
+                v = w[0]
+                v[:n] = frame
+                if v1:
+                    v[10:12] = b"\x01\x00"
+                popchain()
+                popframe()
+                append((ch, n))
+                packets += 1
+                nbytes += n - hdr_len
+                continue
+            if hdr_len == NET_HDR_SIZE and (frame[10] != 1 or frame[11]):
                 frame = frames[0] = frame[:10] + b"\x01\x00" + frame[12:]
             if not deliver(held, frame, hdr_len, mergeable, done):
                 if not mergeable and held[0].writable_len < len(frame):
@@ -421,6 +431,34 @@ class _LoopQueue(RxSource):
         c.packets += packets
         c.bytes += nbytes
         return True
+
+    def pending(self) -> int:
+        """Frames waiting: the rx service takes no more buffers than this
+        at once, so that a `Bulk` is filled whole."""
+        return len(self.frames)
+
+    def fill_bulk(self, bulk: Bulk, c: QueueCounters) -> Any:
+        """One frame into each buffer of `bulk`, in one engine call (the
+        forwarding hot path). Returns the bytes written (an int when every
+        frame has the same length), or None, having taken nothing, unless
+        the first `bulk.n` frames each fit their buffer: the caller then
+        takes the buffers one by one (`fill`)."""
+        frames = self.frames
+        n = bulk.n
+        if len(frames) < n:
+            return None
+        batch = [frames[i] for i in range(n)] if n < 8 else list(islice(frames, n))
+        h = self.port.hdr_len
+        # the frames carry the sender's header: num_buffers becomes 1 here (v1 header)
+        got = bulk.scatter(batch, 10, b"\x01\x00") if h == NET_HDR_SIZE else bulk.scatter(batch)
+        if got is None:
+            return None
+        for _ in range(n):
+            frames.popleft()
+        shortest, longest, total = got
+        c.packets += n
+        c.bytes += total - h * n
+        return shortest if shortest == longest else np.array([len(f) for f in batch], np.uint32)
 
     def prepare_wait(self) -> bool:
         self.waiting = True
@@ -465,24 +503,17 @@ class LoopbackPort(Port):
         self.queues[pair].push(frames, c)
 
     def tx_bulk(self, pair: int, bulk: Any, c: QueueCounters) -> None:
-        # Hot path: the frames straight from the region, no Chain per frame.
+        # Hot path: the frames copied out of the region in one engine call
+        # (a device-writable buffer on tx carries no frame: left out, like
+        # one shorter than the header or beyond any frame).
         h = self.hdr_len
-        lim = h + MAX_GSO_FRAME
-        mv = bulk.region_mv
-        offs = (bulk.addrs - np.uint64(bulk.region_gpa)).tolist()
-        lens = bulk.lens.tolist()
-        writable = bulk.writable
-        if writable.any():  # a device-writable buffer on tx carries no frame
-            keep = (~writable).tolist()
-            offs = [o for o, k in zip(offs, keep) if k]
-            lens = [n for n, k in zip(lens, keep) if k]
-        frames = [mv[o:o + n].tobytes() for o, n in zip(offs, lens) if h <= n <= lim]
+        frames, lead_or = bulk.frames(h, h + MAX_GSO_FRAME)
         k = len(frames)
         if k != bulk.n:
             c.dropped += bulk.n - k
         c.packets += k
         c.bytes += sum(map(len, frames)) - h * k
-        self.queues[pair].push(frames, c)
+        self.queues[pair].push(frames, c, lead_or)
 
     def rx_source(self, pair: int) -> RxSource | None:
         return self.queues[pair]
@@ -771,9 +802,12 @@ class _RxService(Service):
         self.held: deque[Chain] = deque()
         self.starved = False   # the next frame needs more buffers than held
         self.dry = False       # the source had no frame
-        # A source that never runs dry can fill a whole `Bulk` at once.
+        # A source that can fill a whole `Bulk` at once: it never runs dry
+        # (gen), or it says how many frames it holds (`pending`: loopback)
+        # and the service takes no more buffers than that.
         self.fill_bulk = getattr(source, "fill_bulk", None)
         self.bulk = self.fill_bulk is not None
+        self.pending: Callable[[], int] | None = getattr(source, "pending", None)
         self.more = queue.take_more
 
     def _active(self) -> bool:
@@ -783,13 +817,20 @@ class _RxService(Service):
     def take(self) -> int:
         if not self._active():
             return 0
-        return self.batch if not self.held or self.starved else 0
+        if self.held:
+            return self.batch if self.starved else 0
+        if self.pending is not None:
+            return min(self.batch, self.pending())
+        return self.batch
 
     def handle(self, got: Any, done: list[Completion]) -> None:
         if type(got) is Bulk:
             assert self.fill_bulk is not None
-            done.append((got, self.fill_bulk(got, self.queue.counters)))
-            return
+            written = None if self.held else self.fill_bulk(got, self.queue.counters)
+            if written is not None:
+                done.append((got, written))
+                return
+            got = self.queue.vq.unbulk(got)  # not all at once: one by one below
         self.held.extend(got)
         self._fill(done)
 
@@ -809,7 +850,10 @@ class _RxService(Service):
         return moved
 
     def _waits_on_source(self) -> bool:
-        return bool(self.held) and not self.starved and self._active()
+        if self.held:
+            return not self.starved and self._active()
+        # a source that says what it holds (loopback) is waited on while empty, holding no buffers
+        return self.pending is not None and not self.pending() and self._active()
 
     def wake_fds(self) -> list[int]:
         src = self.source

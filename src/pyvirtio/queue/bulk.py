@@ -15,9 +15,11 @@ else comes back as ordinary `Chain`s, in ring order.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
-from pyvirtio.memory import ring_fill
+from pyvirtio.memory import ring_fill, ring_gather, ring_scatter
 from pyvirtio.queue.chain import Chain
 
 WRITE_FLAG = 0x2  # VIRTQ_DESC_F_WRITE, the same bit in both formats
@@ -101,6 +103,50 @@ class Bulk:
         mv = self.region_mv
         for o in (self.addrs - np.uint64(self.region_gpa)).tolist():
             mv[o : o + k] = data
+
+    def frames(self, lo: int = 0, hi: int = 0xFFFFFFFF) -> tuple[list[bytes], int]:
+        """A copy of every device-readable buffer whose length is in
+        [lo, hi], in ring order (the others are left out), and the OR of
+        the copies' first two bytes as a little-endian u16 (a virtio-net
+        frame's header flags and gso_type: 0 when none asks for an
+        offload). One C call with the compiled engine."""
+        if ring_gather is not None:
+            return ring_gather(self.region_mv, np.ascontiguousarray(self.addrs), self.region_gpa,
+                               np.ascontiguousarray(self.lens), np.ascontiguousarray(self.flags), lo, hi)
+        mv = self.region_mv
+        offs = (self.addrs - np.uint64(self.region_gpa)).tolist()
+        keep = (~self.writable).tolist()
+        out = [mv[o : o + n].tobytes() for o, n, k in zip(offs, self.lens.tolist(), keep) if k and lo <= n <= hi]
+        lead = 0
+        for f in out:
+            if len(f) >= 2:
+                lead |= f[0] | f[1] << 8
+        return out, lead
+
+    def scatter(self, frames: Sequence[bytes], patch_at: int = -1, patch: bytes = b"") -> tuple[int, int, int] | None:
+        """Copy `frames[i]` to the start of buffer `i` (one frame per buffer,
+        `len(frames) == n`), then `patch` over each copy at `patch_at` when
+        that is >= 0: a loopback's frames into a batch of receive buffers.
+        Returns (shortest, longest, total) frame length; None, with nothing
+        written, when a buffer is read-only or shorter than its frame (or a
+        frame shorter than the patch). One C call with the compiled engine."""
+        n = self.n
+        if len(frames) != n:
+            raise ValueError(f"{self!r}: {len(frames)} frames for {n} buffers")
+        if ring_scatter is not None:
+            return ring_scatter(self.region_mv, np.ascontiguousarray(self.addrs), self.region_gpa,
+                                np.ascontiguousarray(self.lens), np.ascontiguousarray(self.flags), frames,
+                                patch_at, patch)
+        sizes = [len(f) for f in frames]
+        need = patch_at + len(patch) if patch_at >= 0 else 0
+        if n and (not self.writable.all() or (self.lens < np.array(sizes, np.uint64)).any() or min(sizes) < need):
+            return None
+        mv = self.region_mv
+        for o, f in zip((self.addrs - np.uint64(self.region_gpa)).tolist(), frames):
+            mv[o : o + len(f)] = f
+            if patch_at >= 0:
+                mv[o + patch_at : o + need] = patch
+        return (min(sizes), max(sizes), sum(sizes)) if n else (0, 0, 0)
 
     def views(self) -> list[memoryview]:
         """Zero-copy views of every buffer, in ring order."""

@@ -261,6 +261,19 @@ class Virtqueue:
         self._pending.append((bulk, w))  # type: ignore[arg-type]
         return False
 
+    def unbulk(self, bulk: Bulk) -> list[Chain]:
+        """`bulk`'s buffers as `Chain`s, each in flight on its own: for
+        device code that found it cannot use the whole batch at once.
+        Complete them with `complete`/`complete_batch`; the `Bulk` itself is
+        no longer in flight. No guest memory is read again."""
+        try:
+            del self.inflight[bulk]
+        except KeyError:
+            raise ValueError(f"{self.name}: {bulk!r} is not in flight") from None
+        chains = bulk.chains()
+        self.inflight.update(dict.fromkeys(chains))
+        return chains
+
     def pop(self) -> Chain | None:
         """One chain, or None (see `pop_batch`)."""
         got = self.pop_batch(1)
