@@ -73,6 +73,13 @@ static void summarize(const unsigned char *d, Py_ssize_t n, struct summary *s)
     }
 }
 
+/* Whether [addr, addr + len) lies inside the region [gpa, gpa + size)
+ * (no arithmetic on guest values that can wrap). */
+static inline int inside(uint64_t addr, uint64_t len, uint64_t gpa, uint64_t size)
+{
+    return addr >= gpa && addr - gpa <= size && size - (addr - gpa) >= len;
+}
+
 /* A batch's used lengths: an int (every element) or n u32. On success
  * *same holds the int, or *have is set and buf holds the array (the caller
  * releases it). Returns -1 with an exception set otherwise. */
@@ -217,7 +224,7 @@ static PyObject *fill(PyObject *self, PyObject *args)
         uint32_t len;
         memcpy(&addr, a + 8 * i, 8);
         memcpy(&len, l + 4 * i, 4);
-        if (len < k || addr < gpa || addr - gpa > size || size - (addr - gpa) < k) {
+        if (len < k || !inside(addr, k, gpa, size)) {
             PyErr_Format(PyExc_ValueError, "fill: buffer %zd (%llu bytes at %#llx) cannot take %llu bytes",
                          i, (unsigned long long)len, (unsigned long long)addr, (unsigned long long)k);
             goto out;
@@ -455,7 +462,7 @@ static PyObject *iov_table(PyObject *self, PyObject *args)
         uint32_t len;
         memcpy(&addr, t + 16 * i, 8);
         memcpy(&len, t + 16 * i + 8, 4);
-        if (addr < gpa || addr - gpa > size || size - (addr - gpa) < len) {
+        if (!inside(addr, len, gpa, size)) {
             result = Py_None;
             Py_INCREF(result);
             goto out;
@@ -529,7 +536,7 @@ static PyObject *scatter(PyObject *self, PyObject *args)
         memcpy(&addr, a + 8 * i, 8);
         memcpy(&len, l + 4 * i, 4);
         memcpy(&fl, f + 2 * i, 2);
-        if (!(fl & 0x2) || len < k || k < need || addr < gpa || addr - gpa > size || size - (addr - gpa) < k) {
+        if (!(fl & 0x2) || len < k || k < need || !inside(addr, k, gpa, size)) {
             result = Py_None;
             Py_INCREF(result);
             goto out;
@@ -588,7 +595,7 @@ static PyObject *gather(PyObject *self, PyObject *args)
         uint32_t len;
         memcpy(&addr, a + 8 * i, 8);
         memcpy(&len, l + 4 * i, 4);
-        if (addr < gpa || addr - gpa > size || size - (addr - gpa) < len) {
+        if (!inside(addr, len, gpa, size)) {
             PyErr_Format(PyExc_ValueError, "gather: buffer %zd (%lu bytes at %#llx) is outside the region",
                          i, (unsigned long)len, (unsigned long long)addr);
             goto out;

@@ -447,7 +447,7 @@ class _LoopQueue(RxSource):
         n = bulk.n
         if len(frames) < n:
             return None
-        batch = [frames[i] for i in range(n)] if n < 8 else list(islice(frames, n))
+        batch = list(islice(frames, n))
         h = self.port.hdr_len
         # the frames carry the sender's header: num_buffers becomes 1 here (v1 header)
         got = bulk.scatter(batch, 10, b"\x01\x00") if h == NET_HDR_SIZE else bulk.scatter(batch)
