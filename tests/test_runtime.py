@@ -66,3 +66,73 @@ def test_asyncio_runner_serves_kicked_batches_and_interrupts_once_per_batch(ring
     assert qloop.counters.sleeps >= 1
     # one interrupt decision per published batch at most
     assert qloop.counters.interrupts <= pair.vq.stats.publishes
+
+
+def _kicked_loop(ring: str, handler) -> tuple[QueuePair, QueueLoop, int, int]:
+    pair = QueuePair(ring, 16, event_idx=True)
+    kick = os.eventfd(0, os.EFD_NONBLOCK)
+    call = os.eventfd(0, os.EFD_NONBLOCK)
+    loop = QueueLoop(pair.vq, Kick(kick), eventfd_call(call))
+    loop.attach(lambda q: CallbackService(q, handler, batch=16))
+    return pair, loop, kick, call
+
+
+def _serve_one(pair: QueuePair, kick: int, token: str, timeout: float = 5.0) -> list:
+    import time
+
+    pair.driver.add([(pair.pool.alloc(8), 8)], [], token)
+    if pair.driver.publish():
+        os.eventfd_write(kick, 1)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = pair.driver.get_used()
+        if got:
+            return got
+        time.sleep(0.001)
+    return []
+
+
+@pytest.mark.parametrize("ring", ["split", "packed"])
+def test_a_loop_group_serves_its_rings_in_one_thread_and_they_come_and_go_on_their_own(ring):
+    """Two rings in one `LoopGroup`: both served by the group's one thread;
+    one stops while the other keeps working; a failing device retires only
+    its ring; the thread ends with the last loop and starts with the next."""
+    import threading
+
+    from pyvirtio.runtime import LoopGroup
+
+    seen: list[str] = []
+
+    def ok(chains):
+        seen.append(threading.current_thread().name)
+        return [(c, 0) for c in chains]
+
+    def broken(chains):
+        raise RuntimeError("a device bug")
+
+    group = LoopGroup("pair")
+    a, la, ka, _ = _kicked_loop(ring, ok)
+    b, lb, kb, _ = _kicked_loop(ring, ok)
+    c, lc, kc, _ = _kicked_loop(ring, broken)
+    failures: list[BaseException] = []
+    lc._on_fail = lambda index, exc: failures.append(exc)
+    for lp in (la, lb):
+        lp.start(group)
+    assert _serve_one(a, ka, "a1") == [("a1", 0)]
+    assert _serve_one(b, kb, "b1") == [("b1", 0)]
+    assert set(seen) == {"pair"}  # the group's thread, not one per ring
+    thread = group.thread
+    lc.start(group)
+    assert _serve_one(c, kc, "c1", timeout=0.5) == []  # its device raised: that ring is retired...
+    assert len(failures) == 1 and isinstance(failures[0], RuntimeError)
+    la.stop()
+    assert _serve_one(b, kb, "b2") == [("b2", 0)]  # ...and the other rings go on, one stopped
+    assert _serve_one(a, ka, "a2", timeout=0.3) == []
+    lb.stop()
+    thread.join(5)
+    assert not thread.is_alive() and group.thread is None  # it ended with its last loop
+    d, ld, kd, _ = _kicked_loop(ring, ok)
+    ld.start(group)
+    assert _serve_one(d, kd, "d1") == [("d1", 0)]
+    ld.stop()
+    group.close()

@@ -281,6 +281,9 @@ class QueueLoop:
         self.service: Service | None = None
         self.queue = Queue(self)
         self.thread: threading.Thread | None = None
+        #: the `LoopGroup` whose thread runs this loop, if any (`start(group)`)
+        self.group: LoopGroup | None = None
+        self._left_group = threading.Event()  # set when the group thread let it go
 
     # -- what devices and the transport call ---------------------------------------------
 
@@ -288,8 +291,13 @@ class QueueLoop:
         self.service = make(self.queue)
         return self.service
 
-    def start(self) -> None:
-        """Serve in a thread of its own."""
+    def start(self, group: LoopGroup | None = None) -> None:
+        """Serve in a thread of its own, or in `group`'s thread beside the
+        other loops of the group."""
+        if group is not None:
+            self.group = group
+            group.add(self)
+            return
         self.thread = threading.Thread(target=self._main, name=self.vq.name, daemon=True)
         self.thread.start()
 
@@ -329,6 +337,15 @@ class QueueLoop:
         and wait for its thread."""
         self.stopping = True
         self.wake()
+        g = self.group
+        if g is not None:
+            if g.thread is not threading.current_thread() and not self._left_group.wait(self.STOP_TIMEOUT):
+                log.error("%s: queue loop did not stop within %gs; abandoning it", self.vq.name,
+                          self.STOP_TIMEOUT)
+                return
+            g.wait_if_idle()
+            self.close()
+            return
         t = self.thread
         if t is not None and t.is_alive() and t is not threading.current_thread():
             t.join(self.STOP_TIMEOUT)
@@ -536,17 +553,8 @@ class QueueLoop:
             svc.stopped()
 
     def _main(self) -> None:
-        prof_dir = os.environ.get("PYVIRTIO_PROFILE_DIR")
         try:
-            if prof_dir:  # developer aid: one cProfile dump per loop
-                import cProfile
-                prof = cProfile.Profile()
-                try:
-                    prof.runcall(self.run)
-                finally:
-                    prof.dump_stats(os.path.join(prof_dir, f"{self.vq.name}.{os.getpid()}.{id(self):x}.prof"))
-            else:
-                self.run()
+            _profiled(self.vq.name, self, self.run)
         except QueueError as e:
             self.fail(e)
         except Exception as e:  # a device bug or a host I/O failure: retire this ring only
@@ -589,6 +597,151 @@ class QueueLoop:
             self.woke()
         if self.service is not None:
             self.service.stopped()
+
+
+def _profiled(name: str, owner: object, run: Callable[[], None]) -> None:
+    """`run()`, under cProfile when PYVIRTIO_PROFILE_DIR names a directory
+    (a developer aid: one dump per loop thread)."""
+    prof_dir = os.environ.get("PYVIRTIO_PROFILE_DIR")
+    if not prof_dir:
+        run()
+        return
+    import cProfile
+    prof = cProfile.Profile()
+    try:
+        prof.runcall(run)
+    finally:
+        prof.dump_stats(os.path.join(prof_dir, f"{name}.{os.getpid()}.{id(owner):x}.prof"))
+
+
+class LoopGroup:
+    """One thread serving several `QueueLoop`s: rings that hand work to each
+    other (a loopback's tx and rx) without a thread wake-up between them.
+
+    Every loop's `step()` runs in turn; a loop that asks to sleep is set
+    aside until one of its sleep fds is ready (looked at with a zero-timeout
+    poll on every pass while another loop is busy) or its timeout passes;
+    the thread blocks only when every loop sleeps, on all their fds at once.
+    Arming stays each loop's own decision, in its `step()`. Loops join with
+    `QueueLoop.start(group)` and leave with `QueueLoop.stop()`, each on its
+    own; the thread ends with its last loop and starts again with the next.
+    A loop that fails is retired alone.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._lock = threading.Lock()
+        self._loops: list[QueueLoop] = []
+        self._wake = -1  # the thread's own wake-up fd: it lives as long as the thread
+        self._closed = False
+        self.thread: threading.Thread | None = None
+
+    def add(self, loop: QueueLoop) -> None:
+        with self._lock:
+            if self._closed:
+                raise RuntimeError(f"{self.name}: the group is closed")
+            self._loops.append(loop)
+            if self.thread is None:
+                self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+                self.thread = threading.Thread(target=self._main, name=self.name, daemon=True)
+                self.thread.start()
+            else:
+                os.eventfd_write(self._wake, 1)
+
+    def wait_if_idle(self, timeout: float = 1.0) -> None:
+        """When no loop is left, wait for the thread to end (it closes its
+        fd on the way out: nothing of the group outlives its last loop)."""
+        with self._lock:
+            t = self.thread if not self._loops else None
+        if t is not None and t is not threading.current_thread():
+            t.join(timeout)
+
+    def close(self) -> None:
+        """No loop may join any more (the device is closing)."""
+        with self._lock:
+            self._closed = True
+
+    def _leave(self, loop: QueueLoop) -> None:
+        with self._lock:
+            self._loops.remove(loop)
+        loop._left_group.set()
+
+    def _main(self) -> None:
+        _profiled(self.name, self, self._serve)
+
+    def _serve(self) -> None:
+        # loop -> (fds it sleeps on, write fds, wake-up deadline or None, when it fell asleep)
+        asleep: dict[QueueLoop, tuple[list[int], Sequence[int], float | None, int]] = {}
+        now = time.perf_counter_ns
+        while True:
+            with self._lock:
+                loops = list(self._loops)
+                if not loops:
+                    os.close(self._wake)
+                    self._wake = -1
+                    self.thread = None
+                    return
+            busy = False
+            for lp in loops:
+                if lp in asleep:
+                    continue
+                try:
+                    s = lp.step()
+                except QueueError as e:
+                    lp.fail(e)
+                    self._leave(lp)
+                    continue
+                except Exception as e:  # a device bug: retire this ring only
+                    log.exception("%s: queue loop failed", lp.vq.name)
+                    lp.fail(e)
+                    self._leave(lp)
+                    continue
+                if s is Step.BUSY:
+                    busy = True
+                elif s is Step.STOPPED:
+                    if lp.service is not None:
+                        lp.service.stopped()
+                    self._leave(lp)
+                else:
+                    t = lp.sleep_timeout()
+                    lp.counters.sleeps += 1
+                    asleep[lp] = (lp.sleep_fds(), list(lp.sleep_write_fds()),
+                                  None if t is None else time.monotonic() + t, now())
+            if not busy and not asleep:
+                continue  # every loop left during this pass: look again (the thread ends with the last)
+            poller = select.poll()
+            poller.register(self._wake, select.POLLIN)
+            deadline: float | None = None
+            for fds, wfds, dl, _ in asleep.values():
+                for fd in fds:
+                    poller.register(fd, select.POLLIN | (select.POLLOUT if fd in wfds else 0))
+                for fd in wfds:
+                    if fd not in fds:
+                        poller.register(fd, select.POLLOUT)
+                if dl is not None and (deadline is None or dl < deadline):
+                    deadline = dl
+            if busy:
+                timeout = 0
+            elif deadline is None:
+                timeout = -1
+            else:
+                timeout = max(0, int((deadline - time.monotonic()) * 1000 + 0.999))
+            ready = {fd for fd, _ in poller.poll(timeout)}
+            if self._wake in ready:
+                try:
+                    os.eventfd_read(self._wake)
+                except BlockingIOError:
+                    pass
+            mono = time.monotonic()
+            for lp, (fds, wfds, dl, t0) in list(asleep.items()):
+                hit = [fd for fd in (*fds, *wfds) if fd in ready]
+                if hit or (dl is not None and mono >= dl) or lp not in self._loops:
+                    del asleep[lp]
+                    c = lp.counters
+                    c.sleep_us += (now() - t0) // 1000
+                    if not hit:
+                        c.timeouts += 1
+                    lp.woke(hit)
 
 
 class VirtioDevice(abc.ABC):
@@ -673,12 +826,18 @@ class VirtioDevice(abc.ABC):
         """What serves ring `queue.index` (called when the ring starts)."""
 
     def start_queue(self, loop: QueueLoop) -> None:
-        """Ring `loop.index` starts: attach its service and run its loop."""
+        """Ring `loop.index` starts: attach its service and run its loop (in
+        the thread of `queue_group(index)` when that names one)."""
         if not hasattr(self, "loops"):
             self.loops = {}
         loop.attach(self.service)
         self.loops[loop.index] = loop
-        loop.start()
+        loop.start(self.queue_group(loop.index))
+
+    def queue_group(self, index: int) -> LoopGroup | None:
+        """The `LoopGroup` whose thread runs ring `index` beside other rings
+        (None, the default: a thread of its own)."""
+        return None
 
     def stop_queue(self, index: int) -> None:
         """Stop serving ring `index`; return only when nothing touches it any
@@ -741,5 +900,6 @@ def eventfd_call(fd: int) -> Callable[[], None]:
     return call
 
 
-__all__ = ["CallbackService", "Completion", "Kick", "Queue", "QueueCounters", "QueueLoop", "Service", "Step", "VirtioDevice",
+__all__ = ["CallbackService", "Completion", "Kick", "LoopGroup", "Queue", "QueueCounters", "QueueLoop", "Service", "Step",
+           "VirtioDevice",
            "eventfd_call", "settle_heap"]

@@ -39,7 +39,7 @@ import numpy as np
 
 from pyvirtio.queue import Chain
 from pyvirtio.queue.bulk import Bulk
-from pyvirtio.runtime import Completion, Queue, QueueCounters, QueueLoop, Service, VirtioDevice
+from pyvirtio.runtime import Completion, LoopGroup, Queue, QueueCounters, QueueLoop, Service, VirtioDevice
 from pyvirtio.spec import (
     _U16,
     CTRL_ANNOUNCE,
@@ -180,6 +180,9 @@ class Port:
     name = "port"
     #: feature bits the port can offer on top of the device's base set
     offloads: int = int(TX_OFFLOADS)
+    #: a pair's tx hands its frames to its own rx: both rings in one thread
+    #: (`LoopGroup`), with no wake-up between them
+    pair_thread = False
 
     def configure(self, features: int, hdr_len: int) -> None:
         """The guest acked `features`; frames carry `hdr_len`-byte headers."""
@@ -480,6 +483,7 @@ class LoopbackPort(Port):
 
     name = "loopback"
     offloads = int(TX_OFFLOADS | RX_OFFLOADS)
+    pair_thread = True
 
     def __init__(self, pairs: int) -> None:
         self.queues = [_LoopQueue(self) for _ in range(pairs)]
@@ -938,6 +942,7 @@ class NetDevice(VirtioDevice):
         self.negotiated = 0
         self.hdr_len = NET_HDR_SIZE
         self.loops: dict[int, QueueLoop] = {}
+        self._pair_groups: dict[int, LoopGroup] = {}
         self.status = 0
 
     # -- VirtioDevice ---------------------------------------------------------------
@@ -972,6 +977,15 @@ class NetDevice(VirtioDevice):
         network back-ends)."""
         return self.port.send_host(rarp_frame(mac))
 
+    def queue_group(self, index: int) -> LoopGroup | None:
+        if not self.port.pair_thread or index >= 2 * self.pairs:
+            return None
+        pair = index // 2
+        g = self._pair_groups.get(pair)
+        if g is None:
+            g = self._pair_groups[pair] = LoopGroup(f"net.pair{pair}")
+        return g
+
     def service(self, queue: Queue) -> Service:
         i = queue.index
         if i == 2 * self.pairs:
@@ -988,6 +1002,8 @@ class NetDevice(VirtioDevice):
 
     def close(self) -> None:
         self.reset()
+        for g in self._pair_groups.values():
+            g.close()
         self.port.close()
 
     def stats(self) -> dict[str, Any]:

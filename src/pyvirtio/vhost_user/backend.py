@@ -866,6 +866,15 @@ class Backend:
                 ring.retired_fds.append(old)  # the worker may be writing it right now
             else:
                 _close(old)
+        if ring.started and msg.body.fd is not None and ring.loop is not None:
+            # QEMU swaps the call fd just after it starts a ring (seen at
+            # every migration's destination): a notification the loop sent
+            # meanwhile went to the old fd and is lost, and with EVENT_IDX
+            # the driver is not notified again until its used_event is
+            # crossed, which it may never be. One notification on the new
+            # fd (spurious at worst, which every driver handles) closes that
+            # window.
+            ring.loop.signal()
 
     def _set_vring_err(self, msg: Message) -> None:
         assert isinstance(msg.body, VringFd)
