@@ -80,6 +80,19 @@ static inline int inside(uint64_t addr, uint64_t len, uint64_t gpa, uint64_t siz
     return addr >= gpa && addr - gpa <= size && size - (addr - gpa) >= len;
 }
 
+/* The size of a batch given as n u64 addresses, n u32 lengths and (when
+ * flags is not NULL) n u16 flags; -1 with ValueError when they disagree. */
+static Py_ssize_t batch_len(const Py_buffer *addrs, const Py_buffer *lens, const Py_buffer *flags, const char *who)
+{
+    Py_ssize_t n = addrs->len / 8;
+    if (addrs->len % 8 || lens->len != 4 * n || (flags != NULL && flags->len != 2 * n)) {
+        PyErr_Format(PyExc_ValueError, "%s: one u32 length%s per u64 address", who,
+                     flags != NULL ? " and one u16 flags" : "");
+        return -1;
+    }
+    return n;
+}
+
 /* A batch's used lengths: an int (every element) or n u32. On success
  * *same holds the int, or *have is set and buf holds the array (the caller
  * releases it). Returns -1 with an exception set otherwise. */
@@ -212,11 +225,9 @@ static PyObject *fill(PyObject *self, PyObject *args)
     PyObject *result = NULL;
     if (!PyArg_ParseTuple(args, "w*y*Ky*y*", &region, &addrs, &gpa, &lens, &data))
         return NULL;
-    Py_ssize_t n = addrs.len / 8;
-    if (addrs.len % 8 || lens.len != 4 * n) {
-        PyErr_SetString(PyExc_ValueError, "fill: one u32 length per u64 address");
+    Py_ssize_t n = batch_len(&addrs, &lens, NULL, "fill");
+    if (n < 0)
         goto out;
-    }
     const unsigned char *a = addrs.buf, *l = lens.buf;
     uint64_t size = (uint64_t)region.len, k = (uint64_t)data.len;
     for (Py_ssize_t i = 0; i < n; i++) {
@@ -509,11 +520,9 @@ static PyObject *scatter(PyObject *self, PyObject *args)
     PyObject *frames, *seq = NULL, *result = NULL;
     if (!PyArg_ParseTuple(args, "w*y*Ky*y*Ony*", &region, &addrs, &gpa, &lens, &flags, &frames, &patch_at, &patch))
         return NULL;
-    Py_ssize_t n = addrs.len / 8;
-    if (addrs.len % 8 || lens.len != 4 * n || flags.len != 2 * n) {
-        PyErr_SetString(PyExc_ValueError, "scatter: one u32 length and one u16 flags per u64 address");
+    Py_ssize_t n = batch_len(&addrs, &lens, &flags, "scatter");
+    if (n < 0)
         goto out;
-    }
     seq = PySequence_Fast(frames, "scatter: frames must be a sequence of bytes");
     if (seq == NULL)
         goto out;
@@ -583,11 +592,9 @@ static PyObject *gather(PyObject *self, PyObject *args)
     PyObject *list = NULL, *result = NULL;
     if (!PyArg_ParseTuple(args, "y*y*Ky*y*KK", &region, &addrs, &gpa, &lens, &flags, &lo, &hi))
         return NULL;
-    Py_ssize_t n = addrs.len / 8;
-    if (addrs.len % 8 || lens.len != 4 * n || flags.len != 2 * n) {
-        PyErr_SetString(PyExc_ValueError, "gather: one u32 length and one u16 flags per u64 address");
+    Py_ssize_t n = batch_len(&addrs, &lens, &flags, "gather");
+    if (n < 0)
         goto out;
-    }
     const unsigned char *a = addrs.buf, *l = lens.buf, *f = flags.buf;
     uint64_t size = (uint64_t)region.len;
     for (Py_ssize_t i = 0; i < n; i++) {

@@ -735,7 +735,7 @@ class LoopGroup:
             mono = time.monotonic()
             for lp, (fds, wfds, dl, t0) in list(asleep.items()):
                 hit = [fd for fd in (*fds, *wfds) if fd in ready]
-                if hit or (dl is not None and mono >= dl) or lp not in self._loops:
+                if hit or (dl is not None and mono >= dl):
                     del asleep[lp]
                     c = lp.counters
                     c.sleep_us += (now() - t0) // 1000
