@@ -372,6 +372,8 @@ class Backend:
         something impossible; the caller must drop the connection (after
         `disconnect()`). The message's fds are owned here from now on.
         """
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("request %s: %s", _name(msg.request), msg.body)
         kind = needs_reply(msg.request, msg.flags, self.session.protocol_features)
         needed = _NEEDS_PROTOCOL_FEATURE.get(Request(msg.request)) if msg.request in _NEEDS_PROTOCOL_FEATURE else None
         if needed is not None and not self.session.protocol_features & needed:

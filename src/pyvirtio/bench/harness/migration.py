@@ -187,26 +187,66 @@ def migrate(
 def ram_diff(source: Guest, dest: Guest, work_dir: str | os.PathLike[str]) -> list[int]:
     """Guest-physical addresses of the 4 KiB pages whose contents differ between
     the source (stopped after the migration) and a destination that has not run
-    yet (`destination(..., paused=True)`): both QEMUs write the guest's RAM to a
-    file (QMP `pmemsave`), removed afterwards. An exact migration differs
-    nowhere; a device write that reached the source's RAM after QEMU copied
-    the page, and was never logged, differs."""
+    yet (`destination(..., paused=True)`). An exact migration differs nowhere; a
+    device write that reached the source's RAM after QEMU copied the page, and
+    was never logged, differs.
+
+    Both guests' RAM is read from their shared memory files (the
+    `memory-backend-memfd` each QEMU holds, reached through /proc/PID/fd):
+    under a second for 512 MiB, so the stopped guest is not held long enough
+    for the peers of its TCP connections to back off (QMP `pmemsave` of both
+    takes about 8 s here, after which a host-to-guest stream's retransmission
+    timer is ~7 s and the stream cannot resume within seconds of `cont`).
+    `pmemsave` into files under `work_dir` stays the fallback when a QEMU holds
+    no such file (another memory backend)."""
     size = source.memory_mib << 20
-    files = [os.path.join(work_dir, f"ram-{name}.bin") for name in ("src", "dst")]
+    files = [_ram_file(g, size) for g in (source, dest)]
+    dumped: list[str] = []
     try:
-        for guest, path in zip((source, dest), files, strict=True):
-            guest.qmp().command("pmemsave", val=0, size=size, filename=path)
+        for i, (guest, name) in enumerate(zip((source, dest), ("src", "dst"), strict=True)):
+            if files[i] is None:
+                log.info("%s: no memory-backend-memfd of %d bytes found: RAM dumped with pmemsave", name, size)
+                path = os.path.join(work_dir, f"ram-{name}.bin")
+                guest.qmp().command("pmemsave", val=0, size=size, filename=path)
+                dumped.append(path)
+                files[i] = path
         diff: list[int] = []
-        with open(files[0], "rb") as a, open(files[1], "rb") as b:
-            for base in range(0, size, 64 << 20):
-                x, y = a.read(64 << 20), b.read(64 << 20)
+        chunk = 64 << 20
+        with open(files[0], "rb") as a, open(files[1], "rb") as b:  # type: ignore[arg-type]
+            for base in range(0, size, chunk):
+                x, y = os.pread(a.fileno(), chunk, base), os.pread(b.fileno(), chunk, base)
                 if x != y:
                     diff += [base + i for i in range(0, len(x), 4096) if x[i:i + 4096] != y[i:i + 4096]]
         return diff
     finally:
-        for path in files:
+        for path in dumped:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
+
+
+#: QEMU names the memfd of `-object memory-backend-memfd` after the type.
+_RAM_MEMFD = "/memfd:memory-backend-memfd"
+
+
+def _ram_file(guest: Guest, size: int) -> str | None:
+    """/proc/PID/fd/N of the guest's RAM (the memfd of its `-object
+    memory-backend-memfd`, of the guest's RAM size), or None."""
+    pid = guest.pid
+    if pid is None:
+        return None
+    fds = f"/proc/{pid}/fd"
+    try:
+        names = os.listdir(fds)
+    except OSError:
+        return None
+    for fd in names:
+        path = os.path.join(fds, fd)
+        try:
+            if os.readlink(path).startswith(_RAM_MEMFD) and os.stat(path).st_size == size:
+                return path
+        except OSError:
+            continue
+    return None
 
 
 __all__ = ["MigrationError", "MigrationResult", "destination", "migrate", "ram_diff"]
