@@ -157,9 +157,11 @@ class RxSource:
     fd: int | None = None
 
     def fill(self, held: deque[Chain], done: list[tuple[Chain, int]], c: QueueCounters,
-             more: Callable[[], list[Chain]]) -> bool:
-        """Deliver frames into `held` chains (`more()` pops more buffers);
-        return False when the source had no frame ready."""
+             more: Callable[[], list[Chain]], room: Callable[[], int] | None = None) -> bool:
+        """Deliver frames into `held` chains (`more()` pops more buffers;
+        `room()` says how many more the driver could still make available:
+        the ring's size minus what is in flight); return False when the
+        source had no frame ready."""
         raise NotImplementedError
 
     def prepare_wait(self) -> bool:
@@ -252,7 +254,7 @@ class _GenSource(RxSource):
         self.port = port
 
     def fill(self, held: deque[Chain], done: list[tuple[Chain, int]], c: QueueCounters,
-             more: Callable[[], list[Chain]]) -> bool:
+             more: Callable[[], list[Chain]], room: Callable[[], int] | None = None) -> bool:
         # Hot path: one slice assignment per frame.
         frame = self.port.frame
         n = len(frame)
@@ -386,7 +388,7 @@ class _LoopQueue(RxSource):
                 pass
 
     def fill(self, held: deque[Chain], done: list[tuple[Chain, int]], c: QueueCounters,
-             more: Callable[[], list[Chain]]) -> bool:
+             more: Callable[[], list[Chain]], room: Callable[[], int] | None = None) -> bool:
         frames = self.frames
         if not frames:
             return False
@@ -561,19 +563,32 @@ class LoopbackPort(Port):
 
 
 class _TapSource(RxSource):
+    """A TAP queue's frames into the guest's rx buffers, never cut short.
+
+    A TAP read cannot tell the next frame's length, and a frame longer than
+    the buffers given to `readv` would be truncated silently. So every read
+    gets a scratch buffer after the guest's: a frame that reaches it did not
+    fit and is dropped (counted), the guest's buffers stay unused. With
+    mergeable buffers the frame may span many of them: while the buffers at
+    hand hold less than the largest frame the TAP can produce and the driver
+    could still add more (the ring is not all in flight), nothing is read:
+    the loop waits for the driver's buffers, as QEMU's virtio-net does."""
+
     fd: int
 
     def __init__(self, port: TapPort, fd: int) -> None:
         self.port = port
         self.fd = fd
+        self._scratch = memoryview(bytearray(MAX_GSO_FRAME + NET_HDR_SIZE))
 
     def fill(self, held: deque[Chain], done: list[tuple[Chain, int]], c: QueueCounters,
-             more: Callable[[], list[Chain]]) -> bool:
+             more: Callable[[], list[Chain]], room: Callable[[], int] | None = None) -> bool:
         port = self.port
         fd = self.fd
         hdr_len = port.hdr_len
         mergeable = port.mergeable
         want = port.rx_capacity
+        scratch = self._scratch
         got_any = False
         for _ in range(64):  # bounded work per call
             if not held:
@@ -600,20 +615,23 @@ class _TapSource(RxSource):
                         k += 1
                         if cap >= want:
                             break
+                if cap < want and room is not None and room() > 0:
+                    return True  # wait for the driver's buffers (the loop arms for them)
                 views: list[memoryview] = []
                 for i in range(k):
                     views.extend(held[i].writable)
             else:
                 views = held[0].writable
+                cap = held[0].writable_len
             try:
-                n = os.readv(fd, views)
+                n = os.readv(fd, [*views, scratch])
             except BlockingIOError:
                 return got_any
             except OSError as e:
                 log.warning("tap %s: read failed: %s", port.ifname, e)
                 return got_any
             got_any = True
-            if n < hdr_len:
+            if n < hdr_len or n > cap:  # not a frame, or longer than the guest's buffers: dropped whole
                 c.dropped += 1
                 continue
             if mergeable:
@@ -847,11 +865,22 @@ class _RxService(Service):
         k = len(done)
         assert self.source is not None
         ready = self.source.fill(self.held, done, self.queue.counters,
-                                 lambda: self.more(self.batch))
+                                 lambda: self.more(self.batch), self._room)
         moved = len(done) > k
         self.dry = not ready
         self.starved = ready and bool(self.held) and not moved
         return moved
+
+    def _room(self) -> int:
+        """Descriptors the driver could still make available: the ring's size
+        less those in flight, counted from above (a direct chain uses one per
+        buffer, an indirect one fewer), so a wait for buffers always ends."""
+        vq = self.queue.vq
+        used = vq.in_flight
+        for item in vq.inflight:
+            if isinstance(item, Chain):
+                used += max(item.slots, len(item.readable) + len(item.writable)) - 1
+        return vq.size - used
 
     def _waits_on_source(self) -> bool:
         if self.held:
