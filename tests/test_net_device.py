@@ -254,17 +254,22 @@ def _frame(n: int) -> bytes:
 
 
 @pytest.mark.skipif(not _tap_available(), reason="no /dev/net/tun or no CAP_NET_ADMIN")
-def test_tap_rx_waits_for_mergeable_buffers_instead_of_cutting_a_frame(tmp_path):
-    """The driver has made 1 KiB available; a 1400-byte frame waits in the
-    TAP (a read into 1 KiB would cut it) until it adds more, then arrives
-    whole over two buffers."""
+def test_tap_rx_completes_a_frame_longer_than_the_buffers_when_the_driver_adds_more(tmp_path):
+    """The driver has made 1 KiB available (the TAP could send 1.5 KiB): a
+    short frame goes in at once; a 1400-byte one is not cut to 1 KiB but
+    waits for the driver's next buffers, then arrives whole over two of
+    them, and the frame after it follows."""
     with _tap_guest(tmp_path, mergeable=True) as (fe, be, host):
         fe.post_rx(0, 1, size=1024)
-        frame = _frame(1400)
+        small, frame, after = _frame(100), _frame(1400), _frame(200)
+        host.send(small)
+        assert _tap_rx_frames(fe, 1, timeout=5) == [small], "a frame that fits waited"
+        fe.post_rx(0, 1, size=1024)
         host.send(frame)
+        host.send(after)
         assert _tap_rx_frames(fe, 1, timeout=0.5) == [], "the frame was delivered into too little room"
         fe.post_rx(0, 2, size=1024)
-        assert _tap_rx_frames(fe, 1, timeout=5) == [frame]
+        assert _tap_rx_frames(fe, 2, timeout=5) == [frame, after]
         assert queue_stats(be, "rx0")["dropped"] == 0
 
 

@@ -172,6 +172,10 @@ class RxSource:
     def end_wait(self) -> None:
         """The loop woke up."""
 
+    def discard(self) -> None:
+        """The ring stopped and its buffers went back: forget any frame
+        delivered only in part."""
+
 
 # --- ports -------------------------------------------------------------------------------
 
@@ -567,12 +571,12 @@ class _TapSource(RxSource):
 
     A TAP read cannot tell the next frame's length, and a frame longer than
     the buffers given to `readv` would be truncated silently. So every read
-    gets a scratch buffer after the guest's: a frame that reaches it did not
-    fit and is dropped (counted), the guest's buffers stay unused. With
-    mergeable buffers the frame may span many of them: while the buffers at
-    hand hold less than the largest frame the TAP can produce and the driver
-    could still add more (the ring is not all in flight), nothing is read:
-    the loop waits for the driver's buffers, as QEMU's virtio-net does."""
+    gets a scratch buffer after the guest's, and a frame that reaches it did
+    not fit. With plain buffers it is dropped (counted; the buffer takes the
+    next frame). With mergeable buffers the ones at hand keep its start and
+    the rest waits for the driver's next buffers (the loop arms for them),
+    as QEMU's virtio-net waits for room; only when the whole ring is in
+    flight and still too small is the frame dropped."""
 
     fd: int
 
@@ -580,6 +584,8 @@ class _TapSource(RxSource):
         self.port = port
         self.fd = fd
         self._scratch = memoryview(bytearray(MAX_GSO_FRAME + NET_HDR_SIZE))
+        self._rest: bytes | None = None  # the part of a frame that did not fit the buffers that hold its start
+        self._filled = 0                 # how many held buffers those are
 
     def fill(self, held: deque[Chain], done: list[tuple[Chain, int]], c: QueueCounters,
              more: Callable[[], list[Chain]], room: Callable[[], int] | None = None) -> bool:
@@ -591,6 +597,11 @@ class _TapSource(RxSource):
         scratch = self._scratch
         got_any = False
         for _ in range(64):  # bounded work per call
+            if self._rest is not None:
+                if not self._finish(held, done, c, more, room):
+                    return True  # waiting for buffers: nothing moved, the loop arms for them
+                got_any = True
+                continue
             if not held:
                 extra = more()
                 if not extra:
@@ -615,24 +626,32 @@ class _TapSource(RxSource):
                         k += 1
                         if cap >= want:
                             break
-                if cap < want and room is not None and room() > 0:
-                    return True  # wait for the driver's buffers (the loop arms for them)
                 views: list[memoryview] = []
                 for i in range(k):
                     views.extend(held[i].writable)
             else:
+                k = 1
                 views = held[0].writable
                 cap = held[0].writable_len
             try:
                 n = os.readv(fd, [*views, scratch])
             except BlockingIOError:
-                return got_any
+                # The TAP is empty: wait on it. (Not "starved" for buffers,
+                # even if every frame read so far was dropped.)
+                return False
             except OSError as e:
                 log.warning("tap %s: read failed: %s", port.ifname, e)
                 return got_any
             got_any = True
-            if n < hdr_len or n > cap:  # not a frame, or longer than the guest's buffers: dropped whole
+            if n < hdr_len:
                 c.dropped += 1
+                continue
+            if n > cap:  # longer than the buffers it was read into
+                if mergeable:
+                    self._rest = bytes(scratch[:n - cap])
+                    self._filled = k
+                else:
+                    c.dropped += 1
                 continue
             if mergeable:
                 left = n
@@ -653,6 +672,52 @@ class _TapSource(RxSource):
             c.packets += 1
             c.bytes += n - hdr_len
         return True
+
+    def _finish(self, held: deque[Chain], done: list[tuple[Chain, int]], c: QueueCounters,
+                more: Callable[[], list[Chain]], room: Callable[[], int] | None) -> bool:
+        """Complete the frame whose start fills the first `_filled` held
+        buffers: False while the driver has yet to give the buffers for its
+        rest; True once it is delivered, or dropped because the ring, all in
+        flight, cannot hold it (its buffers then take the next frames)."""
+        rest = self._rest
+        assert rest is not None
+        k = self._filled
+        need = len(rest)
+        cap = sum(held[i].writable_len for i in range(k, len(held)))
+        while cap < need:
+            extra = more()
+            if not extra:
+                break
+            held.extend(extra)
+            cap += sum(ch.writable_len for ch in extra)
+        if cap < need:
+            if room is not None and room() > 0:
+                return False
+            self._rest = None
+            c.dropped += 1
+            return True
+        self._rest = None
+        total = need
+        for _ in range(k):
+            ch = held.popleft()
+            done.append((ch, ch.writable_len))
+            total += ch.writable_len
+        first = done[-k][0]
+        off = 0
+        used = k
+        while off < need:
+            ch = held.popleft()
+            take = ch.write(rest[off:off + ch.writable_len])
+            done.append((ch, take))
+            off += take
+            used += 1
+        first.write(_U16.pack(used), 10)
+        c.packets += 1
+        c.bytes += total - self.port.hdr_len
+        return True
+
+    def discard(self) -> None:
+        self._rest = None
 
 
 class TapPort(Port):
@@ -909,6 +974,8 @@ class _RxService(Service):
         # next index to process is exact and they are taken again on restart.
         held = list(self.held)
         self.held.clear()
+        if self.source is not None:
+            self.source.discard()
         self.queue.give_back(held)
 
 
