@@ -41,5 +41,5 @@ python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' || {
   echo "setup: pyvirtio needs Python >= 3.11 (found $(python3 -V))" >&2; exit 1; }
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-.venv/bin/python -m pip install -q -e '.[dev,bench]'
+.venv/bin/python -m pip install -q -e '.[dev,bench,fuzz]'
 .venv/bin/python -c 'import pyvirtio.fence as f, pyvirtio._engine as e; print("setup: pyvirtio ready, fence:", f.IMPLEMENTATION, "| ring engine:", e.name())'
