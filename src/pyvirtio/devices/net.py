@@ -654,16 +654,7 @@ class _TapSource(RxSource):
                     c.dropped += 1
                 continue
             if mergeable:
-                left = n
-                used = 0
-                while left > 0:
-                    ch = held.popleft()
-                    take = min(left, ch.writable_len)
-                    done.append((ch, take))
-                    left -= take
-                    used += 1
-                first = done[-used][0]
-                first.write(_U16.pack(used), 10)
+                _complete_merged(held, done, n)
             else:
                 ch = held.popleft()
                 done.append((ch, n))
@@ -697,27 +688,35 @@ class _TapSource(RxSource):
             c.dropped += 1
             return True
         self._rest = None
-        total = need
-        for _ in range(k):
-            ch = held.popleft()
-            done.append((ch, ch.writable_len))
-            total += ch.writable_len
-        first = done[-k][0]
+        n = need
+        for i in range(k):
+            n += held[i].writable_len
+        i = k
         off = 0
-        used = k
-        while off < need:
-            ch = held.popleft()
-            take = ch.write(rest[off:off + ch.writable_len])
-            done.append((ch, take))
-            off += take
-            used += 1
-        first.write(_U16.pack(used), 10)
+        while off < need:  # the rest goes on where the read left off
+            off += held[i].write(rest[off:])
+            i += 1
+        _complete_merged(held, done, n)
         c.packets += 1
-        c.bytes += total - self.port.hdr_len
+        c.bytes += n - self.port.hdr_len
         return True
 
     def discard(self) -> None:
         self._rest = None
+
+
+def _complete_merged(held: deque[Chain], done: list[tuple[Chain, int]], n: int) -> None:
+    """A frame of `n` bytes laid out over the first held buffers, in order:
+    they complete, and the first one's header says how many they are."""
+    left = n
+    used = 0
+    while left > 0:
+        ch = held.popleft()
+        take = min(left, ch.writable_len)
+        done.append((ch, take))
+        left -= take
+        used += 1
+    done[-used][0].write(_U16.pack(used), 10)
 
 
 class TapPort(Port):

@@ -200,19 +200,20 @@ def ram_diff(source: Guest, dest: Guest, work_dir: str | os.PathLike[str]) -> li
     `pmemsave` into files under `work_dir` stays the fallback when a QEMU holds
     no such file (another memory backend)."""
     size = source.memory_mib << 20
-    files = [_ram_file(g, size) for g in (source, dest)]
+    files: list[str] = []
     dumped: list[str] = []
     try:
-        for i, (guest, name) in enumerate(zip((source, dest), ("src", "dst"), strict=True)):
-            if files[i] is None:
+        for guest, name in (source, "src"), (dest, "dst"):
+            path = _ram_file(guest, size)
+            if path is None:
                 log.info("%s: no memory-backend-memfd of %d bytes found: RAM dumped with pmemsave", name, size)
                 path = os.path.join(work_dir, f"ram-{name}.bin")
                 guest.qmp().command("pmemsave", val=0, size=size, filename=path)
                 dumped.append(path)
-                files[i] = path
+            files.append(path)
         diff: list[int] = []
         chunk = 64 << 20
-        with open(files[0], "rb") as a, open(files[1], "rb") as b:  # type: ignore[arg-type]
+        with open(files[0], "rb") as a, open(files[1], "rb") as b:
             for base in range(0, size, chunk):
                 x, y = os.pread(a.fileno(), chunk, base), os.pread(b.fileno(), chunk, base)
                 if x != y:
