@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from pyvirtio.dirtylog import LOG_PAGE, SKIP_ENV, DirtyLog
+from pyvirtio import dirtylog
+from pyvirtio.dirtylog import LOG_PAGE, SKIP_ENV, DirtyLog, traced_ranges
 from pyvirtio.driver.frontend import VhostUserFrontend, make_frame
 from pyvirtio.queue.bulk import Bulk
 from pyvirtio.queue.chain import IOV_MIN_SEGMENTS, IovChain
@@ -64,6 +65,22 @@ def test_a_retired_log_forwards_late_marks_to_its_successor() -> None:
     old.retire(new)
     old.mark(0x3000, 1)
     assert len(old.dirty_pages()) == 0 and set(new.dirty_pages().tolist()) == {3}
+
+
+def test_the_test_trace_lists_every_page_a_mark_covered_even_when_marks_are_skipped(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the migration tests use to tell the back-end's pages from the
+    vCPUs' when RAM differs after a move (PYVIRTIO_TEST_DIRTY_TRACE)."""
+    assert traced_ranges() is None  # off unless asked for
+    monkeypatch.setattr(dirtylog, "_trace", set())
+    pair = QueuePair("split", mem_size=1 << 20)
+    skipping, marking = log_for(pair, skip=True), log_for(pair)
+    skipping.mark(0x1FFF, 2)               # pages 1, 2
+    skipping.mark(0x9000, 0)               # nothing
+    marking.mark(0x3000, 3 * LOG_PAGE)     # pages 3..5: joins the run of 1, 2
+    marking.mark(0x20000, 1)               # page 32
+    assert traced_ranges() == [(1, 5), (32, 32)]
+    assert len(skipping.dirty_pages()) == 0 and set(marking.dirty_pages().tolist()) == {3, 4, 5, 32}
 
 
 def test_concurrent_marks_of_neighbouring_pages_lose_no_bit() -> None:

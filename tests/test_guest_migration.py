@@ -26,8 +26,15 @@ across the migration; it goes on through the destination, and the guest's
 md5 of the whole stream matches the host's.
 
 Every test also compares the guest's RAM exactly: the destination starts
-paused (`-S`), the RAM of both is read from their shared memory files, not
-one 4 KiB page may differ; then the destination runs. (Read, not dumped with
+paused (`-S`), the RAM of both is read from their shared memory files, and
+the pages that differ are split by who wrote them. The source back-end
+lists every page it wrote (PYVIRTIO_TEST_DIRTY_TRACE=1, a test-only
+switch): not one of those may differ (that would be a write logged too late
+or not at all). A page it never wrote was written by the vCPUs, whose
+writes QEMU tracks itself; under TCG QEMU loses one or two of those now and
+then, with its own devices too (the baselines below: 2 pages in one run of
+~20), so up to RAM_LOSS_TOLERATED of them are printed, not failed on. Then
+the destination runs. (Read, not dumped with
 `pmemsave`: dumping both took ~8 s, and a TCP sender whose peer is stopped
 that long backs its retransmission timer off to ~7 s, so the net stream
 could not resume within the seconds the test watches after `cont`.) The guest boots with `init_on_alloc=0`:
@@ -87,6 +94,10 @@ MAX_BANDWIDTH = 24 * MiB
 #: The reader's pause between 1 MiB reads (µs): the area lasts through the migration.
 READ_PAUSE_US = 60000
 SKIP_DIRTY_LOG = "PYVIRTIO_TEST_SKIP_DIRTY_LOG"
+DIRTY_TRACE = "PYVIRTIO_TEST_DIRTY_TRACE"
+#: pages the vCPUs wrote that may differ after the move (QEMU's own loss under
+#: TCG, seen with its built-in devices); an unlogged back-end makes 100s
+RAM_LOSS_TOLERATED = 4
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -111,7 +122,7 @@ def _image(tmp_path: Path) -> tuple[Path, list[str]]:
 
 def _backend(tmp_path: Path, image: Path, name: str, *, skip_log: bool = False) -> BackendProcess:
     sock = tmp_path / f"{name}.sock"
-    env = ["env", f"{SKIP_DIRTY_LOG}=1"] if skip_log else []  # the source's back-end alone
+    env = ["env", f"{DIRTY_TRACE}=1", *([f"{SKIP_DIRTY_LOG}=1"] if skip_log else [])]  # skip: the source alone
     argv = [*env, sys.executable, "-m", "pyvirtio", "-v", "blk", "--socket-path", str(sock),
             "--blk-file", str(image), "--queues", "1"]
     return BackendProcess(argv, sock, tmp_path, name=name)
@@ -239,7 +250,7 @@ def _migrate_working_guest(tmp_path: Path, cleanup: list[object], disk: str, rin
         "disk": disk, "ring": ring, "skip_log": skip_log,
         "written_mib": after[0] - before[0], "read_mib": after[1] - before[1],
         "total_ms": mig.total_time_ms, "downtime_ms": mig.downtime_ms, "passes": mig.dirty_sync_count,
-        "sent_mib": mig.transferred / MiB, "ram_diff_pages": len(diff), "ram_diff_first": [hex(a) for a in diff[:8]],
+        "sent_mib": mig.transferred / MiB, **_ram_verdict(diff, dirty_log),
         "pages_marked": dirty_log.get("pages_marked"), "log_bases": dirty_log.get("bases"),
         "stopped": "stopped" in stopped, "guest_errors": bad, "dmesg": dmesg,
         "regions": len(regions), "lost": lost, "corrupt": corrupt, "host_bad": host_bad,
@@ -253,11 +264,37 @@ def _migrate_working_guest(tmp_path: Path, cleanup: list[object], disk: str, rin
     print(f"\nmigration {label:26} {ring:6}: during migration wrote {result['written_mib']} MiB, read "
           f"{result['read_mib']} MiB; migration {mig.total_time_ms} ms, downtime {mig.downtime_ms} ms, "
           f"{mig.dirty_sync_count} passes, {result['sent_mib']:.0f} MiB sent; pages_marked {pm}; "
-          f"RAM pages differing {len(diff)}; "
+          f"RAM pages differing {len(diff)}{_blame(result)}; "
           f"stale page-cache MiB {len(stale)}/{len(chunks)}, regions {len(regions)} lost {lost} B corrupt "
           f"{corrupt} B host mismatches {len(host_bad)}, guest errors {len(bad)}; "
           f"result {'CORRUPT' if damaged else 'intact'}; test {result['seconds']:.0f} s")
     return result
+
+
+def _ram_verdict(diff: list[int], dirty_log: dict) -> dict[str, object]:  # type: ignore[type-arg]
+    """The differing pages (guest addresses), split into those the source
+    back-end wrote (its `written_ranges`) and the others."""
+    runs = dirty_log.get("written_ranges") or []
+    written = {page for first, last in runs for page in range(first, last + 1)}
+    mine = [a for a in diff if a >> 12 in written]
+    others = [a for a in diff if a >> 12 not in written]
+    return {"ram_diff_pages": len(diff), "ram_diff_backend": [hex(a) for a in mine[:8]],
+            "ram_diff_backend_pages": len(mine), "ram_diff_other": [hex(a) for a in others[:8]],
+            "ram_diff_other_pages": len(others), "traced": bool(runs)}
+
+
+def _blame(v: dict) -> str:  # type: ignore[type-arg]
+    return f" ({v['ram_diff_backend_pages']} written by the back-end)" if v["traced"] else ""
+
+
+def _assert_ram_moved(r: dict, *, backend: bool) -> None:  # type: ignore[type-arg]
+    if backend:
+        assert r["traced"], "the source back-end listed no page it wrote (PYVIRTIO_TEST_DIRTY_TRACE)"
+        assert r["ram_diff_backend_pages"] == 0, \
+            f"pages the back-end wrote differ on the destination (logged too late or not at all): " \
+            f"{r['ram_diff_backend_pages']}, {r['ram_diff_backend']}"
+    assert r["ram_diff_other_pages"] <= RAM_LOSS_TOLERATED, \
+        f"the destination's RAM differs from the source's: {r['ram_diff_other_pages']} pages, {r['ram_diff_other']}"
 
 
 def _assert_workload_spanned(r: dict) -> None:  # type: ignore[type-arg]
@@ -273,8 +310,7 @@ def _assert_intact(r: dict) -> None:  # type: ignore[type-arg]
     assert r["guest_errors"] == [] and r["dmesg"] == "", (r["guest_errors"], r["dmesg"])
     assert r["lost"] == 0 and r["corrupt"] == 0 and r["host_bad"] == []
     assert r["stale_chunks"] == [], f"stale page-cache MiB on the destination: {r['stale_chunks']}"
-    assert r["ram_diff_pages"] == 0, \
-        f"the destination's RAM differs from the source's: {r['ram_diff_pages']} pages, {r['ram_diff_first']}"
+    _assert_ram_moved(r, backend=r["disk"] == "pyvirtio")
 
 
 @pytest.mark.parametrize("ring", ["split", "packed"])
@@ -297,7 +333,7 @@ def test_migration_without_dirty_logging_is_caught(tmp_path: Path, cleanup: list
     _assert_workload_spanned(r)
     assert r["pages_marked"] == 0, "the test-only switch did not switch the logging off"
     assert r["stale_chunks"], "an unlogged migration went unnoticed: the test cannot see missing dirty logging"
-    assert r["ram_diff_pages"] > 0
+    assert r["ram_diff_backend_pages"] > RAM_LOSS_TOLERATED, "the RAM comparison did not blame the back-end"
 
 
 # --- net -------------------------------------------------------------------------------------------
@@ -376,7 +412,7 @@ def _migrate_streaming_guest(tmp_path: Path, nic: str, ring: str, *, skip_log: b
         devs = []
         for name, tap in (("src", ns.tap), ("dst", "pvtap1")):
             if nic == "pyvirtio":
-                env = {SKIP_DIRTY_LOG: "1"} if skip_log and name == "src" else None
+                env = {DIRTY_TRACE: "1", **({SKIP_DIRTY_LOG: "1"} if skip_log and name == "src" else {})}
                 be = stack.enter_context(PyvirtioNetBackend(ns, port=f"tap:{tap}", log_dir=tmp_path / name, env=env))
                 pids.append(be.pid)  # type: ignore[arg-type]
                 bes.append(be)
@@ -418,19 +454,21 @@ def _migrate_streaming_guest(tmp_path: Path, nic: str, ring: str, *, skip_log: b
         rx_errors = int(dst.check("cat /sys/class/net/eth0/statistics/rx_errors"))
         stats_src = (bes[0].stop() or {}) if bes else {}
     pm = stats_src.get("dirty_log", {}).get("pages_marked")
+    verdict = _ram_verdict(diff, stats_src.get("dirty_log", {}))
     intact = end[:2] == ["end", sent["md5"]]
     label = f"{nic}{' (dirty log off)' if skip_log else ''}"
     print(f"\nmigration {label:26} net {ring:6}: during migration received {(at_switch - before) / MiB:.1f} MiB, "
           f"after it {(after - at_switch) / MiB:.1f} MiB; migration {mig.total_time_ms} ms, downtime "
           f"{mig.downtime_ms} ms, {mig.dirty_sync_count} passes; pages_marked {'-' if pm is None else pm}; "
-          f"RAM pages differing {len(diff)}; "
+          f"RAM pages differing {len(diff)}{_blame(verdict)}; "
           f"stream {sent['bytes'] / MiB:.1f} MiB sent in {sent['seconds']:.0f} s; "
           f"result {'intact' if intact else 'CORRUPT'}; test {time.monotonic() - t0:.0f} s")
     for pid in pids:
         assert not pid_alive(pid), f"pid {pid} still running"
     assert not netns_exists(ns.name)
     return {"end": end, "sent": sent, "intact": intact, "rx_errors": rx_errors, "pages_marked": pm,
-            "before": before, "at_switch": at_switch, "after": after, "ram_diff_pages": len(diff), "ram_diff_first": [hex(a) for a in diff[:8]]}
+            "before": before, "at_switch": at_switch, "after": after, "nic": nic,
+            **verdict}
 
 
 def _assert_stream_intact(r: dict) -> None:  # type: ignore[type-arg]
@@ -439,8 +477,7 @@ def _assert_stream_intact(r: dict) -> None:  # type: ignore[type-arg]
     assert r["at_switch"] > r["before"] and r["after"] > r["at_switch"], \
         "the stream did not flow during and after the migration"
     assert r["intact"], (r["end"], r["sent"])
-    assert r["ram_diff_pages"] == 0, \
-        f"the destination's RAM differs from the source's: {r['ram_diff_pages']} pages, {r['ram_diff_first']}"
+    _assert_ram_moved(r, backend=r["nic"] == "pyvirtio")
 
 
 @pytest.mark.parametrize("ring", ["split", "packed"])
@@ -464,4 +501,5 @@ def test_migration_net_without_dirty_logging_is_caught(tmp_path: Path) -> None:
     r = _migrate_streaming_guest(tmp_path, "pyvirtio", "split", skip_log=True)
     assert r["end"][0] == "end" and r["at_switch"] > r["before"]
     assert r["pages_marked"] == 0, "the test-only switch did not switch the logging off"
-    assert r["ram_diff_pages"] > 0, "an unlogged migration went unnoticed: the test cannot see missing dirty logging"
+    assert r["ram_diff_backend_pages"] > RAM_LOSS_TOLERATED, \
+        "an unlogged migration went unnoticed: the test cannot see missing dirty logging"

@@ -26,6 +26,14 @@ never in a bitmap the front-end already read for the last time.
 `PYVIRTIO_TEST_SKIP_DIRTY_LOG=1` (tests only) makes every mark a no-op while
 logging is still offered and accepted: the migration tests use it to show
 that they catch a back-end that does not log.
+
+`PYVIRTIO_TEST_DIRTY_TRACE=1` (tests only) also keeps, for the whole
+process, every page a mark covered (with the skip switch too: the pages
+it would have marked). The back-end's stats then list them
+(`written_ranges`), so a migration test that finds a page differing after
+the move can tell a page this back-end wrote (its fault: logged too late
+or not at all) from one it never touched (the vCPUs' writes, which QEMU
+tracks itself).
 """
 
 from __future__ import annotations
@@ -49,6 +57,7 @@ LOG_PAGE = 0x1000
 PAGE_SHIFT = 12
 
 SKIP_ENV = "PYVIRTIO_TEST_SKIP_DIRTY_LOG"
+TRACE_ENV = "PYVIRTIO_TEST_DIRTY_TRACE"
 
 try:
     from pyvirtio._fence import address as _address  # type: ignore[import-not-found,unused-ignore]
@@ -92,6 +101,24 @@ def _gpa_of(view: memoryview, hosts: list[tuple[int, int, int]]) -> int:
 
 def skip_requested() -> bool:
     return os.environ.get(SKIP_ENV, "") not in ("", "0")
+
+
+#: every page a mark covered in this process (TRACE_ENV), else None
+_trace: set[int] | None = set() if os.environ.get(TRACE_ENV, "") not in ("", "0") else None
+
+
+def traced_ranges() -> list[tuple[int, int]] | None:
+    """The pages marks covered so far, as sorted (first, last) page runs;
+    None unless TRACE_ENV is set."""
+    if _trace is None:
+        return None
+    out: list[tuple[int, int]] = []
+    for page in sorted(_trace):
+        if out and out[-1][1] == page - 1:
+            out[-1] = (out[-1][0], page)
+        else:
+            out.append((page, page))
+    return out
 
 
 class DirtyLog:
@@ -161,6 +188,11 @@ class DirtyLog:
         target.mark_ranges(ranges)
 
     def _mark_locked(self, ranges: Iterable[tuple[int, int]]) -> None:
+        if _trace is not None:
+            ranges = list(ranges)
+            for gpa, length in ranges:
+                if length > 0:
+                    _trace.update(range(gpa >> PAGE_SHIFT, ((gpa + length - 1) >> PAGE_SHIFT) + 1))
         if self.skip:
             return
         bits, pages = self.bits, self.pages
@@ -239,4 +271,4 @@ class DirtyLog:
         return np.flatnonzero(np.unpackbits(np.frombuffer(self.bits, np.uint8), bitorder="little"))
 
 
-__all__ = ["ATOMIC", "LOG_PAGE", "SKIP_ENV", "DirtyLog"]
+__all__ = ["ATOMIC", "LOG_PAGE", "SKIP_ENV", "TRACE_ENV", "DirtyLog", "traced_ranges"]

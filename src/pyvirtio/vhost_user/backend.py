@@ -64,7 +64,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from pyvirtio.dirtylog import DirtyLog
+from pyvirtio.dirtylog import DirtyLog, traced_ranges
 from pyvirtio.memory import CountingMemory, GuestMemory, GuestMemoryError, Region
 from pyvirtio.queue import Policy, QueueError, QueueState, Virtqueue, guest_used_idx
 from pyvirtio.queue.virtqueue import QueueStats
@@ -594,6 +594,9 @@ class Backend:
                 out[k] += getattr(d, k)
             out["size"] = d.size
             out["skip"] = d.skip
+        written = traced_ranges()
+        if written is not None:
+            out["written_ranges"] = written
         return out
 
     def _send_rarp(self, msg: Message) -> bool:
