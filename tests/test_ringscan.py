@@ -46,7 +46,7 @@ def test_gather_matches_the_numpy_scan(batch: tuple[int, int, int, list[int], li
     avail, desc = _rings(q, heads, table)
     out_heads = np.empty(n, np.uint16)
     out_descs = np.empty(n, SPLIT_DESC_DTYPE)
-    bad, flags_or, amin, emax, lmin, lmax, lsum = ringscan.split_gather(
+    bad, flags_or, amin, emax, lmin, lmax, lsum, flags_and = ringscan.split_gather(
         memoryview(avail), memoryview(desc), start, n, q, out_heads, out_descs)
     # the reference: what SplitRing.fetch_bulk computes with numpy
     ref_heads = np.array([heads[(start + i) % q] for i in range(n)], np.uint16)
@@ -58,6 +58,7 @@ def test_gather_matches_the_numpy_scan(batch: tuple[int, int, int, list[int], li
         ends = [min(int(a) + int(ln), U64_MAX) for a, ln in zip(ref["addr"], ref["len"])]
         assert (flags_or, amin, emax) == (int(np.bitwise_or.reduce(ref["flags"])), int(ref["addr"].min()), max(ends))
         assert (lmin, lmax, lsum) == (int(ref["len"].min()), int(ref["len"].max()), int(ref["len"].sum(dtype=np.uint64)))
+        assert flags_and == int(np.bitwise_and.reduce(ref["flags"]))
 
 
 def test_a_head_out_of_range_is_found_before_any_descriptor_is_read() -> None:
@@ -271,4 +272,47 @@ def test_scatter_refuses_what_does_not_fit(case: str) -> None:
         frames = [b"x", "y"]
     with pytest.raises((ValueError, TypeError)):
         ringscan.scatter(region, a, 0, ln, fl, frames, -1, b"")
+    assert region == bytearray(64)
+
+
+def test_batch_columns_are_read_in_place_from_descriptor_records() -> None:
+    """The fields of a numpy array of descriptor records (strided views, as
+    the ring scan leaves them in a `Bulk`) give what contiguous copies give."""
+    region = bytearray(range(256)) * 4
+    gpa = 0x4000
+    recs = np.zeros(3, SPLIT_DESC_DTYPE)
+    recs["addr"] = [gpa + 8, gpa + 300, gpa + 700]
+    recs["len"] = [16, 40, 24]
+    recs["flags"] = [0, 2, 0]  # the middle buffer is device-writable
+    cols = (recs["addr"], recs["len"], recs["flags"])
+    assert not cols[0].flags.c_contiguous
+    copies = tuple(np.ascontiguousarray(c) for c in cols)
+    strided = ringscan.gather(bytes(region), cols[0], gpa, cols[1], cols[2], 0, 1 << 32)
+    assert strided == ringscan.gather(bytes(region), copies[0], gpa, copies[1], copies[2], 0, 1 << 32)
+    assert strided[0] == [bytes(region[8:24]), bytes(region[700:724])]
+    recs["flags"] = 2
+    a, b = bytearray(region), bytearray(region)
+    frames = [b"x" * 10, b"y" * 12, b"z" * 14]
+    got = ringscan.scatter(a, cols[0], gpa, cols[1], cols[2], frames, 2, b"\x01\x00")
+    assert got == ringscan.scatter(b, copies[0], gpa, copies[1], np.full(3, 2, np.uint16), frames, 2, b"\x01\x00") == (10, 14, 36)
+    assert a == b and a[700:714] == b"zz\x01\x00" + b"z" * 10
+    ringscan.fill(a, cols[0], gpa, cols[1], b"F" * 16)
+    ringscan.fill(b, copies[0], gpa, copies[1], b"F" * 16)
+    assert a == b and a[300:316] == b"F" * 16
+
+
+@pytest.mark.parametrize("bad", ["lens of u64", "two-dimensional addrs", "not a buffer"])
+def test_a_batch_column_of_the_wrong_shape_is_refused(bad: str) -> None:
+    region = bytearray(64)
+    a, ln, fl = _batch([0, 32], [32, 32], [2, 2])
+    if bad == "lens of u64":
+        ln = ln.astype(np.uint64)
+    elif bad == "two-dimensional addrs":
+        a = a.reshape(1, 2)
+    else:
+        fl = [2, 2]  # type: ignore[assignment]
+    with pytest.raises((ValueError, TypeError)):
+        ringscan.scatter(region, a, 0, ln, fl, [b"x", b"y"], -1, b"")
+    with pytest.raises((ValueError, TypeError)):
+        ringscan.gather(bytes(region), a, 0, ln, fl, 0, 64)
     assert region == bytearray(64)

@@ -22,7 +22,8 @@
  * each) and returns (-1, OR of all flags, lowest addr, highest addr + len
  * (saturated at 2^64 - 1 when addr + len wraps), lowest len, highest len,
  * sum of lens): what the ring code checks and what a device sums, without
- * another pass over the arrays.
+ * another pass over the arrays, and last the AND of all flags (whether every
+ * buffer is device-writable, without a reduction when it completes).
  *
  * split_used(used, start, q, ids, written)
  *   used: the used ring area (flags, idx, ring[q] of (u32 id, u32 len), ...)
@@ -47,17 +48,22 @@
 struct summary {
     uint64_t amin, emax, lsum;
     uint32_t lmin, lmax;
+    unsigned long fand;  /* AND of the u16 flags at byte flags_at of each */
 };
 
-static void summarize(const unsigned char *d, Py_ssize_t n, struct summary *s)
+static void summarize(const unsigned char *d, Py_ssize_t n, Py_ssize_t flags_at, struct summary *s)
 {
     s->amin = n ? UINT64_MAX : 0, s->emax = 0, s->lsum = 0;
     s->lmin = n ? UINT32_MAX : 0, s->lmax = 0;
+    s->fand = n ? 0xFFFF : 0;
     for (Py_ssize_t i = 0; i < n; i++) {
         uint64_t addr;
         uint32_t len;
+        uint16_t fl;
         memcpy(&addr, d + 16 * i, 8);
         memcpy(&len, d + 16 * i + 8, 4);
+        memcpy(&fl, d + 16 * i + flags_at, 2);
+        s->fand &= fl;
         s->lsum += len;
         if (len < s->lmin)
             s->lmin = len;
@@ -80,14 +86,50 @@ static inline int inside(uint64_t addr, uint64_t len, uint64_t gpa, uint64_t siz
     return addr >= gpa && addr - gpa <= size && size - (addr - gpa) >= len;
 }
 
-/* The size of a batch given as n u64 addresses, n u32 lengths and (when
- * flags is not NULL) n u16 flags; -1 with ValueError when they disagree. */
-static Py_ssize_t batch_len(const Py_buffer *addrs, const Py_buffer *lens, const Py_buffer *flags, const char *who)
+/* A batch's column: a one-dimensional buffer of `itemsize`-byte items,
+ * contiguous or strided (a field of a numpy array of descriptor records,
+ * read in place: no copy to make it contiguous). Element i is at
+ * col->buf + i * col->strides[0]. Returns -1 with an exception set when `o`
+ * is not such a buffer. */
+static int get_col(PyObject *o, Py_ssize_t itemsize, Py_buffer *col, const char *who)
 {
-    Py_ssize_t n = addrs->len / 8;
-    if (addrs->len % 8 || lens->len != 4 * n || (flags != NULL && flags->len != 2 * n)) {
+    if (PyObject_GetBuffer(o, col, PyBUF_STRIDES) < 0)
+        return -1;
+    if (col->ndim != 1 || col->itemsize != itemsize || col->shape == NULL || col->strides == NULL) {
+        PyErr_Format(PyExc_ValueError, "%s: a column must be one-dimensional, %zd-byte items", who, itemsize);
+        PyBuffer_Release(col);
+        return -1;
+    }
+    return 0;
+}
+
+#define COL(col, i) ((const unsigned char *)(col).buf + (i) * (col).strides[0])
+
+/* The columns of a batch: n u64 addresses, n u32 lengths and (when flags
+ * is not NULL) n u16 flags. Returns n, or -1 with an exception set (and no
+ * buffer held) when they are not such columns or their lengths disagree. */
+static Py_ssize_t get_batch(PyObject *ao, PyObject *lo, PyObject *fo, Py_buffer *addrs, Py_buffer *lens,
+                            Py_buffer *flags, const char *who)
+{
+    if (get_col(ao, 8, addrs, who) < 0)
+        return -1;
+    if (get_col(lo, 4, lens, who) < 0) {
+        PyBuffer_Release(addrs);
+        return -1;
+    }
+    if (fo != NULL && get_col(fo, 2, flags, who) < 0) {
+        PyBuffer_Release(addrs);
+        PyBuffer_Release(lens);
+        return -1;
+    }
+    Py_ssize_t n = addrs->shape[0];
+    if (lens->shape[0] != n || (fo != NULL && flags->shape[0] != n)) {
         PyErr_Format(PyExc_ValueError, "%s: one u32 length%s per u64 address", who,
-                     flags != NULL ? " and one u16 flags" : "");
+                     fo != NULL ? " and one u16 flags" : "");
+        PyBuffer_Release(addrs);
+        PyBuffer_Release(lens);
+        if (fo != NULL)
+            PyBuffer_Release(flags);
         return -1;
     }
     return n;
@@ -146,7 +188,7 @@ static PyObject *split_gather(PyObject *self, PyObject *args)
     }
     for (Py_ssize_t i = 0; i < n; i++) {
         if (h[i] >= q) {
-            result = Py_BuildValue("(nkKKkkK)", i, 0UL, 0ULL, 0ULL, 0UL, 0UL, 0ULL);
+            result = Py_BuildValue("(nkKKkkKk)", i, 0UL, 0ULL, 0ULL, 0UL, 0UL, 0ULL, 0UL);
             goto out;
         }
     }
@@ -158,10 +200,10 @@ static PyObject *split_gather(PyObject *self, PyObject *args)
         fl |= flags;
     }
     struct summary sm;
-    summarize(d, n, &sm);
-    result = Py_BuildValue("(nkKKkkK)", (Py_ssize_t)-1, fl, (unsigned long long)sm.amin,
+    summarize(d, n, 12, &sm);
+    result = Py_BuildValue("(nkKKkkKk)", (Py_ssize_t)-1, fl, (unsigned long long)sm.amin,
                            (unsigned long long)sm.emax, (unsigned long)sm.lmin, (unsigned long)sm.lmax,
-                           (unsigned long long)sm.lsum);
+                           (unsigned long long)sm.lsum, sm.fand);
 out:
     PyBuffer_Release(&avail);
     PyBuffer_Release(&desc);
@@ -221,20 +263,23 @@ out:
 static PyObject *fill(PyObject *self, PyObject *args)
 {
     Py_buffer region, addrs, lens, data;
+    PyObject *ao, *lo;
     unsigned long long gpa;
     PyObject *result = NULL;
-    if (!PyArg_ParseTuple(args, "w*y*Ky*y*", &region, &addrs, &gpa, &lens, &data))
+    if (!PyArg_ParseTuple(args, "w*OKOy*", &region, &ao, &gpa, &lo, &data))
         return NULL;
-    Py_ssize_t n = batch_len(&addrs, &lens, NULL, "fill");
-    if (n < 0)
-        goto out;
-    const unsigned char *a = addrs.buf, *l = lens.buf;
+    Py_ssize_t n = get_batch(ao, lo, NULL, &addrs, &lens, NULL, "fill");
+    if (n < 0) {
+        PyBuffer_Release(&region);
+        PyBuffer_Release(&data);
+        return NULL;
+    }
     uint64_t size = (uint64_t)region.len, k = (uint64_t)data.len;
     for (Py_ssize_t i = 0; i < n; i++) {
         uint64_t addr;
         uint32_t len;
-        memcpy(&addr, a + 8 * i, 8);
-        memcpy(&len, l + 4 * i, 4);
+        memcpy(&addr, COL(addrs, i), 8);
+        memcpy(&len, COL(lens, i), 4);
         if (len < k || !inside(addr, k, gpa, size)) {
             PyErr_Format(PyExc_ValueError, "fill: buffer %zd (%llu bytes at %#llx) cannot take %llu bytes",
                          i, (unsigned long long)len, (unsigned long long)addr, (unsigned long long)k);
@@ -244,7 +289,7 @@ static PyObject *fill(PyObject *self, PyObject *args)
     unsigned char *base = region.buf;
     for (Py_ssize_t i = 0; i < n; i++) {
         uint64_t addr;
-        memcpy(&addr, a + 8 * i, 8);
+        memcpy(&addr, COL(addrs, i), 8);
         memcpy(base + (addr - gpa), data.buf, (size_t)k);
     }
     result = Py_None;
@@ -384,7 +429,7 @@ static PyObject *packed_bodies(PyObject *self, PyObject *args)
     memcpy(d, table + 16 * start, (size_t)(16 * first));
     memcpy(d + 16 * first, table, (size_t)(16 * (n - first)));
     struct summary sm;
-    summarize(d, n, &sm);
+    summarize(d, n, 14, &sm);
     result = Py_BuildValue("(KKkkK)", (unsigned long long)sm.amin, (unsigned long long)sm.emax,
                            (unsigned long)sm.lmin, (unsigned long)sm.lmax, (unsigned long long)sm.lsum);
 out:
@@ -515,14 +560,18 @@ out:
 static PyObject *scatter(PyObject *self, PyObject *args)
 {
     Py_buffer region, addrs, lens, flags, patch;
+    PyObject *ao, *lo, *fo;
     unsigned long long gpa;
     Py_ssize_t patch_at;
     PyObject *frames, *seq = NULL, *result = NULL;
-    if (!PyArg_ParseTuple(args, "w*y*Ky*y*Ony*", &region, &addrs, &gpa, &lens, &flags, &frames, &patch_at, &patch))
+    if (!PyArg_ParseTuple(args, "w*OKOOOny*", &region, &ao, &gpa, &lo, &fo, &frames, &patch_at, &patch))
         return NULL;
-    Py_ssize_t n = batch_len(&addrs, &lens, &flags, "scatter");
-    if (n < 0)
-        goto out;
+    Py_ssize_t n = get_batch(ao, lo, fo, &addrs, &lens, &flags, "scatter");
+    if (n < 0) {
+        PyBuffer_Release(&region);
+        PyBuffer_Release(&patch);
+        return NULL;
+    }
     seq = PySequence_Fast(frames, "scatter: frames must be a sequence of bytes");
     if (seq == NULL)
         goto out;
@@ -531,7 +580,6 @@ static PyObject *scatter(PyObject *self, PyObject *args)
         goto out;
     }
     PyObject **items = PySequence_Fast_ITEMS(seq);
-    const unsigned char *a = addrs.buf, *l = lens.buf, *f = flags.buf;
     uint64_t size = (uint64_t)region.len, total = 0, fmin = n ? UINT64_MAX : 0, fmax = 0;
     uint64_t need = patch_at >= 0 ? (uint64_t)patch_at + (uint64_t)patch.len : 0;
     for (Py_ssize_t i = 0; i < n; i++) {
@@ -542,9 +590,9 @@ static PyObject *scatter(PyObject *self, PyObject *args)
         uint64_t addr, k = (uint64_t)PyBytes_GET_SIZE(items[i]);
         uint32_t len;
         uint16_t fl;
-        memcpy(&addr, a + 8 * i, 8);
-        memcpy(&len, l + 4 * i, 4);
-        memcpy(&fl, f + 2 * i, 2);
+        memcpy(&addr, COL(addrs, i), 8);
+        memcpy(&len, COL(lens, i), 4);
+        memcpy(&fl, COL(flags, i), 2);
         if (!(fl & 0x2) || len < k || k < need || !inside(addr, k, gpa, size)) {
             result = Py_None;
             Py_INCREF(result);
@@ -559,7 +607,7 @@ static PyObject *scatter(PyObject *self, PyObject *args)
     unsigned char *base = region.buf;
     for (Py_ssize_t i = 0; i < n; i++) {
         uint64_t addr;
-        memcpy(&addr, a + 8 * i, 8);
+        memcpy(&addr, COL(addrs, i), 8);
         unsigned char *dst = base + (addr - gpa);
         memcpy(dst, PyBytes_AS_STRING(items[i]), (size_t)PyBytes_GET_SIZE(items[i]));
         if (patch_at >= 0)
@@ -588,20 +636,22 @@ out:
 static PyObject *gather(PyObject *self, PyObject *args)
 {
     Py_buffer region, addrs, lens, flags;
+    PyObject *ao, *lno, *fo;
     unsigned long long gpa, lo, hi;
     PyObject *list = NULL, *result = NULL;
-    if (!PyArg_ParseTuple(args, "y*y*Ky*y*KK", &region, &addrs, &gpa, &lens, &flags, &lo, &hi))
+    if (!PyArg_ParseTuple(args, "y*OKOOKK", &region, &ao, &gpa, &lno, &fo, &lo, &hi))
         return NULL;
-    Py_ssize_t n = batch_len(&addrs, &lens, &flags, "gather");
-    if (n < 0)
-        goto out;
-    const unsigned char *a = addrs.buf, *l = lens.buf, *f = flags.buf;
+    Py_ssize_t n = get_batch(ao, lno, fo, &addrs, &lens, &flags, "gather");
+    if (n < 0) {
+        PyBuffer_Release(&region);
+        return NULL;
+    }
     uint64_t size = (uint64_t)region.len;
     for (Py_ssize_t i = 0; i < n; i++) {
         uint64_t addr;
         uint32_t len;
-        memcpy(&addr, a + 8 * i, 8);
-        memcpy(&len, l + 4 * i, 4);
+        memcpy(&addr, COL(addrs, i), 8);
+        memcpy(&len, COL(lens, i), 4);
         if (!inside(addr, len, gpa, size)) {
             PyErr_Format(PyExc_ValueError, "gather: buffer %zd (%lu bytes at %#llx) is outside the region",
                          i, (unsigned long)len, (unsigned long long)addr);
@@ -617,9 +667,9 @@ static PyObject *gather(PyObject *self, PyObject *args)
         uint64_t addr;
         uint32_t len;
         uint16_t fl;
-        memcpy(&addr, a + 8 * i, 8);
-        memcpy(&len, l + 4 * i, 4);
-        memcpy(&fl, f + 2 * i, 2);
+        memcpy(&addr, COL(addrs, i), 8);
+        memcpy(&len, COL(lens, i), 4);
+        memcpy(&fl, COL(flags, i), 2);
         if ((fl & 0x2) || len < lo || len > hi)
             continue;
         const unsigned char *src = base + (addr - gpa);

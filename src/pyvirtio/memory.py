@@ -171,15 +171,15 @@ class Area:
         _ring_c.split_used(self.mv, start, q, ids, written)
 
     def gather_split(self, desc: Area, start: int, n: int, q: int, heads: np.ndarray,
-                     descs: np.ndarray) -> tuple[int, int, int, int, int, int, int]:
+                     descs: np.ndarray) -> tuple[int, int, int, int, int, int, int, int]:
         """This avail ring's `n` heads from slot `start` (one bulk read, two
         when they wrap, into `heads`) and, when every head is below `q`, each head's descriptor
         from `desc` (one read each, into `descs`): returns (-1, OR of the
         flags, lowest addr, highest addr + len, lowest len, highest len, sum
-        of lens), or (index of the first head >= q, 0, ...) having read no
-        descriptor. Needs HAVE_RING_SCAN."""
-        r: tuple[int, int, int, int, int, int, int] = _ring_c.split_gather(self.mv, desc.mv, start, n, q, heads,
-                                                                             descs)
+        of lens, AND of the flags), or (index of the first head >= q, 0, ...)
+        having read no descriptor. Needs HAVE_RING_SCAN."""
+        r: tuple[int, int, int, int, int, int, int, int] = _ring_c.split_gather(self.mv, desc.mv, start, n, q,
+                                                                                  heads, descs)
         return r
 
     def count_reads(self, reads: int, nbytes: int) -> None:
@@ -559,7 +559,7 @@ class CountingArea(Area):
         c.bytes_written += 8 * n
 
     def gather_split(self, desc: Area, start: int, n: int, q: int, heads: np.ndarray,
-                     descs: np.ndarray) -> tuple[int, int, int, int, int, int, int]:
+                     descs: np.ndarray) -> tuple[int, int, int, int, int, int, int, int]:
         r = super().gather_split(desc, start, n, q, heads, descs)
         c = self.c
         c.reads += 1 if start + n <= q else 2  # as the numpy scan: one bulk read, two when it wraps

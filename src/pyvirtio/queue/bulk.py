@@ -40,11 +40,12 @@ class Bulk:
     - all buffers lie in one memory region, `region_gpa`/`region_mv`
     """
 
-    __slots__ = ("_len_summary", "_pos0", "_ring", "addrs", "flags", "ids", "lens", "n", "region_gpa", "region_mv")
+    __slots__ = ("_flags_and", "_len_summary", "_pos0", "_ring", "addrs", "flags", "ids", "lens", "n",
+                 "region_gpa", "region_mv")
 
     def __init__(self, ids: np.ndarray, pos0: int, ring: int, addrs: np.ndarray, lens: np.ndarray,
                  flags: np.ndarray, region_gpa: int, region_mv: memoryview,
-                 len_summary: tuple[int, int, int] | None = None) -> None:
+                 len_summary: tuple[int, int, int] | None = None, flags_and: int = -1) -> None:
         self.ids = ids
         self._pos0 = pos0
         self._ring = ring  # positions wrap here (2^16 for split indices, Q for packed slots)
@@ -55,6 +56,7 @@ class Bulk:
         self.region_mv = region_mv
         self.n = len(ids)
         self._len_summary = len_summary
+        self._flags_and = flags_and
 
     # computed on demand: the hot path never needs them for device-readable runs
 
@@ -76,6 +78,15 @@ class Bulk:
                                      int(np.add.reduce(lens, dtype=np.uint64)))
         return s
 
+    def flags_and(self) -> int:
+        """The AND of every buffer's flags (WRITE set: all device-writable):
+        free when the ring scan already took it (the C split scan), else one
+        reduction."""
+        f = self._flags_and
+        if f < 0:
+            f = self._flags_and = int(np.bitwise_and.reduce(self.flags)) if self.n else 0
+        return f
+
     def __len__(self) -> int:
         return self.n
 
@@ -94,11 +105,10 @@ class Bulk:
         and at least len(data) long (ValueError, nothing written)."""
         k = len(data)
         lo = self.len_summary()[0] if self.n else k
-        if lo < k or (self.n and not int(np.bitwise_and.reduce(self.flags)) & WRITE_FLAG):
+        if lo < k or (self.n and not self.flags_and() & WRITE_FLAG):
             raise ValueError(f"{self!r}: a buffer is read-only or shorter than {k} bytes")
         if ring_fill is not None:
-            ring_fill(self.region_mv, np.ascontiguousarray(self.addrs), self.region_gpa,
-                      np.ascontiguousarray(self.lens), data)
+            ring_fill(self.region_mv, self.addrs, self.region_gpa, self.lens, data)  # columns read in place
             return
         mv = self.region_mv
         for o in (self.addrs - np.uint64(self.region_gpa)).tolist():
@@ -111,8 +121,7 @@ class Bulk:
         frame's header flags and gso_type: 0 when none asks for an
         offload). One C call with the compiled engine."""
         if ring_gather is not None:
-            return ring_gather(self.region_mv, np.ascontiguousarray(self.addrs), self.region_gpa,
-                               np.ascontiguousarray(self.lens), np.ascontiguousarray(self.flags), lo, hi)
+            return ring_gather(self.region_mv, self.addrs, self.region_gpa, self.lens, self.flags, lo, hi)
         mv = self.region_mv
         offs = (self.addrs - np.uint64(self.region_gpa)).tolist()
         keep = (~self.writable).tolist()
@@ -134,8 +143,7 @@ class Bulk:
         if len(frames) != n:
             raise ValueError(f"{self!r}: {len(frames)} frames for {n} buffers")
         if ring_scatter is not None:
-            return ring_scatter(self.region_mv, np.ascontiguousarray(self.addrs), self.region_gpa,
-                                np.ascontiguousarray(self.lens), np.ascontiguousarray(self.flags), frames,
+            return ring_scatter(self.region_mv, self.addrs, self.region_gpa, self.lens, self.flags, frames,
                                 patch_at, patch)
         sizes = [len(f) for f in frames]
         need = patch_at + len(patch) if patch_at >= 0 else 0

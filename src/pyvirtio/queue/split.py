@@ -299,7 +299,8 @@ class SplitRing:
         q = self.size
         heads = np.empty(n, np.uint16)
         descs = np.empty(n, SPLIT_DESC_DTYPE)
-        bad, flags_or, amin, emax, lmin, lmax, lsum = self.avail.gather_split(self.desc, start, n, q, heads, descs)
+        bad, flags_or, amin, emax, lmin, lmax, lsum, flags_and = self.avail.gather_split(self.desc, start, n, q,
+                                                                                        heads, descs)
         if bad >= 0:
             self._consume(out, heads.tolist(), last)  # raises HeadOutOfRange
         if not flags_or & (_NEXT | _INDIRECT):
@@ -308,7 +309,7 @@ class SplitRing:
             if r is not None and emax <= r.gpa + r.size:
                 self.last_avail = (last + n) & 0xFFFF
                 return Bulk(heads, last, 0x10000, descs["addr"], descs["len"], descs["flags"], r.gpa, r.mv,
-                            (lmin, lmax, lsum))
+                            (lmin, lmax, lsum), flags_and)
         rows: Any = descs.tolist()  # (addr, len, flags, next) tuples
         self._consume(out, heads.tolist(), last, rows)
         return None

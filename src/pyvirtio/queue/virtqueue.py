@@ -53,8 +53,6 @@ log = logging.getLogger(__name__)
 Policy = Literal["lazy", "eager"]
 DEFAULT_BATCH = 64
 U32_MAX = (1 << 32) - 1
-_AND = np.bitwise_and.reduce
-_MIN = np.minimum.reduce
 
 
 class ArmResult(enum.Enum):
@@ -242,8 +240,8 @@ class Virtqueue:
         w: int | np.ndarray
         if type(written) is int:
             # one length for all (a generator's frames): two reductions, no arrays
-            if written and (written < 0 or not int(_AND(bulk.flags)) & WRITE_FLAG
-                            or written > int(_MIN(bulk.lens))):
+            if written and (written < 0 or not bulk.flags_and() & WRITE_FLAG
+                            or written > bulk.len_summary()[0]):
                 raise ValueError(f"{self.name}: written bytes exceed a buffer's writable length")
             w = written
         else:
