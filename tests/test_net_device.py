@@ -125,6 +125,62 @@ def test_loopback_rx_fills_buffers_with_the_queued_frames_in_order(ring):
     dev.close()
 
 
+@pytest.mark.parametrize("ring", ["split", "packed"])
+def test_loopback_tx_never_passes_frames_waiting_for_rx_buffers(ring):
+    """A tx batch goes straight into rx buffers only when no earlier frame
+    waits: frames queued for want of buffers (and buffers already taken for
+    them) come first, whatever the rx ring holds when the next batch comes.
+    The two loops run in one thread, as a loopback pair's `LoopGroup` runs
+    them; this drives their steps in a chosen order."""
+    import threading
+
+    from pyvirtio.runtime import QueueLoop, Step
+    from pyvirtio.spec import Feature
+    from pyvirtio.testing import QueuePair
+
+    class Group:  # stands for the group whose thread serves both loops
+        thread = threading.current_thread()
+
+    dev = NetDevice("loopback")
+    dev.set_features(int(Feature.VERSION_1))
+    rxp, txp = QueuePair(ring, 16), QueuePair(ring, 16)
+    loops = []
+    for index, p in ((0, rxp), (1, txp)):
+        lp = QueueLoop(p.vq, None, lambda: None, index=index)
+        lp.attach(dev.service)
+        lp.group = Group()  # type: ignore[assignment]
+        loops.append(lp)
+    rx, tx = loops
+
+    def send(frames: list[bytes]) -> None:
+        for f in frames:
+            g = txp.pool.alloc(len(f))
+            txp.raw.write(g, f)
+            txp.driver.add([(g, len(f))], [], token=f)
+        txp.driver.publish()
+        assert tx.step() is Step.BUSY
+
+    def post(n: int) -> list[int]:
+        gpas = [rxp.pool.alloc(128) for _ in range(n)]
+        for g in gpas:
+            rxp.driver.add([], [(g, 128)], token=g)
+        rxp.driver.publish()
+        return gpas
+
+    frames = [bytes(HDR) + bytes([i]) * (60 + i) for i in range(7)]
+    post(2)
+    send(frames[:4])      # 2 buffers for 4 frames: both taken, all 4 frames wait
+    post(10)
+    send(frames[4:])      # buffers for these 3 now, but 2 frames still wait before them
+    for _ in range(10):
+        if rx.step() is Step.SLEEP:
+            break
+    used = rxp.driver.get_used()
+    got = [rxp.raw.read(g, w)[HDR:] for g, w in used]
+    assert got == [f[HDR:] for f in frames]
+    dev.close()
+
+
 def test_make_port_rejects_unknown_backends():
     for bad in ("tap:", "bogus", "sink:1", "gen:5"):
         with pytest.raises(ValueError):
@@ -367,20 +423,31 @@ def pyvirtio_net(tmp_path: Path, *args: str) -> Iterator[tuple[str, Path, subpro
 
 def run_testpmd(tmp_path: Path, sock: str, packed: bool, mode: str, seconds: float, *extra: str) -> dict[str, int]:
     """Run testpmd's virtio-user against `sock` for `seconds`; return its
-    final port counters."""
+    final port counters. Interactive (commands on stdin): forwarding is
+    stopped before the port counters are read, so packets and bytes come
+    from one moment (periodic counters, read while the forwarding core
+    updates them, can count a burst's bytes but not yet its packets).
+    `--tx-first` in `extra` becomes `start tx_first`."""
     cpu = _cpus()[1]
     prefix = f"pv{uuid.uuid4().hex[:8]}"
+    start = "start tx_first" if "--tx-first" in extra else "start"
+    extra = tuple(e for e in extra if e != "--tx-first")
     cmd = ["dpdk-testpmd", "--lcores", f"0@{cpu},1@{cpu}", "-d", PMD_DIR, "--no-pci", "--no-huge", "-m", "1024",
            "--file-prefix", prefix,
            "--vdev", f"net_virtio_user0,path={sock},queues=1,packed_vq={int(packed)}",
-           "--", "--total-num-mbufs=16384", "--stats-period=1", "--disable-link-check",
-           f"--forward-mode={mode}", *extra]
+           "--", "-i", "--total-num-mbufs=16384", "--disable-link-check", f"--forward-mode={mode}", *extra]
     out_path = tmp_path / f"testpmd-{prefix}.log"
     with open(out_path, "w") as out:
-        p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT, text=True)
+        assert p.stdin is not None
         try:
+            p.stdin.write(f"{start}\n")
+            p.stdin.flush()
             time.sleep(seconds)
             assert p.poll() is None, f"testpmd exited early:\n{out_path.read_text()[-3000:]}"
+            p.stdin.write("stop\nshow port stats 0\nquit\n")
+            p.stdin.flush()
+            p.wait(20)
         finally:
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
@@ -389,6 +456,8 @@ def run_testpmd(tmp_path: Path, sock: str, packed: bool, mode: str, seconds: flo
                 except subprocess.TimeoutExpired:
                     p.kill()
                     p.wait()
+            with contextlib.suppress(OSError):
+                p.stdin.close()
             shutil.rmtree(f"/var/run/dpdk/{prefix}", ignore_errors=True)
     text = out_path.read_text()
     counts = {}
@@ -396,7 +465,7 @@ def run_testpmd(tmp_path: Path, sock: str, packed: bool, mode: str, seconds: flo
     for key, nxt in (("RX-packets", "RX-dropped"), ("TX-packets", "TX-dropped")):
         found = re.findall(rf"{key}:\s+(\d+)\s+{nxt}", text)
         counts[key] = int(found[-1]) if found else 0
-    # the last periodic NIC statistics: packets and bytes of the same moment
+    # the port counters shown after forwarding stopped: packets and bytes of one moment
     for d, mid in (("RX", "RX-missed"), ("TX", "TX-errors")):
         found = re.findall(rf"{d}-packets:\s+(\d+)\s+{mid}:\s+\d+\s+{d}-bytes:\s+(\d+)", text)
         counts[f"nic_{d}_packets"], counts[f"nic_{d}_bytes"] = map(int, found[-1]) if found else (0, 0)

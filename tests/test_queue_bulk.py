@@ -222,6 +222,66 @@ def test_bulk_scatter_copies_a_frame_into_each_buffer_or_writes_nothing(ring):
     assert isinstance(b, Bulk) and b.scatter([b"x" * 8, b"y" * 8]) is None
 
 
+def _frame(i: int, n: int) -> bytes:
+    return bytes(2) + bytes([0x30 + i]) * (n - 2)  # a header that asks for no offload
+
+
+@pytest.mark.parametrize("ring", RINGS)
+def test_bulk_forward_copies_each_tx_buffer_into_an_rx_buffer_or_writes_nothing(ring):
+    """`Bulk.forward_into` (a loopback's tx batch straight into rx buffers):
+    buffer i into buffer i with the patch over it; refused (None), every rx
+    buffer untouched, when a frame does not fit, is out of [lo, hi], asks
+    for an offload, or a buffer has the wrong direction."""
+    tx, rx = QueuePair(ring, 16), QueuePair(ring, 16)
+    sizes = [20, 30, 40, 50]
+    src = [tx.pool.alloc(64) for _ in sizes]
+    for i, (g, n) in enumerate(zip(src, sizes)):
+        tx.raw.write(g, _frame(i, n))
+        tx.driver.add([(g, n)], [], token=i)
+    tx.driver.publish()
+    tb = tx.vq.pop_bulk(16)
+    assert isinstance(tb, Bulk)
+    dst = rx.post(4, out=0, in_=64)
+    for g in dst:
+        rx.raw.write(g, b"\xEE" * 64)
+    rb = rx.vq.pop_bulk(16)
+    assert isinstance(rb, Bulk) and rb.n == 4
+    untouched = [b"\xEE" * 64] * 4
+    assert tb.forward_into(rb, 0, 49) is None  # the last is longer than hi
+    assert tb.forward_into(rb, 21, 64) is None  # the first is shorter than lo
+    tx.raw.write(src[2], b"\x01")  # NEEDS_CSUM: the queue must look at it
+    assert tb.forward_into(rb) is None
+    tx.raw.write(src[2], b"\x00")
+    short = rb.lens.copy()
+    short[3] = 49  # one receive buffer too short
+    assert tb.forward_into(Bulk(rb.ids, 0, 0x10000, rb.addrs, short, rb.flags, rb.region_gpa, rb.region_mv)) is None
+    assert [rx.raw.read(g, 64) for g in dst] == untouched
+    assert rb.forward_into(tb) is None  # wrong directions both ways: nothing written
+    assert [tx.raw.read(g, n) for g, n in zip(src, sizes)] == [_frame(i, n) for i, n in enumerate(sizes)]
+    with pytest.raises(ValueError):
+        tb.forward_into(Bulk(rb.ids[:3], 0, 0x10000, rb.addrs[:3], rb.lens[:3], rb.flags[:3], rb.region_gpa,
+                             rb.region_mv))  # one receive buffer per frame
+    assert tb.forward_into(rb, 12, 64, 10, b"\x01\x00") == (20, 50, 140)
+    for i, (g, n) in enumerate(zip(dst, sizes)):
+        f = _frame(i, n)
+        assert rx.raw.read(g, 64) == f[:10] + b"\x01\x00" + f[12:] + b"\xEE" * (64 - n)
+
+
+def test_bulk_forward_between_overlapping_buffers_copies_each_source_whole():
+    """The guest picks both buffers: an rx buffer overlapping its tx buffer
+    gets the frame as it was before the copy (memmove, not garbage)."""
+    pair = QueuePair("split", 16)
+    base = pair.pool.alloc(256)
+    frame = bytes(2) + bytes(range(1, 99))
+    pair.raw.write(base, frame)
+    tb = Bulk(np.array([0], np.uint16), 0, 0x10000, np.array([base], np.uint64), np.array([100], np.uint32),
+              np.array([0], np.uint16), 0, pair.raw.regions[0].mv)
+    rb = Bulk(np.array([1], np.uint16), 1, 0x10000, np.array([base + 40], np.uint64), np.array([120], np.uint32),
+              np.array([2], np.uint16), 0, pair.raw.regions[0].mv)
+    assert tb.forward_into(rb) == (100, 100, 100)
+    assert pair.raw.read(base + 40, 100) == frame
+
+
 @pytest.mark.parametrize("ring", RINGS)
 def test_unbulk_puts_each_buffer_in_flight_on_its_own(ring):
     """A device that cannot use a whole `Bulk` takes it apart: each buffer

@@ -152,6 +152,45 @@ def test_loopback_returns_every_frame_intact(tmp_path, packed, event_idx):
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+def test_loopback_keeps_frame_order_whether_frames_go_straight_into_rx_buffers_or_wait(tmp_path, packed):
+    """A tx batch goes straight into the rx ring's buffers when the ring has
+    one for every frame and nothing waits before them; otherwise the frames
+    wait in the queue and the buffers already taken are filled first. Either
+    way later frames never pass earlier ones, and each arrives once, intact."""
+    with running(tmp_path, "loopback") as (path, be):
+        fe = NetFrontend(path, packed=packed)
+        try:
+            fe.negotiate()
+            fe.setup_ring(0)
+            fe.setup_ring(1)
+            sent = [bytes([i]) * (60 + i) for i in range(50)]
+            got: list[tuple[int, int]] = []
+
+            def step(posted: int, frames: list[bytes], expect: int) -> None:
+                if posted:
+                    fe.post_rx(0, posted)
+                if frames:
+                    fe.send_frames(1, frames)
+                    assert len(fe.reap(1, len(frames))) == len(frames)
+                got.extend(fe.reap(0, expect))
+
+            step(5, sent[:10], 5)        # 5 buffers for 10 frames: 5 wait
+            step(25, [], 5)              # the 5 waiting ones; 20 buffers left
+            step(0, sent[10:20], 10)     # a buffer for each: straight in
+            direct = be.stats()["direct"][0]
+            step(0, sent[20:40], 10)     # 10 buffers for 20 frames: taken, filled, 10 wait
+            step(10, [], 10)
+            step(10, sent[40:], 10)
+            assert len(got) == 50
+            raw = [fe.mem.mem.read(gpa, length) for gpa, length in got]  # type: ignore[arg-type]
+            assert [d[HDR:] for d in raw] == sent
+            assert [struct.unpack_from("<H", d, 10)[0] for d in raw] == [1] * 50  # num_buffers
+            assert direct >= 1 and be.stats()["direct"][0] >= direct + 1
+        finally:
+            fe.close()
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
 @pytest.mark.parametrize("policy", ["lazy", "eager"])
 def test_sink_counts_frames_and_bytes_and_accesses(tmp_path, packed, policy):
     with running(tmp_path, "sink", policy=policy) as (path, be):

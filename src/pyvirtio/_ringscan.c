@@ -692,6 +692,104 @@ out:
     return result;
 }
 
+/*
+ * forward(src, s_addrs, s_gpa, s_lens, s_flags, dst, d_addrs, d_gpa, d_lens,
+ *         d_flags, lo, hi, patch_at, patch) -> (shortest, longest, total)
+ * copies buffer i of one batch (src region) to the start of buffer i of
+ * another (dst region, maybe the same memory), then `patch` over bytes
+ * [patch_at, patch_at + len(patch)) of the copy when patch_at >= 0: a
+ * loopback's transmitted frames straight into receive buffers, with no
+ * copy in between. Both batches have n buffers. Every pair is checked
+ * before anything is written; None (nothing written) unless each source
+ * buffer is device-readable, lo <= its length <= hi, and its first two
+ * bytes are zero (a virtio-net header asking for no offload), and each
+ * destination buffer is device-writable and long enough, and both lie
+ * inside their regions. Buffers may overlap (the guest chose them): the
+ * copy is a memmove.
+ */
+static PyObject *forward(PyObject *self, PyObject *args)
+{
+    Py_buffer src, dst, sa, sl, sf, da, dl, df, patch;
+    PyObject *sao, *slo, *sfo, *dao, *dlo, *dfo;
+    unsigned long long sgpa, dgpa, lo, hi;
+    Py_ssize_t patch_at;
+    PyObject *result = NULL;
+    if (!PyArg_ParseTuple(args, "y*OKOOw*OKOOKKny*", &src, &sao, &sgpa, &slo, &sfo, &dst, &dao, &dgpa, &dlo, &dfo,
+                          &lo, &hi, &patch_at, &patch))
+        return NULL;
+    Py_ssize_t n = get_batch(sao, slo, sfo, &sa, &sl, &sf, "forward");
+    if (n < 0) {
+        PyBuffer_Release(&src);
+        PyBuffer_Release(&dst);
+        PyBuffer_Release(&patch);
+        return NULL;
+    }
+    Py_ssize_t m = get_batch(dao, dlo, dfo, &da, &dl, &df, "forward");
+    if (m < 0) {
+        PyBuffer_Release(&sa);
+        PyBuffer_Release(&sl);
+        PyBuffer_Release(&sf);
+        PyBuffer_Release(&src);
+        PyBuffer_Release(&dst);
+        PyBuffer_Release(&patch);
+        return NULL;
+    }
+    if (m != n) {
+        PyErr_SetString(PyExc_ValueError, "forward: one destination buffer per source buffer");
+        goto out;
+    }
+    uint64_t ssize = (uint64_t)src.len, dsize = (uint64_t)dst.len, total = 0, fmin = n ? UINT64_MAX : 0, fmax = 0;
+    uint64_t need = patch_at >= 0 ? (uint64_t)patch_at + (uint64_t)patch.len : 0;
+    const unsigned char *sbase = src.buf;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        uint64_t s, d;
+        uint32_t k, room;
+        uint16_t sfl, dfl;
+        memcpy(&s, COL(sa, i), 8);
+        memcpy(&k, COL(sl, i), 4);
+        memcpy(&sfl, COL(sf, i), 2);
+        memcpy(&d, COL(da, i), 8);
+        memcpy(&room, COL(dl, i), 4);
+        memcpy(&dfl, COL(df, i), 2);
+        if ((sfl & 0x2) || !(dfl & 0x2) || k < lo || k > hi || k < need || k < 2 || room < k
+                || !inside(s, k, sgpa, ssize) || !inside(d, k, dgpa, dsize)
+                || sbase[s - sgpa] || sbase[s - sgpa + 1]) {
+            result = Py_None;
+            Py_INCREF(result);
+            goto out;
+        }
+        total += k;
+        if (k < fmin)
+            fmin = k;
+        if (k > fmax)
+            fmax = k;
+    }
+    unsigned char *dbase = dst.buf;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        uint64_t s, d;
+        uint32_t k;
+        memcpy(&s, COL(sa, i), 8);
+        memcpy(&k, COL(sl, i), 4);
+        memcpy(&d, COL(da, i), 8);
+        unsigned char *to = dbase + (d - dgpa);
+        memmove(to, sbase + (s - sgpa), (size_t)k);
+        if (patch_at >= 0)
+            memcpy(to + patch_at, patch.buf, (size_t)patch.len);
+    }
+    result = Py_BuildValue("(KKK)", (unsigned long long)fmin, (unsigned long long)fmax, (unsigned long long)total);
+out:
+    PyBuffer_Release(&sa);
+    PyBuffer_Release(&sl);
+    PyBuffer_Release(&sf);
+    PyBuffer_Release(&da);
+    PyBuffer_Release(&dl);
+    PyBuffer_Release(&df);
+    PyBuffer_Release(&src);
+    PyBuffer_Release(&dst);
+    PyBuffer_Release(&patch);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"split_gather", split_gather, METH_VARARGS,
      "split_gather(avail, desc, start, n, q, heads, descs) -> "
@@ -708,6 +806,9 @@ static PyMethodDef methods[] = {
      "scatter(region, addrs, gpa, lens, flags, frames, patch_at, patch) -> (shortest, longest, total), or None"},
     {"gather", gather, METH_VARARGS,
      "gather(region, addrs, gpa, lens, flags, lo, hi) -> (copies of the readable buffers lo <= len <= hi, lead_or)"},
+    {"forward", forward, METH_VARARGS,
+     "forward(src, s_addrs, s_gpa, s_lens, s_flags, dst, d_addrs, d_gpa, d_lens, d_flags, lo, hi, patch_at, patch)"
+     " -> (shortest, longest, total), or None"},
     {"iov_table", iov_table, METH_VARARGS,
      "iov_table(table, nr, gpa, size, host) -> (iov, readable_len, total_len), or None (a buffer outside)"},
     {NULL, NULL, 0, NULL},

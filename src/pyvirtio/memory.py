@@ -58,6 +58,8 @@ ring_scatter: Callable[[memoryview, np.ndarray, int, np.ndarray, np.ndarray, Seq
 #: copies of a batch's readable buffers (`Bulk.frames`), or None
 ring_gather: Callable[[memoryview, np.ndarray, int, np.ndarray, np.ndarray, int, int],
                       tuple[list[bytes], int]] | None = _ring_c.gather if _ring_c is not None else None
+#: one batch's readable buffers straight into another's writable ones (`Bulk.forward_into`), or None
+ring_forward: Callable[..., tuple[int, int, int] | None] | None = _ring_c.forward if _ring_c is not None else None
 #: a long indirect table as a `struct iovec[]` (`build_iov_chain`), or None
 ring_iov_table: Callable[[bytes, int, int, int, int], tuple[bytes, int, int] | None] | None = (
     _ring_c.iov_table if _ring_c is not None else None)

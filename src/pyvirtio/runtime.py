@@ -237,6 +237,38 @@ class Queue:
         """Pop up to `limit` more chains now (read-only check; never arms)."""
         return self._loop.pop_more(limit)
 
+    # A device whose rings hand work to each other on one thread (a
+    # loopback: tx frames straight into rx buffers) may serve this ring from
+    # another ring's service: while `quiet()`, `take_bulk` and `complete_now`.
+
+    def quiet(self) -> bool:
+        """May a service of another ring complete chains of this one now:
+        this ring runs, enabled, in a `LoopGroup` whose thread is the
+        caller, with nothing of its own waiting to be published (so the
+        used ring keeps the order the chains were taken in)?"""
+        lp = self._loop
+        g = lp.group
+        return (g is not None and g.thread is threading.current_thread() and lp.enabled and not lp.stopping
+                and not lp._done and not lp._later and not lp.outstanding)
+
+    def take_bulk(self, limit: int) -> Bulk | list[Chain]:
+        """Pop up to `limit` chains as `Virtqueue.pop_bulk` does; a broken
+        ring is retired and reported as this ring's own, and gives []."""
+        try:
+            return self.vq.pop_bulk(limit)
+        except QueueError as e:
+            self._loop.fail(e)
+            return []
+
+    def complete_now(self, bulk: Bulk, written: Any) -> None:
+        """Complete `bulk` (taken with `take_bulk`) and publish it at once,
+        signalling the driver if it asks. Only while `quiet()`."""
+        lp = self._loop
+        vq = lp.vq
+        notify = vq.complete_bulk(bulk, written)
+        if vq.flush() or notify:
+            lp.signal()
+
     def wake(self) -> None:
         """Make the loop look at the device again (its state changed)."""
         self._loop.wake()
@@ -497,13 +529,17 @@ class QueueLoop:
             done.clear()
             return
         chains: list[tuple[Chain, int]] = []
+        notify = False
         for item in done:
             if type(item[0]) is Bulk:
-                vq.complete_bulk(item[0], item[1])
+                if chains:  # the chains completed before it go first: the used ring keeps their order
+                    notify = vq.complete_batch(chains) or notify
+                    chains = []
+                notify = vq.complete_bulk(item[0], item[1]) or notify
             else:
                 chains.append(item)
         done.clear()
-        if vq.complete_batch(chains):
+        if vq.complete_batch(chains) or notify:
             call()
 
     def signal(self) -> None:

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from pyvirtio.memory import ring_fill, ring_gather, ring_scatter
+from pyvirtio.memory import ring_fill, ring_forward, ring_gather, ring_scatter
 from pyvirtio.queue.chain import Chain
 
 WRITE_FLAG = 0x2  # VIRTQ_DESC_F_WRITE, the same bit in both formats
@@ -155,6 +155,44 @@ class Bulk:
             if patch_at >= 0:
                 mv[o + patch_at : o + need] = patch
         return (min(sizes), max(sizes), sum(sizes)) if n else (0, 0, 0)
+
+    def forward_into(self, dst: Bulk, lo: int = 0, hi: int = 0xFFFFFFFF, patch_at: int = -1,
+                     patch: bytes = b"") -> tuple[int, int, int] | None:
+        """Copy buffer `i` of this batch to the start of buffer `i` of `dst`
+        (`dst.n == n`), then `patch` over each copy at `patch_at` when that
+        is >= 0: a loopback's transmitted frames straight into receive
+        buffers, with no copy in between. Returns (shortest, longest,
+        total) length; None, with nothing written, unless every buffer here
+        is device-readable, lo <= its length <= hi, at least 2 bytes long
+        with its first two bytes zero (a virtio-net header that asks for no
+        offload) and long enough for the patch, and every buffer of `dst`
+        device-writable and long enough. One C call with the compiled
+        engine. Buffers may overlap (the guest picks them): each copy
+        reads its source whole before writing."""
+        n = self.n
+        if dst.n != n:
+            raise ValueError(f"{self!r} into {dst!r}: one receive buffer per frame")
+        if ring_forward is not None:
+            return ring_forward(self.region_mv, self.addrs, self.region_gpa, self.lens, self.flags,
+                                dst.region_mv, dst.addrs, dst.region_gpa, dst.lens, dst.flags, lo, hi, patch_at, patch)
+        if not n:
+            return (0, 0, 0)
+        need = max(2, patch_at + len(patch) if patch_at >= 0 else 0)
+        sizes = self.lens.tolist()
+        if (self.flags & WRITE_FLAG).any() or not dst.writable.all() or (dst.lens < self.lens).any() \
+                or min(sizes) < max(lo, need) or max(sizes) > hi:
+            return None
+        src_mv, dst_mv = self.region_mv, dst.region_mv
+        src_offs = (self.addrs - np.uint64(self.region_gpa)).tolist()
+        dst_offs = (dst.addrs - np.uint64(dst.region_gpa)).tolist()
+        for s, d, k in zip(src_offs, dst_offs, sizes):
+            if s + k > len(src_mv) or d + k > len(dst_mv) or src_mv[s] or src_mv[s + 1]:
+                return None
+        for s, d, k in zip(src_offs, dst_offs, sizes):
+            dst_mv[d : d + k] = src_mv[s : s + k].tobytes()  # whole before writing: the buffers may overlap
+            if patch_at >= 0:
+                dst_mv[d + patch_at : d + patch_at + len(patch)] = patch
+        return (min(sizes), max(sizes), sum(sizes))
 
     def views(self) -> list[memoryview]:
         """Zero-copy views of every buffer, in ring order."""
