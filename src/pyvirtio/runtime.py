@@ -709,6 +709,12 @@ class LoopGroup:
         # loop -> (fds it sleeps on, write fds, wake-up deadline or None, when it fell asleep)
         asleep: dict[QueueLoop, tuple[list[int], Sequence[int], float | None, int]] = {}
         now = time.perf_counter_ns
+        # The poll set changes only when a loop falls asleep or wakes: kept
+        # between passes (a busy pass of one ring beside a sleeping one
+        # polls with zero timeout every time).
+        poller = select.poll()
+        deadline: float | None = None
+        stale = True
         while True:
             with self._lock:
                 loops = list(self._loops)
@@ -743,26 +749,32 @@ class LoopGroup:
                     lp.counters.sleeps += 1
                     asleep[lp] = (lp.sleep_fds(), list(lp.sleep_write_fds()),
                                   None if t is None else time.monotonic() + t, now())
+                    stale = True
             if not busy and not asleep:
                 continue  # every loop left during this pass: look again (the thread ends with the last)
-            poller = select.poll()
-            poller.register(self._wake, select.POLLIN)
-            deadline: float | None = None
-            for fds, wfds, dl, _ in asleep.values():
-                for fd in fds:
-                    poller.register(fd, select.POLLIN | (select.POLLOUT if fd in wfds else 0))
-                for fd in wfds:
-                    if fd not in fds:
-                        poller.register(fd, select.POLLOUT)
-                if dl is not None and (deadline is None or dl < deadline):
-                    deadline = dl
+            if stale:
+                poller = select.poll()
+                poller.register(self._wake, select.POLLIN)
+                deadline = None
+                for fds, wfds, dl, _ in asleep.values():
+                    for fd in fds:
+                        poller.register(fd, select.POLLIN | (select.POLLOUT if fd in wfds else 0))
+                    for fd in wfds:
+                        if fd not in fds:
+                            poller.register(fd, select.POLLOUT)
+                    if dl is not None and (deadline is None or dl < deadline):
+                        deadline = dl
+                stale = False
             if busy:
                 timeout = 0
             elif deadline is None:
                 timeout = -1
             else:
                 timeout = max(0, int((deadline - time.monotonic()) * 1000 + 0.999))
-            ready = {fd for fd, _ in poller.poll(timeout)}
+            events = poller.poll(timeout)
+            if not events and deadline is None:
+                continue  # nothing woke and no sleep can have timed out
+            ready = {fd for fd, _ in events}
             if self._wake in ready:
                 try:
                     os.eventfd_read(self._wake)
@@ -773,6 +785,7 @@ class LoopGroup:
                 hit = [fd for fd in (*fds, *wfds) if fd in ready]
                 if hit or (dl is not None and mono >= dl):
                     del asleep[lp]
+                    stale = True
                     c = lp.counters
                     c.sleep_us += (now() - t0) // 1000
                     if not hit:
