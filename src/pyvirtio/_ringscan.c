@@ -441,34 +441,53 @@ out:
 static PyObject *packed_used(PyObject *self, PyObject *args)
 {
     Py_buffer desc, ids, lens, flags, wl;
+    PyObject *io, *lo, *fo;
     Py_ssize_t u, q;
     int wrap, have_wl = 0;
     PyObject *written;
     uint32_t same = 0;
     PyObject *result = NULL;
-    if (!PyArg_ParseTuple(args, "w*nnpy*Oy*y*", &desc, &u, &q, &wrap, &ids, &written, &lens, &flags))
+    if (!PyArg_ParseTuple(args, "w*nnpOOOO", &desc, &u, &q, &wrap, &io, &written, &lo, &fo))
         return NULL;
-    Py_ssize_t n = ids.len / 2;
+    /* ids, lens and flags: columns, strided or not (a batch's record fields) */
+    if (get_col(io, 2, &ids, "packed_used") < 0) {
+        PyBuffer_Release(&desc);
+        return NULL;
+    }
+    if (get_col(lo, 4, &lens, "packed_used") < 0) {
+        PyBuffer_Release(&ids);
+        PyBuffer_Release(&desc);
+        return NULL;
+    }
+    if (get_col(fo, 2, &flags, "packed_used") < 0) {
+        PyBuffer_Release(&lens);
+        PyBuffer_Release(&ids);
+        PyBuffer_Release(&desc);
+        return NULL;
+    }
+    Py_ssize_t n = ids.shape[0];
     if (get_written(written, n, "packed_used", &same, &wl, &have_wl) < 0)
         goto out;
-    if (q <= 0 || q > 32768 || n < 1 || n > q || u < 0 || u >= q || desc.len < 16 * q || lens.len != 4 * n
-            || flags.len != 2 * n) {
+    if (q <= 0 || q > 32768 || n < 1 || n > q || u < 0 || u >= q || desc.len < 16 * q || lens.shape[0] != n
+            || flags.shape[0] != n) {
         PyErr_SetString(PyExc_ValueError, "packed_used: bad ring geometry or buffers");
         goto out;
     }
     unsigned char *table = desc.buf;
-    const uint16_t *id = ids.buf, *fl = flags.buf;
-    const unsigned char *ln = lens.buf, *w = have_wl ? wl.buf : NULL;
+    const unsigned char *w = have_wl ? wl.buf : NULL;
     uint64_t used_flags = wrap ? P_BOTH : 0, head = 0;
     for (Py_ssize_t i = 0; i < n; i++) {
         uint32_t len, wr;
-        memcpy(&len, ln + 4 * i, 4);
+        uint16_t id, fl;
+        memcpy(&len, COL(lens, i), 4);
+        memcpy(&id, COL(ids, i), 2);
+        memcpy(&fl, COL(flags, i), 2);
         if (w)
             memcpy(&wr, w + 4 * i, 4);
         else
             wr = same;
-        uint64_t word = used_flags | ((fl[i] & P_WRITE) && len ? P_WRITE : 0);
-        uint64_t v = (uint64_t)wr | ((uint64_t)id[i] << 32) | (word << 48);
+        uint64_t word = used_flags | ((fl & P_WRITE) && len ? P_WRITE : 0);
+        uint64_t v = (uint64_t)wr | ((uint64_t)id << 32) | (word << 48);
         if (i == 0)
             head = v;
         else

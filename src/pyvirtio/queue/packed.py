@@ -480,14 +480,13 @@ class PackedRing:
         used_flags = _BOTH if wrap else 0
         freed = 0
         head: tuple[int, int] | None = None  # (byte offset, value) of the batch's first store
-        if HAVE_RING_SCAN and len(items) == 1 and type(items[0][0]) is Bulk:
+        if HAVE_RING_SCAN and len(items) == 1 and type(items[0][0]) is Bulk and items[0][0].ids.dtype == _U16:
             # one batch (the common case): the loop below in one C call
             bulk, written = items[0]
             assert isinstance(bulk, Bulk)
             n = bulk.n
-            head = (u * DESC_SIZE + 8, self.desc.packed_used(u, q, wrap, np.ascontiguousarray(bulk.ids, np.uint16),
-                                                            written, np.ascontiguousarray(bulk.lens),
-                                                            np.ascontiguousarray(bulk.flags)))
+            # the columns are read in place (strided fields of the descriptor records)
+            head = (u * DESC_SIZE + 8, self.desc.packed_used(u, q, wrap, bulk.ids, written, bulk.lens, bulk.flags))
             u += n
             freed = n
             if u >= q:
