@@ -86,6 +86,31 @@ static inline int inside(uint64_t addr, uint64_t len, uint64_t gpa, uint64_t siz
     return addr >= gpa && addr - gpa <= size && size - (addr - gpa) >= len;
 }
 
+/* The lengths of the frames a batch copy moves: (shortest, longest, total). */
+struct tally {
+    uint64_t fmin, fmax, total;
+};
+
+static inline void tally_init(struct tally *t, Py_ssize_t n)
+{
+    t->fmin = n ? UINT64_MAX : 0, t->fmax = 0, t->total = 0;
+}
+
+static inline void tally_add(struct tally *t, uint64_t k)
+{
+    t->total += k;
+    if (k < t->fmin)
+        t->fmin = k;
+    if (k > t->fmax)
+        t->fmax = k;
+}
+
+static PyObject *tally_result(const struct tally *t)
+{
+    return Py_BuildValue("(KKK)", (unsigned long long)t->fmin, (unsigned long long)t->fmax,
+                         (unsigned long long)t->total);
+}
+
 /* A batch's column: a one-dimensional buffer of `itemsize`-byte items,
  * contiguous or strided (a field of a numpy array of descriptor records,
  * read in place: no copy to make it contiguous). Element i is at
@@ -599,8 +624,10 @@ static PyObject *scatter(PyObject *self, PyObject *args)
         goto out;
     }
     PyObject **items = PySequence_Fast_ITEMS(seq);
-    uint64_t size = (uint64_t)region.len, total = 0, fmin = n ? UINT64_MAX : 0, fmax = 0;
+    uint64_t size = (uint64_t)region.len;
     uint64_t need = patch_at >= 0 ? (uint64_t)patch_at + (uint64_t)patch.len : 0;
+    struct tally t;
+    tally_init(&t, n);
     for (Py_ssize_t i = 0; i < n; i++) {
         if (!PyBytes_Check(items[i])) {
             PyErr_SetString(PyExc_TypeError, "scatter: frames must be bytes");
@@ -617,11 +644,7 @@ static PyObject *scatter(PyObject *self, PyObject *args)
             Py_INCREF(result);
             goto out;
         }
-        total += k;
-        if (k < fmin)
-            fmin = k;
-        if (k > fmax)
-            fmax = k;
+        tally_add(&t, k);
     }
     unsigned char *base = region.buf;
     for (Py_ssize_t i = 0; i < n; i++) {
@@ -632,7 +655,7 @@ static PyObject *scatter(PyObject *self, PyObject *args)
         if (patch_at >= 0)
             memcpy(dst + patch_at, patch.buf, (size_t)patch.len);
     }
-    result = Py_BuildValue("(KKK)", (unsigned long long)fmin, (unsigned long long)fmax, (unsigned long long)total);
+    result = tally_result(&t);
 out:
     Py_XDECREF(seq);
     PyBuffer_Release(&region);
@@ -757,8 +780,10 @@ static PyObject *forward(PyObject *self, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "forward: one destination buffer per source buffer");
         goto out;
     }
-    uint64_t ssize = (uint64_t)src.len, dsize = (uint64_t)dst.len, total = 0, fmin = n ? UINT64_MAX : 0, fmax = 0;
+    uint64_t ssize = (uint64_t)src.len, dsize = (uint64_t)dst.len;
     uint64_t need = patch_at >= 0 ? (uint64_t)patch_at + (uint64_t)patch.len : 0;
+    struct tally t;
+    tally_init(&t, n);
     const unsigned char *sbase = src.buf;
     for (Py_ssize_t i = 0; i < n; i++) {
         uint64_t s, d;
@@ -777,11 +802,7 @@ static PyObject *forward(PyObject *self, PyObject *args)
             Py_INCREF(result);
             goto out;
         }
-        total += k;
-        if (k < fmin)
-            fmin = k;
-        if (k > fmax)
-            fmax = k;
+        tally_add(&t, k);
     }
     unsigned char *dbase = dst.buf;
     for (Py_ssize_t i = 0; i < n; i++) {
@@ -795,7 +816,7 @@ static PyObject *forward(PyObject *self, PyObject *args)
         if (patch_at >= 0)
             memcpy(to + patch_at, patch.buf, (size_t)patch.len);
     }
-    result = Py_BuildValue("(KKK)", (unsigned long long)fmin, (unsigned long long)fmax, (unsigned long long)total);
+    result = tally_result(&t);
 out:
     PyBuffer_Release(&sa);
     PyBuffer_Release(&sl);
