@@ -222,6 +222,31 @@ def test_bulk_scatter_copies_a_frame_into_each_buffer_or_writes_nothing(ring):
     assert isinstance(b, Bulk) and b.scatter([b"x" * 8, b"y" * 8]) is None
 
 
+@pytest.mark.parametrize("ring", RINGS)
+def test_a_bulk_knows_whether_every_buffer_is_device_writable(ring):
+    """`Bulk.flags_and()` (taken by the ring scan on the way, or one
+    reduction): the AND of the flags the device acts on, whatever mix of
+    directions the run holds; completing with written bytes needs it."""
+    pair = QueuePair(ring, 16)
+    for mix in ([True] * 5, [True, False, True], [False] * 4):
+        for k, w in enumerate(mix):
+            g = pair.pool.alloc(64)
+            pair.driver.add([], [(g, 64)], token=k) if w else pair.driver.add([(g, 64)], [], token=k)
+        pair.driver.publish()
+        b = pair.vq.pop_bulk(16)
+        assert isinstance(b, Bulk) and b.n == len(mix)
+        assert b.flags_and() == int(np.bitwise_and.reduce(b.flags))
+        assert bool(b.flags_and() & 0x2) == all(mix)
+        if all(mix):
+            pair.vq.complete_bulk(b, 10)
+        else:
+            with pytest.raises(ValueError):
+                pair.vq.complete_bulk(b, 10)  # bytes "written" into a read-only buffer
+            pair.vq.complete_bulk(b, 0)
+        pair.vq.flush()
+        pair.driver.get_used()
+
+
 def _frame(i: int, n: int) -> bytes:
     return bytes(2) + bytes([0x30 + i]) * (n - 2)  # a header that asks for no offload
 

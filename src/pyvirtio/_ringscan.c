@@ -338,7 +338,8 @@ out:
  * the numpy loop does (same chunk sizes, so the same slots read), and stops
  * at the first slot not available, at `budget` slots in all, or after
  * `limit` descriptor lists when count_lists. Returns (total, reads, OR of
- * the run's flags): out[:total] are the run's flags, reads the slots read.
+ * the run's flags, AND of them): out[:total] are the run's flags, reads the
+ * slots read.
  *
  * packed_bodies(desc, start, n, q, out): the n 16-byte descriptors from slot
  * start (wrapping) into out; returns (lowest addr, highest addr + len
@@ -375,7 +376,7 @@ static PyObject *packed_scan(PyObject *self, PyObject *args)
     const unsigned char *table = desc.buf;
     uint16_t *fl = out.buf;
     Py_ssize_t total = 1, reads = 0;
-    unsigned long f_or = fl[0];
+    unsigned long f_or = fl[0], f_and = fl[0];
     while (lists < limit && total <= budget) {
         Py_ssize_t k = chunk;
         if (q - slot < k)
@@ -411,15 +412,19 @@ static PyObject *packed_scan(PyObject *self, PyObject *args)
                 }
             }
             if (cut >= 0) {
-                for (Py_ssize_t i = 0; i < cut; i++)
+                for (Py_ssize_t i = 0; i < cut; i++) {
                     f_or |= fl[total + i];
+                    f_and &= fl[total + i];
+                }
                 total += cut;
                 break;
             }
             lists += ends;
         }
-        for (Py_ssize_t i = 0; i < m; i++)
+        for (Py_ssize_t i = 0; i < m; i++) {
             f_or |= fl[total + i];
+            f_and &= fl[total + i];
+        }
         total += m;
         if (m < k)
             break;
@@ -430,7 +435,7 @@ static PyObject *packed_scan(PyObject *self, PyObject *args)
         }
         chunk = chunk > k ? chunk - k : 2 * chunk;
     }
-    result = Py_BuildValue("(nnk)", total, reads, f_or);
+    result = Py_BuildValue("(nnkk)", total, reads, f_or, f_and);
 out:
     PyBuffer_Release(&desc);
     PyBuffer_Release(&out);
@@ -836,7 +841,8 @@ static PyMethodDef methods[] = {
      "(bad_index, flags_or, addr_min, end_max, len_min, len_max, len_sum)"},
     {"split_used", split_used, METH_VARARGS, "split_used(used, start, q, ids, written): write n used elements."},
     {"packed_scan", packed_scan, METH_VARARGS,
-     "packed_scan(desc, slot, want, q, limit, budget, chunk, lists, count_lists, out) -> (total, reads, flags_or)"},
+     "packed_scan(desc, slot, want, q, limit, budget, chunk, lists, count_lists, out) -> "
+     "(total, reads, flags_or, flags_and)"},
     {"packed_bodies", packed_bodies, METH_VARARGS,
      "packed_bodies(desc, start, n, q, out) -> (addr_min, end_max, len_min, len_max, len_sum)"},
     {"packed_used", packed_used, METH_VARARGS,

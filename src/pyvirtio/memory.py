@@ -190,12 +190,12 @@ class Area:
     # the packed ring's batch forms in C (pyvirtio/_ringscan.c); need HAVE_RING_SCAN
 
     def packed_scan(self, slot: int, want: int, q: int, limit: int, budget: int, chunk: int, lists: int,
-                    count_lists: bool, out: np.ndarray) -> tuple[int, int, int]:
+                    count_lists: bool, out: np.ndarray) -> tuple[int, int, int, int]:
         """The flags of the slots after a probed one, read as
         `PackedRing._scan_vector` reads them (2 bytes a slot, the same slots):
-        (run length, slots read, OR of the run's flags)."""
-        r: tuple[int, int, int] = _ring_c.packed_scan(self.mv, slot, want, q, limit, budget, chunk, lists,
-                                                      count_lists, out)
+        (run length, slots read, OR of the run's flags, AND of them)."""
+        r: tuple[int, int, int, int] = _ring_c.packed_scan(self.mv, slot, want, q, limit, budget, chunk, lists,
+                                                           count_lists, out)
         return r
 
     def packed_bodies(self, start: int, n: int, q: int, out: np.ndarray) -> tuple[int, int, int, int, int]:
@@ -576,7 +576,7 @@ class CountingArea(Area):
         c.bytes_read += nbytes
 
     def packed_scan(self, slot: int, want: int, q: int, limit: int, budget: int, chunk: int, lists: int,
-                    count_lists: bool, out: np.ndarray) -> tuple[int, int, int]:
+                    count_lists: bool, out: np.ndarray) -> tuple[int, int, int, int]:
         r = super().packed_scan(slot, want, q, limit, budget, chunk, lists, count_lists, out)
         c = self.c
         c.reads += r[1]

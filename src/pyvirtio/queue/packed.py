@@ -224,10 +224,11 @@ class PackedRing:
         if flags:
             self._parse(out, start, flags, bodies)
 
-    def _scan_vector(self, limit: int) -> tuple[int, np.ndarray, int]:
+    def _scan_vector(self, limit: int) -> tuple[int, np.ndarray, int, int]:
         """The flags of the available run, read in numpy chunks: still one
         2-byte read per slot, counted as such, but no Python loop per slot.
-        Returns (first slot, the run's flags, their OR).
+        Returns (first slot, the run's flags, their OR, their AND or -1 when
+        not taken: the C scan takes it on the way).
 
         The next slot is probed alone first (an empty ring costs one read).
         The rest is read in a chunk sized from the previous run, so a steady
@@ -240,7 +241,7 @@ class PackedRing:
         want = _AVAIL if self.avail_wrap else _USED
         first = self.desc.load16(start * DESC_SIZE + PACKED_FLAGS)
         if first & _BOTH != want:
-            return start, _EMPTY, 0
+            return start, _EMPTY, 0, -1
         budget = q - self.in_flight_slots
         if budget <= 0:
             raise TooManyInFlight(f"slot {start} made available while every slot is in flight")
@@ -256,9 +257,10 @@ class PackedRing:
         if HAVE_RING_SCAN:  # the loop below in one C call: same slots read, same run
             out = np.empty(q + 1, np.uint16)
             out[0] = first
-            total, _reads, f_or = self.desc.packed_scan(slot, want, q, limit, budget, chunk, lists, count_lists, out)
+            total, _reads, f_or, f_and = self.desc.packed_scan(slot, want, q, limit, budget, chunk, lists,
+                                                               count_lists, out)
             self._run_guess = total
-            return start, out[:total], f_or
+            return start, out[:total], f_or, f_and
         load = self.desc.np_load16_strided
         while lists < limit and total <= budget:
             k = min(chunk, q - slot, budget - total + 1)
@@ -287,12 +289,12 @@ class PackedRing:
             chunk = chunk - k if chunk > k else 2 * chunk
         self._run_guess = total
         run = parts[0] if len(parts) == 1 else np.concatenate(parts)
-        return start, run, int(_OR(run))
+        return start, run, int(_OR(run)), -1
 
     def fetch_bulk(self, out: list[Chain], limit: int) -> Bulk | None:
         """Like `fetch`, but a run of single-descriptor lists in one memory
         region comes back as one `Bulk` (array form: no Python loop per slot)."""
-        start, fl, f_or = self._scan_vector(limit)
+        start, fl, f_or, f_and = self._scan_vector(limit)
         n = len(fl)
         if not n:
             return None
@@ -305,7 +307,8 @@ class PackedRing:
             r = self.mem.region_at(amin)
             if r is not None and emax <= r.gpa + r.size:  # every buffer in one region (emax saturates)
                 self._advance(n)
-                return Bulk(descs["id"], start, q, descs["addr"], descs["len"], fl, r.gpa, r.mv, (lmin, lmax, lsum))
+                return Bulk(descs["id"], start, q, descs["addr"], descs["len"], fl, r.gpa, r.mv, (lmin, lmax, lsum),
+                            f_and)
             self._parse(out, start, fl.tolist(), descs.tobytes())
             return None
         if start + n <= q:
