@@ -140,6 +140,8 @@ def test_loopback_tx_never_passes_frames_waiting_for_rx_buffers(ring):
 
     class Group:  # stands for the group whose thread serves both loops
         thread = threading.current_thread()
+        ident = threading.get_ident()
+        poked = False
 
     dev = NetDevice("loopback")
     dev.set_features(int(Feature.VERSION_1))

@@ -136,3 +136,55 @@ def test_a_loop_group_serves_its_rings_in_one_thread_and_they_come_and_go_on_the
     assert _serve_one(d, kd, "d1") == [("d1", 0)]
     ld.stop()
     group.close()
+
+
+@pytest.mark.parametrize("ring", ["split", "packed"])
+def test_a_sleeping_ring_of_a_group_is_served_while_another_ring_of_the_group_never_rests(ring):
+    """A busy ring does not starve its group's sleepers: the group thread
+    looks at their kicks between the busy ring's passes (at most every
+    `LoopGroup.BUSY_POLL_NS`), so a kicked ring is served promptly, and a
+    `QueueLoop.wake()` (a device's own event) reaches it too."""
+    import threading
+    import time
+
+    from pyvirtio.runtime import LoopGroup, Service
+
+    passes = 0
+
+    class Spinner(Service):  # work of its own on every pass: its loop never sleeps
+        def take(self) -> int:
+            return 0
+
+        def progress(self, done) -> bool:
+            nonlocal passes
+            passes += 1
+            return True
+
+    group = LoopGroup("pair")
+    _, busy, _, _ = _kicked_loop(ring, lambda chains: [(c, 0) for c in chains])
+    busy.attach(Spinner)
+    woke = threading.Event()
+
+    class Waker(CallbackService):
+        def after_sleep(self) -> None:
+            woke.set()
+
+    pair, lp, kick, _ = _kicked_loop(ring, None)
+    lp.attach(lambda q: Waker(q, lambda chains: [(c, 0) for c in chains], batch=16))
+    try:
+        busy.start(group)
+        lp.start(group)
+        deadline = time.monotonic() + 5
+        while lp.counters.sleeps == 0 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert lp.counters.sleeps >= 1 and passes > 0  # one sleeps, the other spins
+        for i in range(20):
+            assert _serve_one(pair, kick, f"t{i}", timeout=2.0) == [(f"t{i}", 0)]
+        woke.clear()
+        lp.wake()
+        assert woke.wait(2.0)
+        assert busy.counters.sleeps == 0  # the busy ring was busy throughout
+    finally:
+        busy.stop()
+        lp.stop()
+        group.close()

@@ -248,16 +248,22 @@ class Queue:
         used ring keeps the order the chains were taken in)?"""
         lp = self._loop
         g = lp.group
-        return (g is not None and g.thread is threading.current_thread() and lp.enabled and not lp.stopping
+        return (g is not None and g.ident == threading.get_ident() and lp.enabled and not lp.stopping
                 and not lp._done and not lp._later and not lp.outstanding)
 
-    def take_bulk(self, limit: int) -> Bulk | list[Chain]:
-        """Pop up to `limit` chains as `Virtqueue.pop_bulk` does; a broken
-        ring is retired and reported as this ring's own, and gives []."""
+    def take_bulk(self, limit: int) -> Bulk | list[Chain] | None:
+        """While `quiet()`: pop up to `limit` chains as `Virtqueue.pop_bulk`
+        does (a broken ring is retired and reported as this ring's own, and
+        gives []). None, having taken nothing, when the ring is not quiet."""
+        lp = self._loop
+        g = lp.group
+        if (g is None or g.ident != threading.get_ident() or not lp.enabled or lp.stopping
+                or lp._done or lp._later or lp.outstanding):
+            return None
         try:
             return self.vq.pop_bulk(limit)
         except QueueError as e:
-            self._loop.fail(e)
+            lp.fail(e)
             return []
 
     def complete_now(self, bulk: Bulk, written: Any) -> None:
@@ -311,6 +317,7 @@ class QueueLoop:
         self._armed = False              # the last SLEEP waits on the kick
         self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.service: Service | None = None
+        self._progress = True  # call service.progress on every pass (see attach)
         self.queue = Queue(self)
         self.thread: threading.Thread | None = None
         #: the `LoopGroup` whose thread runs this loop, if any (`start(group)`)
@@ -320,8 +327,10 @@ class QueueLoop:
     # -- what devices and the transport call ---------------------------------------------
 
     def attach(self, make: Callable[[Queue], Service]) -> Service:
-        self.service = make(self.queue)
-        return self.service
+        svc = self.service = make(self.queue)
+        # a service without work of its own (the default `progress`) is not asked on every pass
+        self._progress = getattr(type(svc), "progress", None) is not Service.progress
+        return svc
 
     def start(self, group: LoopGroup | None = None) -> None:
         """Serve in a thread of its own, or in `group`'s thread beside the
@@ -334,6 +343,9 @@ class QueueLoop:
         self.thread.start()
 
     def wake(self) -> None:
+        g = self.group
+        if g is not None:
+            g.poked = True  # a busy group thread looks at its sleepers on its next pass
         if self.wake_fd >= 0:
             try:
                 os.eventfd_write(self.wake_fd, 1)
@@ -410,7 +422,7 @@ class QueueLoop:
             for _ in range(n):
                 done.append(later.popleft())
             self.outstanding -= n
-        progressed = svc.progress(done)
+        progressed = svc.progress(done) if self._progress else False
         if self.stopping:
             if done:
                 self.publish()
@@ -655,19 +667,30 @@ class LoopGroup:
     other (a loopback's tx and rx) without a thread wake-up between them.
 
     Every loop's `step()` runs in turn; a loop that asks to sleep is set
-    aside until one of its sleep fds is ready (looked at with a zero-timeout
-    poll on every pass while another loop is busy) or its timeout passes;
-    the thread blocks only when every loop sleeps, on all their fds at once.
+    aside until one of its sleep fds is ready or its timeout passes. While
+    another loop is busy, the sleepers' fds are looked at with a
+    zero-timeout poll at most every `BUSY_POLL_NS` (at once after a
+    `QueueLoop.wake()` of any of them); the thread blocks only when every
+    loop sleeps, on all their fds at once.
     Arming stays each loop's own decision, in its `step()`. Loops join with
     `QueueLoop.start(group)` and leave with `QueueLoop.stop()`, each on its
     own; the thread ends with its last loop and starts again with the next.
     A loop that fails is retired alone.
     """
 
+    #: while a loop is busy, how often the sleeping loops' fds are polled
+    #: (a syscall; a busy pass is a few microseconds)
+    BUSY_POLL_NS = 50_000
+
     def __init__(self, name: str) -> None:
         self.name = name
         self._lock = threading.Lock()
         self._loops: list[QueueLoop] = []
+        self._gen = 0  # bumped under the lock whenever `_loops` changes
+        #: set by `QueueLoop.wake()` of a member: poll the sleepers on the next pass
+        self.poked = False
+        #: the serving thread's `threading.get_ident()` while it serves
+        self.ident: int | None = None
         self._wake = -1  # the thread's own wake-up fd: it lives as long as the thread
         self._closed = False
         self.thread: threading.Thread | None = None
@@ -677,6 +700,7 @@ class LoopGroup:
             if self._closed:
                 raise RuntimeError(f"{self.name}: the group is closed")
             self._loops.append(loop)
+            self._gen += 1
             if self.thread is None:
                 self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
                 self.thread = threading.Thread(target=self._main, name=self.name, daemon=True)
@@ -700,9 +724,11 @@ class LoopGroup:
     def _leave(self, loop: QueueLoop) -> None:
         with self._lock:
             self._loops.remove(loop)
+            self._gen += 1
         loop._left_group.set()
 
     def _main(self) -> None:
+        self.ident = threading.get_ident()
         _profiled(self.name, self, self._serve)
 
     def _serve(self) -> None:
@@ -715,14 +741,21 @@ class LoopGroup:
         poller = select.poll()
         deadline: float | None = None
         stale = True
+        seen = -1
+        loops: list[QueueLoop] = []
+        last_poll = 0
+        interval = self.BUSY_POLL_NS
         while True:
-            with self._lock:
-                loops = list(self._loops)
-                if not loops:
-                    os.close(self._wake)
-                    self._wake = -1
-                    self.thread = None
-                    return
+            if self._gen != seen:  # the member list changed (it changes only under the lock)
+                with self._lock:
+                    loops = list(self._loops)
+                    seen = self._gen
+                    if not loops:
+                        os.close(self._wake)
+                        self._wake = -1
+                        self.thread = None
+                        self.ident = None
+                        return
             busy = False
             for lp in loops:
                 if lp in asleep:
@@ -752,6 +785,11 @@ class LoopGroup:
                     stale = True
             if not busy and not asleep:
                 continue  # every loop left during this pass: look again (the thread ends with the last)
+            if busy:
+                if not self.poked and now() - last_poll < interval:
+                    continue  # the sleepers were looked at a moment ago
+                self.poked = False
+                last_poll = now()
             if stale:
                 poller = select.poll()
                 poller.register(self._wake, select.POLLIN)

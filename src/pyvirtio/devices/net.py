@@ -525,15 +525,42 @@ class LoopbackPort(Port):
 
     def tx_bulk(self, pair: int, bulk: Any, c: QueueCounters) -> None:
         # Hot path. Straight into the rx ring's buffers when it has one
-        # for every frame and nothing is queued before them (`_direct`);
+        # for every frame and nothing is queued before them (below);
         # else the frames are copied out of the region in one engine call
         # (a device-writable buffer on tx carries no frame: left out, like
         # one shorter than the header or beyond any frame) and queued.
         h = self.hdr_len
         lq = self.queues[pair]
         rx = lq.rx
-        if rx is not None and not lq.frames and not rx.held and self._direct(lq, rx, bulk, c):
-            return
+        if rx is not None and not lq.frames and not rx.held and rx._active():
+            # Straight into the rx ring's next buffers, one engine call, no
+            # frame object (the tx and rx loops share a thread, so the rx
+            # ring may be served from here: `Queue.take_bulk`). When it
+            # cannot be done whole nothing is queued here: the frames are
+            # queued below, and rx buffers taken meanwhile go to the rx
+            # service, which fills them from the queue as usual.
+            rq = rx.queue
+            got = rq.take_bulk(bulk.n)
+            if type(got) is Bulk:
+                n = bulk.n
+                # the frames carry the sender's header: num_buffers becomes 1 here (v1 header)
+                done = (bulk.forward_into(got, h, h + MAX_GSO_FRAME, 10, b"\x01\x00") if h == NET_HDR_SIZE
+                        else bulk.forward_into(got, h, h + MAX_GSO_FRAME)) if got.n == n else None
+                if done is not None:
+                    shortest, longest, total = done
+                    b = total - h * n
+                    c.packets += n
+                    c.bytes += b
+                    rc = rq.counters
+                    rc.packets += n
+                    rc.bytes += b
+                    rq.complete_now(got, shortest if shortest == longest else bulk.lens)
+                    lq.direct += 1
+                    return
+                # fewer buffers than frames, or a frame the queue must look at
+                rx.held.extend(rq.vq.unbulk(got))
+            elif isinstance(got, list) and got:
+                rx.held.extend(got)  # a few chains: the usual path fills them
         frames, lead_or = bulk.frames(h, h + MAX_GSO_FRAME)
         k = len(frames)
         if k != bulk.n:
@@ -541,38 +568,6 @@ class LoopbackPort(Port):
         c.packets += k
         c.bytes += sum(map(len, frames)) - h * k
         self.queues[pair].push(frames, c, lead_or)
-
-    def _direct(self, lq: _LoopQueue, rx: _RxService, bulk: Bulk, c: QueueCounters) -> bool:
-        """Copy a tx batch into the rx ring's next buffers, one engine call,
-        no frame object (the tx and rx loops share a thread, so the rx
-        ring may be served from here; `Queue.quiet`). False, having queued
-        nothing, when it cannot be done whole: the caller queues the
-        frames; rx buffers taken meanwhile go to the rx service, which
-        fills them from the queue as usual."""
-        rq = rx.queue
-        if not rq.quiet() or not rx._active():
-            return False
-        got = rq.take_bulk(bulk.n)
-        if not isinstance(got, Bulk):
-            rx.held.extend(got)  # a few chains, or none: the usual path fills them
-            return False
-        h = self.hdr_len
-        # the frames carry the sender's header: num_buffers becomes 1 here (v1 header)
-        done = (bulk.forward_into(got, h, h + MAX_GSO_FRAME, 10, b"\x01\x00") if h == NET_HDR_SIZE
-                else bulk.forward_into(got, h, h + MAX_GSO_FRAME)) if got.n == bulk.n else None
-        if done is None:  # fewer buffers than frames, or a frame the queue must look at
-            rx.held.extend(rq.vq.unbulk(got))
-            return False
-        shortest, longest, total = done
-        n = bulk.n
-        c.packets += n
-        c.bytes += total - h * n
-        rc = rq.counters
-        rc.packets += n
-        rc.bytes += total - h * n
-        rq.complete_now(got, shortest if shortest == longest else bulk.lens)
-        lq.direct += 1
-        return True
 
     def rx_source(self, pair: int) -> RxSource | None:
         return self.queues[pair]
