@@ -84,6 +84,9 @@ class DpdkBenchConfig:
     keep_logs: bool = False
     #: ring engines of the pyvirtio back-end: "compiled" and/or "pure"
     engines: tuple[str, ...] = ("compiled",)
+    #: run every target this many times, in turns (a shared machine's
+    #: speed drifts: the medians and each round's own ratio are reported)
+    rounds: int = 1
 
 
 def pmd_command(cpu: int, prefix: str, vdev: str, fwd_mode: str, extra: list[str] | None = None) -> list[str]:
@@ -253,6 +256,8 @@ def run(cfg: DpdkBenchConfig, progress: Callable[[str], None] | None = None) -> 
     return a JSON-able summary with `runs`, `ratio` per policy and `ok`."""
     if shutil.which(TESTPMD) is None:
         raise RuntimeError(f"{TESTPMD} not found (install the dpdk package)")
+    if cfg.rounds < 1:
+        raise ValueError(f"rounds must be at least 1, not {cfg.rounds}")
     ncpu = os.cpu_count() or 1
     if max(cfg.cpus) >= ncpu:
         raise RuntimeError(f"CPUs {cfg.cpus} requested but the machine has {ncpu}")
@@ -267,59 +272,103 @@ def run(cfg: DpdkBenchConfig, progress: Callable[[str], None] | None = None) -> 
     ok = True
     try:
         with _sigterm_raises():
-            for seq, (label, policy, engine) in enumerate(jobs):
-                if progress:
-                    progress(f"{label}: {cfg.mode} {cfg.ring} {cfg.seconds:g} s (+{cfg.warmup:g} s warm-up)")
-                r = _Run(cfg, label, workdir, seq)
-                try:
-                    res = r.run_pyvirtio(policy, engine) if policy is not None else r.run_dpdk()
-                except RuntimeError as exc:
-                    log.error("%s failed: %s", label, exc)
-                    res = {"label": label, "pps": None, "error": str(exc)}
-                finally:
-                    r.cleanup()
-                res["policy"] = policy
-                if policy is not None:
-                    res["engine"] = engine
-                if not res.get("pps"):
-                    ok = False
-                runs.append(res)
+            seq = 0
+            for rnd in range(1, cfg.rounds + 1):
+                for label, policy, engine in jobs:
+                    if progress:
+                        progress(f"{label}: {cfg.mode} {cfg.ring} {cfg.seconds:g} s (+{cfg.warmup:g} s warm-up)"
+                                 + (f", round {rnd}/{cfg.rounds}" if cfg.rounds > 1 else ""))
+                    r = _Run(cfg, label, workdir, seq)
+                    seq += 1
+                    try:
+                        res = r.run_pyvirtio(policy, engine) if policy is not None else r.run_dpdk()
+                    except RuntimeError as exc:
+                        log.error("%s failed: %s", label, exc)
+                        res = {"label": label, "pps": None, "error": str(exc)}
+                    finally:
+                        r.cleanup()
+                    res["policy"] = policy
+                    res["round"] = rnd
+                    if policy is not None:
+                        res["engine"] = engine
+                    if not res.get("pps"):
+                        ok = False
+                    runs.append(res)
     finally:
         if cfg.keep_logs:
             log.warning("process logs kept in %s", workdir)
         else:
             shutil.rmtree(workdir, ignore_errors=True)
-    dpdk = next((r["pps"] for r in runs if r["label"] == "dpdk-net_vhost"), None)
-    ratios = {r["label"].removeprefix("pyvirtio-"): (round(r["pps"] / dpdk, 4) if r.get("pps") and dpdk else None)
-              for r in runs if r["policy"] is not None}
+    return {"config": asdict(cfg), "runs": runs, **summarize(runs, cfg.policies), "ok": ok}
+
+
+def _median_pps(runs: list[dict[str, Any]], label: str) -> int | None:
+    xs = [r["pps"] for r in runs if r["label"] == label and r.get("pps")]
+    return round(statistics.median(xs)) if xs else None
+
+
+def summarize(runs: list[dict[str, Any]], policies: tuple[str, ...]) -> dict[str, Any]:
+    """Per target the median rate over its rounds; the ratio of each
+    pyvirtio target's median to net_vhost's (`ratio_to_dpdk`); each round's
+    own ratio (`round_ratios`: the two ran minutes apart at most); compiled
+    over pure per policy."""
+    dpdk = _median_pps(runs, "dpdk-net_vhost")
+    labels = list(dict.fromkeys(r["label"] for r in runs if r["policy"] is not None))
+    medians = {lb: _median_pps(runs, lb) for lb in labels}
+    ratios = {lb.removeprefix("pyvirtio-"): (round(m / dpdk, 4) if m and dpdk else None)
+              for lb, m in medians.items()}
+    by_round = {r["round"]: r["pps"] for r in runs if r["label"] == "dpdk-net_vhost" and r.get("pps")}
+    round_ratios = {lb.removeprefix("pyvirtio-"): [round(r["pps"] / by_round[r["round"]], 4) for r in runs
+                                                   if r["label"] == lb and r.get("pps") and r["round"] in by_round]
+                    for lb in labels}
     speedups = {}
-    for p in cfg.policies:
-        c = next((r.get("pps") for r in runs if r.get("policy") == p and r.get("engine") == "compiled"), None)
-        u = next((r.get("pps") for r in runs if r.get("policy") == p and r.get("engine") == "pure"), None)
+    for p in policies:
+        c = next((medians[lb] for lb in labels if lb == f"pyvirtio-{p}"), None)
+        u = next((medians[lb] for lb in labels if lb == f"pyvirtio-{p}-pure"), None)
         if c and u:
             speedups[p] = round(c / u, 3)
-    return {"config": asdict(cfg), "runs": runs, "dpdk_pps": dpdk, "ratio_to_dpdk": ratios,
-            "compiled_over_pure": speedups, "ok": ok}
+    return {"dpdk_pps": dpdk, "median_pps": medians, "ratio_to_dpdk": ratios, "round_ratios": round_ratios,
+            "compiled_over_pure": speedups}
 
 
 def format_results(res: dict[str, Any]) -> str:
     cfg = res["config"]
+    rounds = cfg.get("rounds", 1)
     lines = [(f"bench dpdk: mode {cfg['mode']}, {cfg['ring']} ring, {cfg['size']}-byte frames, "
-              f"{cfg['seconds']:g} s, back-end CPU {cfg['cpus'][0]}, front-end (testpmd virtio-user) "
-              f"CPU {cfg['cpus'][1]}")]
-    dpdk = res.get("dpdk_pps")
+              f"{cfg['seconds']:g} s" + (f" x {rounds} rounds" if rounds > 1 else "")
+              + f", back-end CPU {cfg['cpus'][0]}, front-end (testpmd virtio-user) CPU {cfg['cpus'][1]}")]
+    dpdk_of = {r.get("round", 1): r["pps"] for r in res["runs"] if r["label"] == "dpdk-net_vhost" and r.get("pps")}
     for r in res["runs"]:
+        tag = f"{r['label']}" + (f" #{r.get('round', 1)}" if rounds > 1 else "")
         if r.get("pps") is None:
-            lines.append(f"  {r['label']:19} FAILED: {r.get('error', 'no rate measured')[:300]}")
+            lines.append(f"  {tag:22} FAILED: {r.get('error', 'no rate measured')[:300]}")
             continue
-        line = f"  {r['label']:19} {r['pps']:>12,} pps"
+        line = f"  {tag:22} {r['pps']:>12,} pps"
         if r.get("policy") is not None:
+            dpdk = dpdk_of.get(r.get("round", 1))
             if dpdk:
                 line += f"  ({r['pps'] / dpdk:.3f}x net_vhost)"
             line += (f"  kicks/pkt {r.get('kicks_per_packet')}  interrupts/pkt {r.get('interrupts_per_packet')}"
                      f"  accesses/pkt {r.get('accesses_per_packet')}"
                      f" (metadata {r.get('metadata_accesses_per_packet')})")
         lines.append(line)
+    if rounds > 1:
+        lines.append(f"  medians over {rounds} rounds:")
+        dpdk = res.get("dpdk_pps")
+        if dpdk:
+            lines.append(f"    {'dpdk-net_vhost':20} {dpdk:>12,} pps")
+        for lb, m in (res.get("median_pps") or {}).items():
+            if not m:
+                continue
+            key = lb.removeprefix("pyvirtio-")
+            line = f"    {lb:20} {m:>12,} pps"
+            x = (res.get("ratio_to_dpdk") or {}).get(key)
+            if x:
+                line += f"  ({x:.3f}x net_vhost's median)"
+            rr = (res.get("round_ratios") or {}).get(key)
+            if rr:
+                line += f"  each round: {min(rr):.3f}x to {max(rr):.3f}x, median {statistics.median(rr):.3f}x"
+            lines.append(line)
     for p, x in (res.get("compiled_over_pure") or {}).items():
         lines.append(f"  {p}: the compiled engine moves {x:.2f}x the packets of pure Python")
     return "\n".join(lines)

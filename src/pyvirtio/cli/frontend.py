@@ -59,7 +59,8 @@ def _bench_dpdk(args: argparse.Namespace) -> int:
     cfg = DpdkBenchConfig(mode=args.mode, ring=args.ring, seconds=args.seconds, policies=tuple(args.policy),
                           size=args.size, cpus=args.cpus, targets=tuple(args.against),
                           in_order=args.in_order, mrg_rxbuf=args.mrg_rxbuf, keep_logs=args.keep_logs,
-                          queue_size=args.queue_size, engines=tuple(args.engine or _default_engines()))
+                          queue_size=args.queue_size, engines=tuple(args.engine or _default_engines()),
+                          rounds=args.rounds)
     progress = None if args.json else (lambda msg: print(f"# {msg}", file=sys.stderr, flush=True))
     results = run(cfg, progress=progress)
     print(json.dumps(with_engine(results), indent=1) if args.json else engine_header() + "\n" + format_results(results))
@@ -112,6 +113,9 @@ def register(sub: Any, bench_sub: Any) -> None:
     d.add_argument("--engine", type=csv_list(["compiled", "pure"]), default=None,
                    help="pyvirtio ring engines to run (comma list; default: compiled and pure side by side "
                         "when the engine is compiled, else pure)")
+    d.add_argument("--rounds", type=int, default=1,
+                   help="run every target N times in turns and report medians and each round's ratio "
+                        "(default 1)")
     d.add_argument("--keep-logs", action="store_true", help="keep the processes' output files")
     d.add_argument("--json", action="store_true", help="one JSON object")
     d.set_defaults(func=_bench_dpdk)
