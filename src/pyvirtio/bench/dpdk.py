@@ -18,6 +18,9 @@ testpmd's per-second "Throughput (since last show)" samples after a warm-up.
 For pyvirtio the back-end's JSON counters (printed at exit) give kicks,
 interrupts and guest-memory accesses per packet.
 
+With `--rounds N` every target runs N times in turns; the table adds each
+target's median, the ratio of the medians and each round's own ratio.
+
 When the ring engine is compiled, each pyvirtio run is made twice, on the
 compiled engine (`pyvirtio-lazy`) and on pure Python (`pyvirtio-lazy-pure`,
 PYVIRTIO_PURE=1), so the table shows what compiling bought (`engines`).
@@ -252,8 +255,9 @@ class _Run:
 
 
 def run(cfg: DpdkBenchConfig, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Run every target (pyvirtio once per policy, then DPDK net_vhost) and
-    return a JSON-able summary with `runs`, `ratio` per policy and `ok`."""
+    """Run every target (pyvirtio once per policy and engine, then DPDK
+    net_vhost), `cfg.rounds` times in turns, and return a JSON-able summary:
+    `runs` (each with its `round`), the `summarize` fields and `ok`."""
     if shutil.which(TESTPMD) is None:
         raise RuntimeError(f"{TESTPMD} not found (install the dpdk package)")
     if cfg.rounds < 1:
