@@ -255,15 +255,12 @@ class Queue:
         """While `quiet()`: pop up to `limit` chains as `Virtqueue.pop_bulk`
         does (a broken ring is retired and reported as this ring's own, and
         gives []). None, having taken nothing, when the ring is not quiet."""
-        lp = self._loop
-        g = lp.group
-        if (g is None or g.ident != threading.get_ident() or not lp.enabled or lp.stopping
-                or lp._done or lp._later or lp.outstanding):
+        if not self.quiet():
             return None
         try:
             return self.vq.pop_bulk(limit)
         except QueueError as e:
-            lp.fail(e)
+            self._loop.fail(e)
             return []
 
     def complete_now(self, bulk: Bulk, written: Any) -> None:
@@ -736,8 +733,8 @@ class LoopGroup:
         asleep: dict[QueueLoop, tuple[list[int], Sequence[int], float | None, int]] = {}
         now = time.perf_counter_ns
         # The poll set changes only when a loop falls asleep or wakes: kept
-        # between passes (a busy pass of one ring beside a sleeping one
-        # polls with zero timeout every time).
+        # between passes, and while a loop is busy polled with zero timeout
+        # at most every BUSY_POLL_NS (or at once when `poked`).
         poller = select.poll()
         deadline: float | None = None
         stale = True
