@@ -7,7 +7,7 @@ Compiled pieces (all optional; pure Python is complete without them):
 - `pyvirtio._ringscan` (src/pyvirtio/_ringscan.c): the rings' batch scans
   and used writes in one call each; queue/split.py and queue/packed.py keep
   the numpy versions beside them.
-- the ring engine (the modules in ENGINE), compiled from their own `.py`
+- the ring engine and the queue loop (the modules in ENGINE), compiled from their own `.py`
   source by mypyc: one shared library (`pyvirtio__mypyc`) and, beside each
   `.py` file, a small extension of the same name that loads it. Without
   mypy/mypyc or a C compiler the build prints one warning and installs pure
@@ -36,6 +36,7 @@ ENGINE = [
     "pyvirtio.queue.split",
     "pyvirtio.queue.packed",
     "pyvirtio.queue.virtqueue",
+    "pyvirtio.runtime",
 ]
 GROUP = "pyvirtio"  # the shared library: pyvirtio__mypyc
 

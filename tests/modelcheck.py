@@ -98,7 +98,7 @@ from pyvirtio.queue import QueueState, Virtqueue
 from pyvirtio.queue.packed import PackedRing
 from pyvirtio.queue.split import SplitRing, _used_struct
 from pyvirtio.queue.virtqueue import ArmResult
-from pyvirtio.runtime import CallbackService, QueueLoop, Step
+from pyvirtio.runtime import CallbackService, Kick, QueueLoop, Step
 from pyvirtio.spec import Feature
 
 RINGS = ("split", "packed")
@@ -688,17 +688,10 @@ class Execution(Machine):
             state = (QueueState(q, True, start, True, start, True) if packed
                      else QueueState(q, False, last_avail=start, used_idx=start))
         self.vq = Virtqueue(self.mem, q, desc, driver, device, features=features, name="mc", state=state)
-        self.loop = QueueLoop(self.vq, _ModelKick(self), self._call)
+        self.loop = _ModelLoop(self.vq, _ModelKick(self), self._call)
+        self.loop.machine = self
         self.loop.attach(lambda queue: CallbackService(
             queue, lambda chains: [(c, WRITTEN) for c in chains], batch=64, bulk=False))
-        real_publish = self.loop.publish
-
-        def publish() -> None:  # marks "an interrupt may be on its way"
-            self.device_in_publish = True
-            real_publish()
-            self.device_in_publish = False
-
-        self.loop.publish = publish  # type: ignore[method-assign]
         self.dev_t, self.drv_t = self.threads
 
     def _device(self) -> None:
@@ -900,10 +893,22 @@ def _site() -> str:
     return name
 
 
-class _ModelKick:
+class _ModelLoop(QueueLoop):
+    """The real loop; its publication marks "an interrupt may be on its way"."""
+
+    machine: Machine
+
+    def publish(self) -> None:
+        self.machine.device_in_publish = True
+        super().publish()
+        self.machine.device_in_publish = False
+
+
+class _ModelKick(Kick):
     """The kick eventfd as the device loop sees it."""
 
     def __init__(self, x: Machine) -> None:
+        self.fd = KICK_FD  # no eventfd: the model's kick state stands for it
         self.x = x
 
     def fileno(self) -> int:

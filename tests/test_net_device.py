@@ -134,14 +134,14 @@ def test_loopback_tx_never_passes_frames_waiting_for_rx_buffers(ring):
     them; this drives their steps in a chosen order."""
     import threading
 
-    from pyvirtio.runtime import QueueLoop, Step
+    from pyvirtio.runtime import LoopGroup, QueueLoop, Step
     from pyvirtio.spec import Feature
     from pyvirtio.testing import QueuePair
 
-    class Group:  # stands for the group whose thread serves both loops
-        thread = threading.current_thread()
-        ident = threading.get_ident()
-        poked = False
+    # the group whose thread serves both loops: this one stands for its thread
+    group = LoopGroup("test")
+    group.thread = threading.current_thread()
+    group.ident = threading.get_ident()
 
     dev = NetDevice("loopback")
     dev.set_features(int(Feature.VERSION_1))
@@ -150,7 +150,7 @@ def test_loopback_tx_never_passes_frames_waiting_for_rx_buffers(ring):
     for index, p in ((0, rxp), (1, txp)):
         lp = QueueLoop(p.vq, None, lambda: None, index=index)
         lp.attach(dev.service)
-        lp.group = Group()  # type: ignore[assignment]
+        lp.group = group
         loops.append(lp)
     rx, tx = loops
 

@@ -33,6 +33,7 @@ ENGINE = frozenset({
     "pyvirtio.queue.split",
     "pyvirtio.queue.packed",
     "pyvirtio.queue.virtqueue",
+    "pyvirtio.runtime",
 })
 
 #: the environment variable that forces pure Python at run time

@@ -89,6 +89,10 @@ class AreaKind(enum.Enum):
     INDIRECT = "indirect"  # indirect descriptor tables
     PAYLOAD = "payload"    # buffer contents
 
+    # Members are equal only to themselves: hash them by identity, in C
+    # (Enum's own __hash__ is Python code, run on every counted access).
+    __hash__ = object.__hash__
+
 
 @mypyc_attr(allow_interpreted_subclasses=True)
 class Area:

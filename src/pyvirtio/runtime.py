@@ -24,11 +24,15 @@ place where arming and sleeping are decided.
 A device never sees the kick: it gets a `Queue` (the ring's engine `vq`,
 counters, whether the ring is enabled, and `deliver`/`defer` for chains it
 completes later from other threads) and returns a `Service`.
+
+This module is compiled with the ring engine (setup.py ENGINE; pure Python
+with PYVIRTIO_PURE=1). What devices subclass, `Service` and `VirtioDevice`,
+lives in `pyvirtio.service`, plain Python either way, and is re-exported
+here.
 """
 
 from __future__ import annotations
 
-import abc
 import asyncio
 import enum
 import gc
@@ -40,17 +44,24 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, TypeVar
 
 from pyvirtio.queue import ArmResult, Chain, QueueError, Virtqueue
 from pyvirtio.queue.bulk import Bulk
-from pyvirtio.spec import MAX_QUEUE_SIZE, Feature
+from pyvirtio.service import CallbackService, Completion, Service, VirtioDevice
 
 log = logging.getLogger(__name__)
 
-#: What a device hands back for a chain (or a `Bulk`) it finished: the object
-#: and the bytes it wrote into it (an int; for a `Bulk`, an int or an array).
-Completion = tuple[Any, Any]
+_T = TypeVar("_T")
+
+try:  # mypyc reads this decorator; pure Python runs without mypy_extensions installed
+    from mypy_extensions import mypyc_attr
+except ImportError:  # pragma: no cover
+    def mypyc_attr(*args: object, **kwargs: object) -> Callable[[_T], _T]:  # type: ignore[misc]
+        return lambda cls: cls
+
+#: the `Service` methods the loop calls around a sleep
+_SLEEP_HOOKS = ("wake_fds", "wake_write_fds", "timer", "before_sleep", "after_sleep")
 
 
 class Step(enum.Enum):
@@ -86,6 +97,7 @@ class QueueCounters:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class Kick:
     """The driver's notifications: an eventfd (or a model of one in tests)."""
 
@@ -104,93 +116,7 @@ class Kick:
             return 0
 
 
-class Service:
-    """What a device does with one queue. Subclass and override `handle`;
-    the rest has defaults for a device that answers each request at once.
-    The loop calls every method from its own thread."""
-
-    #: chains per pop
-    batch: int = 64
-    #: accept a `Bulk` (a run of single-descriptor chains as arrays) from the engine
-    bulk: bool = False
-    #: completions gathered before they are published (a burst that ends,
-    #: i.e. an empty ring, publishes earlier); 1 = after every batch
-    publish_at: int = 1
-    #: under the eager baseline policy, publish and decide an interrupt per
-    #: completion (the pre-optimisation path); False keeps one publication
-    #: per batch under both policies, which a batch whose buffers must
-    #: become used together needs (a mergeable rx frame's buffers)
-    eager_each: bool = False
-
-    def __init__(self, queue: Queue) -> None:
-        self.queue = queue
-
-    def take(self) -> int:
-        """How many chains the device takes now (0: none; the loop then
-        sleeps on the device's own wake sources, not on the kick)."""
-        return self.batch if self.queue.enabled else 0
-
-    def handle(self, chains: Any, done: list[Completion]) -> None:
-        """Serve a batch (a list of `Chain`s, or a `Bulk` when `bulk`):
-        append (chain, written) to `done` for what is finished now. A chain
-        kept for later is either `queue.defer()`ed (completed later with
-        `queue.deliver`, from any thread) or held by the device, which
-        completes it in `progress`."""
-        raise NotImplementedError
-
-    def progress(self, done: list[Completion]) -> bool:
-        """Work not driven by the ring (frames from a source into held
-        chains, timers). Return True if anything happened."""
-        return False
-
-    def wake_fds(self) -> Sequence[int]:
-        """Fds whose readability should wake the loop while it sleeps."""
-        return ()
-
-    def wake_write_fds(self) -> Sequence[int]:
-        """Fds whose writability should wake the loop while it sleeps (a
-        device holding bytes for a host socket that was full)."""
-        return ()
-
-    def timer(self) -> float | None:
-        """Seconds until the device wants `progress` called again while the
-        loop sleeps (a timer); None: no timer."""
-        return None
-
-    def before_sleep(self) -> bool:
-        """About to sleep: announce it to the device's producers and
-        re-check them; True cancels the sleep (something arrived)."""
-        return False
-
-    def after_sleep(self) -> None:
-        """Woke up (by anything)."""
-
-    def stopped(self) -> None:
-        """The loop ended: release what the device holds for this queue
-        (held chains are abandoned; the back-end offers them again)."""
-
-
-class CallbackService(Service):
-    """A service from one function: `handler(chains)` returns (chain,
-    written) for every chain of the batch (with `bulk`, it may get a `Bulk`
-    and return [(bulk, written)])."""
-
-    eager_each = True
-
-    def __init__(self, queue: Queue, handler: Callable[[Any], Sequence[Completion]], *,
-                 batch: int = 64, bulk: bool = False) -> None:
-        super().__init__(queue)
-        self.handler = handler
-        self.batch = batch
-        self.bulk = bulk
-
-    def take(self) -> int:
-        return self.batch if self.queue.enabled else 0
-
-    def handle(self, chains: Any, done: list[Completion]) -> None:
-        done.extend(self.handler(chains))
-
-
+@mypyc_attr(allow_interpreted_subclasses=True)
 class Queue:
     """One started ring as a device sees it: the engine queue `vq`, its
     `index`, `counters`, whether the front-end `enabled` it, and the two calls
@@ -281,6 +207,7 @@ class Queue:
         self._loop.fail(exc)
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class QueueLoop:
     """Runs one `Virtqueue` for a device's `Service`.
 
@@ -315,6 +242,7 @@ class QueueLoop:
         self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.service: Service | None = None
         self._progress = True  # call service.progress on every pass (see attach)
+        self._hooks = True  # ask the service's sleep hooks (see attach)
         self.queue = Queue(self)
         self.thread: threading.Thread | None = None
         #: the `LoopGroup` whose thread runs this loop, if any (`start(group)`)
@@ -327,6 +255,8 @@ class QueueLoop:
         svc = self.service = make(self.queue)
         # a service without work of its own (the default `progress`) is not asked on every pass
         self._progress = getattr(type(svc), "progress", None) is not Service.progress
+        # nor, at each sleep, one that keeps the defaults of all its sleep hooks
+        self._hooks = any(getattr(type(svc), n, None) is not getattr(Service, n) for n in _SLEEP_HOOKS)
         return svc
 
     def start(self, group: LoopGroup | None = None) -> None:
@@ -460,13 +390,13 @@ class QueueLoop:
                 c.kick_count += n
         if vq.arm() is ArmResult.WORK:
             return Step.BUSY
-        if svc.before_sleep():
+        if self._hooks and svc.before_sleep():
             return Step.BUSY
         self._armed = True
         return self._announce_sleep()
 
     def _sleep_unarmed(self, svc: Service) -> Step:
-        if svc.before_sleep():
+        if self._hooks and svc.before_sleep():
             return Step.BUSY
         self._armed = False
         return self._announce_sleep()
@@ -485,7 +415,7 @@ class QueueLoop:
         if self._armed and self._kick is not None:
             fds.append(self._kick.fileno())
         svc = self.service
-        if svc is not None:
+        if svc is not None and self._hooks:
             fds.extend(svc.wake_fds())
         return fds
 
@@ -493,14 +423,14 @@ class QueueLoop:
         """What the SLEEP just returned also waits on for writability: the
         device's `Service.wake_write_fds()`."""
         svc = self.service
-        return svc.wake_write_fds() if svc is not None else ()
+        return svc.wake_write_fds() if svc is not None and self._hooks else ()
 
     def sleep_timeout(self) -> float | None:
         """None: sleep until woken. Polling mode naps instead of waiting for
         a kick; a device timer bounds the sleep too."""
         t = self.POLL_NAP if self._armed and self._kick is None else None
         svc = self.service
-        if svc is not None:
+        if svc is not None and self._hooks:
             d = svc.timer()
             if d is not None and (t is None or d < t):
                 t = max(d, 0.0)
@@ -516,7 +446,7 @@ class QueueLoop:
             except (BlockingIOError, OSError):
                 pass
         svc = self.service
-        if svc is not None:
+        if svc is not None and self._hooks:
             svc.after_sleep()
 
     def publish(self) -> None:
@@ -659,6 +589,7 @@ def _profiled(name: str, owner: object, run: Callable[[], None]) -> None:
         prof.dump_stats(os.path.join(prof_dir, f"{name}.{os.getpid()}.{id(owner):x}.prof"))
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class LoopGroup:
     """One thread serving several `QueueLoop`s: rings that hand work to each
     other (a loopback's tx and rx) without a thread wake-up between them.
@@ -826,142 +757,6 @@ class LoopGroup:
                     if not hit:
                         c.timeouts += 1
                     lp.woke(hit)
-
-
-class VirtioDevice(abc.ABC):
-    """A virtio device, as any transport hosts it. Subclass and fill in.
-
-    Class-level facts the transport reads:
-
-    - `name`: for logs and stats;
-    - `features`: the feature bits offered (device and ring bits);
-    - `num_queues`: virtqueues the driver may use (indices 0..n-1);
-    - `queue_num`: the number of queues announced (net: queue pairs; blk: queues);
-    - `queue_size_max`: the largest ring accepted;
-    - what the device needs from the transport, which maps it to its own
-      protocol (vhost-user: protocol feature bits): `multiqueue` (more than
-      one queue may run), `config_space` (the driver reads `config()`),
-      `mtu_control` (the front-end may set the MTU: `set_mtu`),
-      `inflight_tracking` (requests in flight survive a back-end restart),
-      `announces` (after a live migration the device can tell the network
-      where the guest now is: `announce`).
-
-    Each started ring gets a `QueueLoop`; the device says what to do with
-    its chains by returning a `Service` from `service(queue)`. The transport
-    calls the other methods from its control thread.
-    """
-
-    name: str = "virtio"
-    features: int = int(Feature.VERSION_1)
-    num_queues: int = 1
-    queue_num: int = 1
-    queue_size_max: int = MAX_QUEUE_SIZE
-    multiqueue: bool = False
-    config_space: bool = False
-    mtu_control: bool = False
-    inflight_tracking: bool = False
-    announces: bool = False
-
-    #: ring index -> its running loop (the defaults below manage it)
-    loops: dict[int, QueueLoop]
-
-    #: Set by the transport hosting the device: tells the driver that
-    #: `config()` changed on the device's own initiative (vhost-user: a
-    #: CONFIG_CHANGE_MSG on the back-end channel). Any thread; returns the
-    #: transport's receipt. None while no transport hosts the device.
-    on_config_change: Callable[[], object] | None = None
-
-    def config_changed(self) -> object:
-        """Call after `config()` changed by itself (blk: the image grew) so
-        the driver re-reads it. Returns the transport's receipt (vhost-user:
-        a `pyvirtio.vhost_user.channel.Notice`), None without a transport."""
-        notify = self.on_config_change
-        if notify is None:
-            log.warning("%s: config changed, but no transport hosts the device to tell the driver", self.name)
-            return None
-        return notify()
-
-    def config(self) -> bytes:
-        """The device config space."""
-        return b""
-
-    def set_config(self, offset: int, data: bytes, flags: int) -> bool:
-        """The driver wrote the config space; return False to refuse (most is read-only)."""
-        return False
-
-    def set_features(self, features: int) -> None:
-        """The driver acked `features`. No ring runs."""
-
-    def set_mtu(self, mtu: int) -> bool:
-        """The front-end set the MTU (`mtu_control`); return False to refuse."""
-        return False
-
-    def set_status(self, status: int) -> None:
-        """The driver's status byte changed."""
-
-    def announce(self, mac: bytes) -> bool:
-        """The guest with this MAC address arrived here by live migration
-        (`announces`; vhost-user: SEND_RARP): tell the network. Returns
-        False when there is nothing to tell it through."""
-        return False
-
-    @abc.abstractmethod
-    def service(self, queue: Queue) -> Service:
-        """What serves ring `queue.index` (called when the ring starts)."""
-
-    def start_queue(self, loop: QueueLoop) -> None:
-        """Ring `loop.index` starts: attach its service and run its loop (in
-        the thread of `queue_group(index)` when that names one)."""
-        if not hasattr(self, "loops"):
-            self.loops = {}
-        loop.attach(self.service)
-        self.loops[loop.index] = loop
-        loop.start(self.queue_group(loop.index))
-
-    def queue_group(self, index: int) -> LoopGroup | None:
-        """The `LoopGroup` whose thread runs ring `index` beside other rings
-        (None, the default: a thread of its own)."""
-        return None
-
-    def stop_queue(self, index: int) -> None:
-        """Stop serving ring `index`; return only when nothing touches it any
-        more. The loop finishes what was deferred and publishes every
-        completion; chains the device holds untouched are abandoned (the
-        transport offers them again on restart)."""
-        loop = getattr(self, "loops", {}).pop(index, None)
-        if loop is not None:
-            loop.stop()
-
-    def stop_queues(self) -> None:
-        """Stop every ring (for `reset`)."""
-        for i in list(getattr(self, "loops", {})):
-            self.stop_queue(i)
-
-    def enable_queue(self, index: int, enabled: bool) -> None:
-        """The ring was enabled or disabled (a started ring keeps running;
-        the service decides what disabled means: `queue.enabled`)."""
-        loop = getattr(self, "loops", {}).get(index)
-        if loop is not None:
-            loop.set_enabled(enabled)
-
-    def wake_all(self) -> None:
-        """Every running loop looks at its service again (device state changed)."""
-        for loop in list(getattr(self, "loops", {}).values()):
-            loop.wake()
-
-    def reset(self) -> None:
-        """The driver reset the device or the front-end is gone; every ring is stopped."""
-
-    def stats(self) -> dict[str, Any]:
-        """Device-level facts for the stats JSON."""
-        return {}
-
-    def queue_role(self, index: int) -> str:
-        """A short name of ring `index` for stats (net: rx0, tx0, ctrl)."""
-        return f"q{index}"
-
-    def close(self) -> None:
-        """Release device resources (process exit)."""
 
 
 def settle_heap() -> None:
