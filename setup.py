@@ -37,6 +37,7 @@ ENGINE = [
     "pyvirtio.queue.packed",
     "pyvirtio.queue.virtqueue",
     "pyvirtio.runtime",
+    "pyvirtio.vhost_user.inflight",
 ]
 GROUP = "pyvirtio"  # the shared library: pyvirtio__mypyc
 

@@ -34,6 +34,7 @@ ENGINE = frozenset({
     "pyvirtio.queue.packed",
     "pyvirtio.queue.virtqueue",
     "pyvirtio.runtime",
+    "pyvirtio.vhost_user.inflight",
 })
 
 #: the environment variable that forces pure Python at run time

@@ -50,7 +50,7 @@ from typing import Any
 
 from pyvirtio.memory import AreaKind, GuestMemory, GuestMemoryError
 from pyvirtio.queue import Chain, QueueState, Virtqueue
-from pyvirtio.queue.virtqueue import DEFAULT_BATCH
+from pyvirtio.queue.virtqueue import DEFAULT_BATCH, Policy
 from pyvirtio.spec import DESC_SIZE, MAX_QUEUE_SIZE, PACKED_DESC, PackedDescFlags
 
 log = logging.getLogger(__name__)
@@ -542,9 +542,12 @@ class TrackedVirtqueue(Virtqueue):
     inflight queue region. Same API; the vectorised `pop_bulk` path is off
     (it returns what `pop_batch` does), since every chain must be recorded."""
 
-    def __init__(self, *args: Any, tracker: Tracker, **kw: Any) -> None:
+    def __init__(self, mem: GuestMemory, size: int, desc: int, driver: int, device: int, *, tracker: Tracker,
+                 features: int = 0, policy: Policy = "lazy", state: QueueState | None = None,
+                 name: str = "vq") -> None:
         self.tracker = tracker
-        super().__init__(*args, **kw)
+        super().__init__(mem, size, desc, driver, device, features=features, policy=policy, state=state,
+                         name=name)
 
     def pop_batch(self, limit: int = DEFAULT_BATCH) -> list[Chain]:
         out = super().pop_batch(limit)
@@ -556,7 +559,10 @@ class TrackedVirtqueue(Virtqueue):
         return self.pop_batch(limit)
 
     def _publish(self, items: list[tuple[Chain, int]]) -> bool:
-        return self.tracker.publish(items, super()._publish)
+        return self.tracker.publish(items, self._publish_untracked)
+
+    def _publish_untracked(self, items: list[tuple[Chain, int]]) -> bool:
+        return super()._publish(items)
 
     def give_back(self, chains: Sequence[Chain]) -> int:
         """Rewinding would leave the chains marked in flight in the shared
