@@ -116,12 +116,92 @@ def trace(data: bytes) -> list[Any]:
     return out
 
 
+def trace_loop(data: bytes) -> list[Any]:
+    """The same case served by the real queue loop over a ring with inflight
+    tracking, as a vhost-user back-end serves it (`QueueLoop.step()`, a
+    `TrackedVirtqueue`, a service that writes each chain and keeps every
+    third one in flight): each step's decision, the loop's counters, guest
+    memory and the inflight region after each round, then what a restarted
+    back-end would resume from that region."""
+    from pyvirtio.queue import QueueState
+    from pyvirtio.runtime import QueueLoop, Service, Step
+    from pyvirtio.vhost_user.inflight import PackedTracker, SplitTracker, TrackedVirtqueue, queue_region_size
+
+    out: list[Any] = []
+    case = decode_ring_case(data)
+    r, mv, raw, mem, packed, size = case.r, case.mv, case.raw, case.mem, case.packed, case.size
+    out.append(["config", packed, size, case.start, case.limit, case.policy, case.features])
+    region = bytearray(queue_region_size(size, packed))
+
+    def tracker() -> SplitTracker | PackedTracker:
+        rv = memoryview(region)
+        return PackedTracker(rv, size, mem, case.desc) if packed else SplitTracker(rv, size)
+
+    default = case.state or QueueState(size, packed)
+    calls: list[int] = []
+    limit = case.limit
+
+    class Keeper(Service):
+        batch = limit
+
+        def handle(self, chains: Any, done: list[Any]) -> None:
+            for c in chains:
+                out.append(["chain", c.id, c.pos, c.slots, c.readable_len, c.writable_len])
+                w = c.write(bytes([0xD7 ^ (c.id & 0xFF)]) * min(c.writable_len, 32))
+                if c.id % 3 == 2:
+                    self.queue.defer()  # kept in flight for good
+                else:
+                    done.append((c, w))
+
+    try:
+        t = tracker()
+        state = t.resume(default)
+        vq = TrackedVirtqueue(mem, size, case.desc, case.drv, case.dev, features=case.features,
+                              policy=case.policy, state=state, tracker=t)  # type: ignore[arg-type]
+    except Exception as e:  # noqa: BLE001 - recorded: both engines must raise the same
+        out.append(["error", "init", *_err(e)])
+        return out
+    loop = QueueLoop(vq, None, lambda: calls.append(1))
+    loop.attach(Keeper)
+    for rnd in range(MAX_ROUNDS):
+        steps = []
+        for _ in range(64):
+            try:
+                s = loop.step()
+            except Exception as e:  # noqa: BLE001
+                out.append(["error", f"step {rnd}", *_err(e)])
+                break
+            steps.append(s.name)
+            if s is not Step.BUSY:
+                loop.woke([])
+                break
+        out.append(["steps", steps, loop.counters.as_dict(), len(calls), loop.outstanding])
+        out.append(["memory", hashlib.sha1(mv).hexdigest(), hashlib.sha1(region).hexdigest(), mem.snapshot(),
+                    vq.in_flight, type(vq.failed).__name__, vq.stats.chains, vq.stats.completed])
+        if r.left() >= 4:
+            off, value = r.u16(), r.u16()
+            gpa = RING_BASE + off % (MAX_IMAGE - 1)
+            raw.write(gpa, struct.pack("<H", value))
+        elif vq.failed is not None or not steps or steps == ["SLEEP"]:
+            break
+    # a back-end restarted now: what the region says was in flight
+    try:
+        again = tracker().resume(default)
+        out.append(["resume", again.last_avail, again.used_idx, list(again.in_flight), again.avail_wrap,
+                    again.used_wrap])
+    except Exception as e:  # noqa: BLE001
+        out.append(["error", "resume", *_err(e)])
+    return out
+
+
 def main() -> None:
     from pyvirtio import _engine
 
     print(json.dumps(_engine.name()), flush=True)
     for line in sys.stdin:
-        print(json.dumps(trace(bytes.fromhex(line.strip()))), flush=True)
+        line = line.strip()
+        run = trace_loop if line.startswith("L") else trace
+        print(json.dumps(run(bytes.fromhex(line.lstrip("L")))), flush=True)
 
 
 if __name__ == "__main__":

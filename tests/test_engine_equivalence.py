@@ -10,6 +10,11 @@ the same step), the guest memory after each round (used ring, event areas
 and the bytes written into buffers: what the driver sees) and the counted
 accesses. The traces must be equal.
 
+The queue loop and the inflight tracker are compiled with the engine: the
+same cases also go through `QueueLoop.step()` over a `TrackedVirtqueue`
+(`engine_trace.trace_loop`), recording each step's decision, the loop's
+counters, the inflight region, and what a restarted back-end would resume.
+
 Cases: the atheris seed corpus (valid rings made by the driver model, split
 and packed, every feature combination), and hypothesis mutations of them:
 other flags (event_idx, indirect, eager, bulk), other batch limits and
@@ -60,9 +65,9 @@ class PureWorker:
         assert line, f"the pure-engine worker died (exit {self.proc.poll()})"
         return json.loads(line)
 
-    def trace(self, data: bytes) -> Any:
+    def trace(self, data: bytes, loop: bool = False) -> Any:
         assert self.proc.stdin is not None
-        self.proc.stdin.write(data.hex() + "\n")
+        self.proc.stdin.write(("L" if loop else "") + data.hex() + "\n")
         self.proc.stdin.flush()
         return self._read()
 
@@ -95,9 +100,10 @@ def _quiet_retirements() -> Iterator[None]:
         logging.disable(logging.NOTSET)
 
 
-def compare(pure: PureWorker, data: bytes) -> list[Any]:
-    mine = json.loads(json.dumps(engine_trace.trace(data)))  # the same JSON round trip as the child's
-    theirs = pure.trace(data)
+def compare(pure: PureWorker, data: bytes, loop: bool = False) -> list[Any]:
+    run = engine_trace.trace_loop if loop else engine_trace.trace
+    mine = json.loads(json.dumps(run(data)))  # the same JSON round trip as the child's
+    theirs = pure.trace(data, loop)
     for i, (a, b) in enumerate(zip(mine, theirs)):
         assert a == b, f"event {i} differs (compiled vs pure): {a} != {b}\ncase {data.hex()}"
     assert len(mine) == len(theirs), f"compiled {len(mine)} events, pure {len(theirs)}\ncase {data.hex()}"
@@ -148,3 +154,19 @@ def test_mutated_rings_give_the_same_trace(pure: PureWorker, data: bytes) -> Non
 @given(data=st.binary(min_size=7, max_size=600))
 def test_random_bytes_give_the_same_trace(pure: PureWorker, data: bytes) -> None:
     compare(pure, data)
+
+
+# -- the queue loop and the inflight tracker (compiled with the engine) ---------------------
+
+
+@pytest.mark.parametrize("seed", SEEDS, ids=lambda p: p.name)
+def test_seed_rings_served_by_the_loop_give_the_same_trace(pure: PureWorker, seed: Path) -> None:
+    events = compare(pure, seed.read_bytes(), loop=True)
+    assert events[0][0] == "config" and events[-1][0] in ("resume", "error")
+
+
+@settings(max_examples=EXAMPLES // 3, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(data=cases())
+def test_mutated_rings_served_by_the_loop_give_the_same_trace(pure: PureWorker, data: bytes) -> None:
+    compare(pure, data, loop=True)
