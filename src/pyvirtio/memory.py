@@ -30,7 +30,9 @@ from pyvirtio import fence as _fence
 
 _T = TypeVar("_T")
 
-try:  # mypyc reads this decorator; pure Python runs without mypy_extensions installed
+# mypyc reads this decorator (the other engine modules and the loop import
+# it from here); pure Python runs without mypy_extensions installed
+try:
     from mypy_extensions import mypyc_attr
 except ImportError:  # pragma: no cover
     def mypyc_attr(*args: object, **kwargs: object) -> Callable[[_T], _T]:  # type: ignore[misc]

@@ -44,21 +44,14 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
-from typing import Any, TypeVar
+from typing import Any
 
+from pyvirtio.memory import mypyc_attr
 from pyvirtio.queue import ArmResult, Chain, QueueError, Virtqueue
 from pyvirtio.queue.bulk import Bulk
 from pyvirtio.service import CallbackService, Completion, Service, VirtioDevice
 
 log = logging.getLogger(__name__)
-
-_T = TypeVar("_T")
-
-try:  # mypyc reads this decorator; pure Python runs without mypy_extensions installed
-    from mypy_extensions import mypyc_attr
-except ImportError:  # pragma: no cover
-    def mypyc_attr(*args: object, **kwargs: object) -> Callable[[_T], _T]:  # type: ignore[misc]
-        return lambda cls: cls
 
 #: the `Service` methods the loop calls around a sleep
 _SLEEP_HOOKS = ("wake_fds", "wake_write_fds", "timer", "before_sleep", "after_sleep")

@@ -25,13 +25,13 @@ from __future__ import annotations
 import enum
 import itertools
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
 import numpy as np
 
-from pyvirtio.memory import GuestMemory
+from pyvirtio.memory import GuestMemory, mypyc_attr
 from pyvirtio.queue.bulk import WRITE_FLAG, Bulk
 from pyvirtio.queue.chain import Chain
 from pyvirtio.queue.errors import InvalidSavedState, QueueError
@@ -39,14 +39,6 @@ from pyvirtio.queue.packed import PackedRing
 from pyvirtio.queue.split import SplitRing
 from pyvirtio.queue.state import QueueState
 from pyvirtio.spec import Feature
-
-_T = TypeVar("_T")
-
-try:  # mypyc reads this decorator; pure Python runs without mypy_extensions installed
-    from mypy_extensions import mypyc_attr
-except ImportError:  # pragma: no cover
-    def mypyc_attr(*args: object, **kwargs: object) -> Callable[[_T], _T]:  # type: ignore[misc]
-        return lambda cls: cls
 
 log = logging.getLogger(__name__)
 
