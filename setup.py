@@ -36,6 +36,7 @@ ENGINE = [
     "pyvirtio.queue.split",
     "pyvirtio.queue.packed",
     "pyvirtio.queue.virtqueue",
+    "pyvirtio.queue.blkreq",
     "pyvirtio.runtime",
     "pyvirtio.vhost_user.inflight",
 ]

@@ -33,6 +33,7 @@ ENGINE = frozenset({
     "pyvirtio.queue.split",
     "pyvirtio.queue.packed",
     "pyvirtio.queue.virtqueue",
+    "pyvirtio.queue.blkreq",
     "pyvirtio.runtime",
     "pyvirtio.vhost_user.inflight",
 })

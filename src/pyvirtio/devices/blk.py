@@ -16,8 +16,10 @@ use `os.preadv` / `os.pwritev` on the chain's views. A queue's thread
 parses and dispatches: a read the host page cache holds runs right there
 (preadv2 with RWF_NOWAIT: it cannot block), as does the last request of a
 burst (nothing behind it in the ring: no hand-off, the lowest latency for a
-queue-depth-1 guest); anything else goes to a small pool of threads shared
-by the queues, so that slow requests overlap. A burst's completions are
+queue-depth-1 guest); parsing and those reads are the engine's blk batch
+operation (`pyvirtio.queue.blkreq`, compiled with it). Anything else goes
+to a small pool of threads shared by the queues, so that slow requests
+overlap. A burst's completions are
 published together (one interrupt decision), pool completions as they
 arrive. Chains are taken one at a time with a pool, so a request's I/O
 starts while the next chain is being built.
@@ -64,7 +66,18 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from pyvirtio.queue import Chain
-from pyvirtio.queue.chain import IovChain
+from pyvirtio.queue.blkreq import (
+    IOV_MAX,
+    IOVEC,
+    MAX_DWZ_SECTORS,
+    MAX_DWZ_SEG,
+    NOWAIT_UNSUPPORTED,
+    BlkRequest,
+    parse,
+    read_cached,
+    serve,
+)
+from pyvirtio.queue.blkreq import tail as _tail
 from pyvirtio.runtime import Completion, Queue, QueueLoop, Service, VirtioDevice
 from pyvirtio.spec import (
     BLK_CONFIG,
@@ -91,12 +104,6 @@ from pyvirtio.spec import (
 log = logging.getLogger(__name__)
 
 
-#: the largest number of iovecs one preadv/pwritev takes (UIO_MAXIOV)
-IOV_MAX = 1024
-#: DISCARD / WRITE_ZEROES limits advertised in the config space
-MAX_DWZ_SECTORS = 0x3FFFFF
-MAX_DWZ_SEG = 32
-
 # fallocate(2) modes and block-device ioctls
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -114,15 +121,9 @@ _fallocate.restype = ctypes.c_int
 _preadv = _libc.preadv
 _preadv.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64)
 _preadv.restype = ctypes.c_ssize_t
-_preadv2 = _libc.preadv2
-_preadv2.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int)
-_preadv2.restype = ctypes.c_ssize_t
-RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 8)
 _pwritev2 = _libc.pwritev2
 _pwritev2.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int)
 _pwritev2.restype = ctypes.c_ssize_t
-#: struct iovec: base, length
-IOVEC = struct.Struct("<QQ")
 
 
 def _iov_transfer(write: bool, fd: int, iov: bytes, offset: int, total: int, flags: int = 0) -> None:
@@ -155,35 +156,6 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     if _fallocate(fd, mode, offset, length) != 0:
         e = ctypes.get_errno()
         raise OSError(e, os.strerror(e))
-
-
-def _gather(views: list[memoryview], start: int, length: int) -> bytes:
-    """`length` bytes of the stream `views` from offset `start` (a copy)."""
-    out = bytearray()
-    for v in views:
-        n = len(v)
-        if start >= n:
-            start -= n
-            continue
-        out += v[start:start + length - len(out)]
-        start = 0
-        if len(out) >= length:
-            break
-    return bytes(out)
-
-
-def _tail(views: list[memoryview], start: int) -> list[memoryview]:
-    """The views of the stream `views` from byte `start` on (zero-copy)."""
-    out: list[memoryview] = []
-    for i, v in enumerate(views):
-        n = len(v)
-        if start >= n:
-            start -= n
-            continue
-        out.append(v[start:] if start else v)
-        out.extend(views[i + 1:])
-        break
-    return out
 
 
 def _transfer(op: Callable[..., int], fd: int, views: list[memoryview], offset: int, total: int,
@@ -246,23 +218,8 @@ class BlkStats:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-class _Req:
-    """A parsed request waiting for (or doing) its I/O."""
-
-    __slots__ = ("chain", "data", "iov", "kind", "nbytes", "offset", "payload", "queue", "status", "written")
-
-    def __init__(self, kind: int, chain: Chain, status: memoryview, written: int) -> None:
-        self.kind = kind
-        self.chain = chain
-        self.status = status
-        self.written = written
-        self.data: list[memoryview] = []
-        self.offset = 0
-        self.nbytes = 0
-        self.payload = b""
-        self.queue: Queue | None = None  # the queue that gets it back, when pooled
-        #: the data as a `struct iovec[]` (from an `IovChain`) instead of `data`
-        self.iov: bytes | None = None
+#: a parsed request (the engine's `BlkRequest`)
+_Req = BlkRequest
 
 
 class IOPool:
@@ -313,6 +270,7 @@ class _BlkService(Service):
         self.publish_at = device.batch
         self.max_out = device.max_outstanding
         self.pooled = device.pool is not None
+        self._done: list[Completion] = []  # handle()'s, for _run
 
     def take(self) -> int:
         q = self.queue
@@ -324,40 +282,36 @@ class _BlkService(Service):
         return 1 if self.pooled else min(self.batch, room)
 
     def handle(self, chains: list[Chain], done: list[Completion]) -> None:
-        # Hot path: written for speed.
+        # The engine parses the batch and serves page-cache reads itself
+        # (`pyvirtio.queue.blkreq.serve`); the rest comes back to `_run`.
         dev = self.device
-        q = self.queue
+        self._done = done
+        serve(dev, self.queue.counters, chains, done, self._run, dev.pool is not None and dev.cached_reads())
+
+    def _run(self, chain: Chain, r: _Req) -> None:
+        dev = self.device
+        done = self._done
         pool = dev.pool
-        prepare = dev.prepare
-        stats = dev.counts
-        c = q.counters
-        c.packets += len(chains)
-        for ch in chains:
-            r = prepare(ch)
-            if type(r) is int:
-                done.append((ch, r))
-                continue
-            c.bytes += r.nbytes  # type: ignore[union-attr]
-            if pool is not None:
-                # A read the host page cache holds runs here (it cannot
-                # block), and a buffered write while writes are fast; so
-                # does the last request of a burst (nothing
-                # behind it in the ring: no hand-off, the lowest latency
-                # at queue depth 1). Anything else goes to the pool, so
-                # that slow requests overlap.
-                w = dev.execute_cached(r)  # type: ignore[arg-type]
-                if w is None and q.vq.has_work():
-                    stats.pooled += 1
-                    q.defer()
-                    r.queue = q  # type: ignore[union-attr]
-                    pool.submit(r)  # type: ignore[arg-type]
-                    continue
-                if w is not None:
-                    stats.inline += 1
-                    done.append((ch, w))
-                    continue
-            stats.inline += 1
-            done.append((ch, dev.execute(r)))  # type: ignore[arg-type]
+        if pool is not None:
+            # A buffered write while writes are fast runs here, as does the
+            # last request of a burst (nothing behind it in the ring: no
+            # hand-off, the lowest latency at queue depth 1); a read the
+            # page cache held already did (`serve`). Anything else goes to
+            # the pool, so that slow requests overlap.
+            w = dev.execute_cached(r) if r.kind == T_OUT else None
+            if w is not None:
+                dev.counts.inline += 1
+                done.append((chain, w))
+                return
+            q = self.queue
+            if q.vq.has_work():
+                dev.counts.pooled += 1
+                q.defer()
+                r.queue = q
+                pool.submit(r)
+                return
+        dev.counts.inline += 1
+        done.append((chain, dev.execute(r)))
 
 
 # --- the device -----------------------------------------------------------------------
@@ -580,112 +534,16 @@ class BlkDevice(VirtioDevice):
 
     # -- requests ----------------------------------------------------------------------------
 
+    @property
+    def serial_id(self) -> bytes:
+        """GET_ID's answer: the serial, NUL-padded to ID_BYTES."""
+        return self.serial.ljust(ID_BYTES, b"\0")
+
     def prepare(self, chain: Chain) -> _Req | int:
         """Parse one request. Returns the used length when it is already
         answered (bad request, GET_ID, nothing to do), else a `_Req` to
-        `execute`."""
-        if type(chain) is IovChain:
-            fast = self._prepare_iov(chain)
-            if fast is not None:
-                return fast
-        w = chain.writable
-        wlen = chain.writable_len
-        if not wlen:
-            self.counts.no_status += 1
-            return 0  # no room for a status: return the chain, write nothing
-        last = w[-1]
-        status = last[len(last) - 1:]
-        r = chain.readable
-        rlen = chain.readable_len
-        if rlen < REQ_HDR.size:
-            return self._answer(status, S_IOERR, wlen)
-        h0 = r[0]
-        typ, _, sector = REQ_HDR.unpack_from(h0 if len(h0) >= REQ_HDR.size else _gather(r, 0, REQ_HDR.size))
-        if typ == T_IN or typ == T_OUT:
-            if typ == T_IN:
-                data = w[:-1] if len(last) == 1 else [*w[:-1], last[:-1]]
-                n = wlen - 1
-            else:
-                if self.read_only:
-                    return self._answer(status, S_IOERR, wlen)
-                data = r[1:] if len(h0) == REQ_HDR.size else _tail(r, REQ_HDR.size)
-                n = rlen - REQ_HDR.size
-            if n % SECTOR or sector > self.capacity or n > (self.capacity - sector) * SECTOR:
-                return self._answer(status, S_IOERR, wlen)
-            req = _Req(typ, chain, status, wlen)
-            req.data = data
-            req.offset = sector * SECTOR
-            req.nbytes = n
-            return req
-        if typ == T_FLUSH:
-            return _Req(typ, chain, status, wlen)
-        if typ == T_GET_ID:
-            n = min(ID_BYTES, wlen - 1)
-            chain.write(self.serial.ljust(ID_BYTES, b"\0")[:n])
-            self.counts.get_ids += 1
-            status[0] = S_OK
-            return wlen
-        if typ == T_DISCARD or typ == T_WRITE_ZEROES:
-            if self.read_only:
-                return self._answer(status, S_IOERR, wlen)
-            plen = rlen - REQ_HDR.size
-            if not plen or plen % DWZ_SEG.size or plen // DWZ_SEG.size > MAX_DWZ_SEG:
-                return self._answer(status, S_IOERR, wlen)  # checked before copying anything
-            payload = _gather(r, REQ_HDR.size, plen)
-            for s, num, fl in DWZ_SEG.iter_unpack(payload):
-                if fl & ~(DWZ_UNMAP if typ == T_WRITE_ZEROES else 0):
-                    return self._answer(status, S_UNSUPP, wlen)
-                if num > MAX_DWZ_SECTORS or s > self.capacity or num > self.capacity - s:
-                    return self._answer(status, S_IOERR, wlen)
-            req = _Req(typ, chain, status, wlen)
-            req.payload = payload
-            return req
-        return self._answer(status, S_UNSUPP, wlen)
-
-    def _prepare_iov(self, chain: IovChain) -> _Req | int | None:
-        """`prepare` for a chain in array form (a long indirect table, the
-        shape of a large read or write): the header and status are viewed,
-        the data stays a `struct iovec[]`. None: not the plain shape (header
-        whole in the first segment, data, status last), let `prepare` do it."""
-        lens = chain.lens
-        n = len(lens)
-        nr = chain.nr
-        if not nr or nr == n or n > IOV_MAX:
-            return None
-        first = lens[0]
-        last_len = lens[-1]
-        if first < REQ_HDR.size or not last_len:
-            return None
-        typ, _, sector = REQ_HDR.unpack_from(chain.view(0, 0, REQ_HDR.size))
-        wlen = chain.writable_len
-        if typ == T_IN:
-            data = chain.iov[16 * nr : 16 * (n - 1)]
-            if last_len > 1:  # the status shares the last buffer
-                data += IOVEC.pack(chain.gpas[-1] + chain.host_delta, last_len - 1)
-            nbytes = wlen - 1
-        elif typ == T_OUT and first == REQ_HDR.size:
-            if self.read_only:
-                return self._answer(chain.view(n - 1, last_len - 1), S_IOERR, wlen)
-            data = chain.iov[16 : 16 * nr]
-            nbytes = chain.readable_len - REQ_HDR.size
-        else:
-            return None
-        status = chain.view(n - 1, last_len - 1)
-        if nbytes % SECTOR or sector > self.capacity or nbytes > (self.capacity - sector) * SECTOR:
-            return self._answer(status, S_IOERR, wlen)
-        req = _Req(typ, chain, status, wlen)
-        req.iov = data
-        req.offset = sector * SECTOR
-        req.nbytes = nbytes
-        return req
-
-    def _answer(self, status: memoryview, s: int, written: int) -> int:
-        if s == S_IOERR:
-            self.counts.ioerr += 1
-        elif s == S_UNSUPP:
-            self.counts.unsupp += 1
-        status[0] = s
-        return written
+        `execute` (the engine's `pyvirtio.queue.blkreq.parse`)."""
+        return parse(chain, self.capacity, self.read_only, self.serial_id, self.counts)
 
     def execute(self, req: _Req) -> int:
         """Do the I/O of a prepared request, write its status; returns the used
@@ -745,30 +603,22 @@ class BlkDevice(VirtioDevice):
             if time.monotonic() - t > self.SLOW_WRITE:
                 self._pool_writes_until = time.monotonic() + self.SLOW_WRITE_HOLD
             return w
-        if req.kind != T_IN or self.dfd >= 0 or not self._nowait or self.inject_latency or not req.nbytes:
+        if req.kind != T_IN or not self.cached_reads() or not req.nbytes:
             return None
-        try:
-            iov = req.iov
-            if iov is not None:
-                got = _preadv2(self.fd, iov, len(iov) >> 4, req.offset, RWF_NOWAIT)
-                if got < 0:
-                    if ctypes.get_errno() == errno.EOPNOTSUPP:
-                        self._nowait = False  # this file system cannot: stop asking
-                    return None
-            elif len(req.data) <= IOV_MAX:
-                got = os.preadv(self.fd, req.data, req.offset, RWF_NOWAIT)
-            else:
-                return None
-        except OSError as e:  # EAGAIN (BlockingIOError): not all cached
-            if e.errno == errno.EOPNOTSUPP:
-                self._nowait = False
-            return None
+        got = read_cached(self.fd, req)
+        if got == NOWAIT_UNSUPPORTED:
+            self._nowait = False  # this file system cannot: stop asking
         if got != req.nbytes:
-            return None  # partly cached: read it all again, blocking
+            return None  # not all cached: read it all again, blocking
         self.counts.reads += 1
         self.counts.bytes_read += got
         req.status[0] = S_OK
         return req.written
+
+    def cached_reads(self) -> bool:
+        """Reads are tried with RWF_NOWAIT first (buffered I/O on a file
+        system that takes it, no injected latency)."""
+        return self.dfd < 0 and self._nowait and not self.inject_latency
 
     def _read(self, req: _Req) -> None:
         self._transfer(req, False, 0)
