@@ -160,12 +160,9 @@ def parse(chain: Chain, capacity: int, read_only: bool, serial: bytes, counts: A
                 return _answer(counts, status, S_IOERR, wlen)
             data = r[1:] if len(h0) == HDR_SIZE else tail(r, HDR_SIZE)
             n = rlen - HDR_SIZE
-        if n % SECTOR or sector > capacity or n > (capacity - sector) * SECTOR:
-            return _answer(counts, status, S_IOERR, wlen)
-        req = BlkRequest(typ, chain, status, wlen)
-        req.data = data
-        req.offset = sector * SECTOR
-        req.nbytes = n
+        req = _data_request(typ, chain, status, wlen, sector, n, capacity, counts)
+        if not isinstance(req, int):
+            req.data = data
         return req
     if typ == T_FLUSH:
         return BlkRequest(typ, chain, status, wlen)
@@ -199,34 +196,43 @@ def _parse_iov(chain: IovChain, capacity: int, read_only: bool, counts: Any) -> 
     of a large read or write): the header and status are viewed, the data
     stays a `struct iovec[]`. None: not the plain shape (header whole in the
     first segment, data, status last), let `parse` do it."""
-    lens = chain.lens
-    n = len(lens)
+    iov = chain.iov
+    n = len(iov) >> 4
     nr = chain.nr
     if not nr or nr == n or n > IOV_MAX:
         return None
-    first = lens[0]
-    last_len = lens[-1]
+    first = IOVEC.unpack_from(iov, 0)[1]
+    last_host, last_len = IOVEC.unpack_from(iov, 16 * (n - 1))
     if first < HDR_SIZE or not last_len:
         return None
     typ, _, sector = REQ_HDR.unpack_from(chain.view(0, 0, HDR_SIZE))
     wlen = chain.writable_len
     if typ == T_IN:
-        data = chain.iov[16 * nr : 16 * (n - 1)]
+        data = iov[16 * nr : 16 * (n - 1)]
         if last_len > 1:  # the status shares the last buffer
-            data += IOVEC.pack(chain.gpas[-1] + chain.host_delta, last_len - 1)
+            data += IOVEC.pack(last_host, last_len - 1)
         nbytes = wlen - 1
     elif typ == T_OUT and first == HDR_SIZE:
         if read_only:
             return _answer(counts, chain.view(n - 1, last_len - 1), S_IOERR, wlen)
-        data = chain.iov[16 : 16 * nr]
+        data = iov[16 : 16 * nr]
         nbytes = chain.readable_len - HDR_SIZE
     else:
         return None
-    status = chain.view(n - 1, last_len - 1)
+    req = _data_request(typ, chain, chain.view(n - 1, last_len - 1), wlen, sector, nbytes, capacity, counts)
+    if not isinstance(req, int):
+        req.iov = data
+    return req
+
+
+def _data_request(typ: int, chain: Chain, status: memoryview, wlen: int, sector: int, nbytes: int, capacity: int,
+                  counts: Any) -> BlkRequest | int:
+    """A read or write of `nbytes` at `sector`: IOERR (answered) unless
+    whole sectors inside the disk (checked without overflow: `sector` is
+    the guest's u64)."""
     if nbytes % SECTOR or sector > capacity or nbytes > (capacity - sector) * SECTOR:
         return _answer(counts, status, S_IOERR, wlen)
     req = BlkRequest(typ, chain, status, wlen)
-    req.iov = data
     req.offset = sector * SECTOR
     req.nbytes = nbytes
     return req

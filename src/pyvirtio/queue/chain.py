@@ -10,6 +10,7 @@ them (a double-fetch attack) changes nothing.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterable
 from operator import add as _add
 
@@ -210,20 +211,22 @@ class IovChain(Chain):
     bytes: 16 bytes (host address u64, length u64) per segment, readable
     ones first (`nr` of them), ready for preadv(2)/pwritev(2) through ctypes
     (a `c_void_p` argument takes a bytes object as its address); `lens` and
-    `gpas` are the lengths and guest addresses as lists. `readable`,
-    `writable` and `segments` are made on first use. The chain holds a view
-    of the region, so the mapping behind the host addresses stays valid
-    while it lives.
+    `gpas` are the lengths and guest addresses as lists. `gpas`, `lens`,
+    `readable`, `writable` and `segments` are made on first use (from
+    `table`, the snapshot of the indirect table the chain was built from).
+    The chain holds a view of the region, so the mapping behind the host
+    addresses stays valid while it lives.
 
     Only the addresses were validated (all inside the region): the device
     must use `iov` entries as they are, never grow a length.
     """
 
-    __slots__ = ("_region_gpa", "_region_mv", "gpas", "host_delta", "iov", "lens", "nr")
+    __slots__ = ("_gpas", "_lens", "_region_gpa", "_region_mv", "host_delta", "iov", "nr", "table")
 
-    def __init__(self, id: int, pos: int, slots: int, gpas: list[int], lens: list[int], iov: bytes,
+    def __init__(self, id: int, pos: int, slots: int, table: bytes, iov: bytes,
                  nr: int, readable_len: int, writable_len: int, region_mv: memoryview, region_gpa: int,
-                 host_delta: int, counter: AccessCounter | None) -> None:
+                 host_delta: int, counter: AccessCounter | None,
+                 gpas: list[int] | None = None, lens: list[int] | None = None) -> None:
         self.id = id
         self.pos = pos
         self.slots = slots
@@ -234,14 +237,31 @@ class IovChain(Chain):
         self._readable = None
         self._writable = None
         self._segments = None
+        self.table = table
         self.iov = iov
         self.nr = nr
-        self.lens = lens
-        self.gpas = gpas
+        self._gpas = gpas
+        self._lens = lens
         #: host address = guest address + host_delta
         self.host_delta = host_delta
         self._region_mv = region_mv
         self._region_gpa = region_gpa
+
+    @property
+    def gpas(self) -> list[int]:
+        """Each segment's guest address (readable ones first)."""
+        g = self._gpas
+        if g is None:
+            g = self._gpas = memoryview(self.table).cast("Q")[0::2].tolist()
+        return g
+
+    @property
+    def lens(self) -> list[int]:
+        """Each segment's length (readable ones first)."""
+        n = self._lens
+        if n is None:
+            n = self._lens = memoryview(self.table).cast("I")[2::4].tolist()
+        return n
 
     def _make_views(self) -> None:
         mv = self._region_mv
@@ -257,11 +277,15 @@ class IovChain(Chain):
 
     def view(self, index: int, start: int = 0, stop: int | None = None) -> memoryview:
         """A view of segment `index` (readable ones first), bytes [start, stop)."""
-        off = self.gpas[index] - self._region_gpa
-        n = self.lens[index]
+        a, n = _TABLE_ENTRY.unpack_from(self.table, 16 * index)
+        off = a - self._region_gpa
         if stop is None or stop > n:
             stop = n
         return self._region_mv[off + start : off + stop]
+
+
+#: an indirect table entry's address and length
+_TABLE_ENTRY = struct.Struct("<QI")
 
 
 #: per table length n: (1 in every 16-byte entry, the addr and len fields of every entry set), as integers
@@ -295,20 +319,22 @@ def build_iov_chain(mem: GuestMemory, chain_id: int, pos: int, slots: int, table
     # (the table as one integer: clear every entry's upper 32 bits, add the
     # host offset to every address; no carry crosses an entry since every
     # address is inside the region).
-    tv = memoryview(table)
-    addrs = tv.cast("Q")[0::2].tolist()
-    lens = tv.cast("I")[2::4].tolist()
-    r = mem.region_at(addrs[0])
+    r = mem.region_at(int.from_bytes(table[:8], "little"))
     if r is None:
         return None
     g = r.gpa
     delta = r.host_addr - g
+    addrs: list[int] | None = None
+    lens: list[int] | None = None
     if ring_iov_table is not None:  # the same checks and iovecs in one C pass (pyvirtio/_ringscan.c)
         got = ring_iov_table(table, nr, g, r.size, r.host_addr)
         if got is None:
             return None
         iov, rlen, total = got
     else:
+        tv = memoryview(table)
+        addrs = tv.cast("Q")[0::2].tolist()
+        lens = tv.cast("I")[2::4].tolist()
         end = g + r.size
         if min(addrs) < g or max(addrs) + max(lens) > end and max(map(_add, addrs, lens)) > end:
             return None
@@ -321,4 +347,5 @@ def build_iov_chain(mem: GuestMemory, chain_id: int, pos: int, slots: int, table
         iov = t.to_bytes(16 * n, "little")
     if total > CHAIN_MAX_BYTES:
         raise ChainTooLarge(f"chain {chain_id} is {total} bytes long (limit 2^32)")
-    return IovChain(chain_id, pos, slots, addrs, lens, iov, nr, rlen, total - rlen, r.mv[:], g, delta, counter)
+    return IovChain(chain_id, pos, slots, table, iov, nr, rlen, total - rlen, r.mv[:], g, delta, counter,
+                    addrs, lens)
