@@ -426,6 +426,15 @@ def test_get_id_returns_the_serial(tmp_path: Path) -> None:
         assert fe.do(T_GET_ID, in_len=32) == (S_OK, b"pyvirtio-serial-0123" + bytes(12))  # 20 bytes at most
 
 
+def test_a_short_serial_is_nul_padded_over_what_the_buffer_held(tmp_path: Path) -> None:
+    with serving(tmp_path, image(tmp_path), serial="disk7") as (sock, _dev), frontend(sock) as fe:
+        dgpa, _ = fe.add(T_GET_ID, in_len=20)
+        fe.mem.mem.write(dgpa, b"\xff" * 20)  # stale guest data in the answer buffer
+        fe.submit()
+        ((_, st, got),) = fe.reap(1)
+        assert (st, got) == (S_OK, b"disk7" + bytes(15))
+
+
 def test_discard_and_write_zeroes_deallocate_and_read_back_as_zeros(tmp_path: Path) -> None:
     path = image(tmp_path, fill=b"\xff")
     blocks_before = os.stat(path).st_blocks

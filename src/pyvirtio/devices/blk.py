@@ -74,8 +74,11 @@ from pyvirtio.queue.blkreq import (
     NOWAIT_UNSUPPORTED,
     BlkRequest,
     parse,
-    read_cached,
     serve,
+    serve_read,
+)
+from pyvirtio.queue.blkreq import (
+    libc as _libc,
 )
 from pyvirtio.queue.blkreq import tail as _tail
 from pyvirtio.runtime import Completion, Queue, QueueLoop, Service, VirtioDevice
@@ -112,7 +115,6 @@ BLKDISCARD = 0x1277
 BLKZEROOUT = 0x127F
 BLKGETSIZE64 = 0x80081272
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _fallocate = _libc.fallocate
 _fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
 _fallocate.restype = ctypes.c_int
@@ -534,16 +536,11 @@ class BlkDevice(VirtioDevice):
 
     # -- requests ----------------------------------------------------------------------------
 
-    @property
-    def serial_id(self) -> bytes:
-        """GET_ID's answer: the serial, NUL-padded to ID_BYTES."""
-        return self.serial.ljust(ID_BYTES, b"\0")
-
     def prepare(self, chain: Chain) -> _Req | int:
         """Parse one request. Returns the used length when it is already
         answered (bad request, GET_ID, nothing to do), else a `_Req` to
         `execute` (the engine's `pyvirtio.queue.blkreq.parse`)."""
-        return parse(chain, self.capacity, self.read_only, self.serial_id, self.counts)
+        return parse(chain, self.capacity, self.read_only, self.serial, self.counts)
 
     def execute(self, req: _Req) -> int:
         """Do the I/O of a prepared request, write its status; returns the used
@@ -605,15 +602,10 @@ class BlkDevice(VirtioDevice):
             return w
         if req.kind != T_IN or not self.cached_reads() or not req.nbytes:
             return None
-        got = read_cached(self.fd, req)
+        got = serve_read(self.fd, self.counts, req)
         if got == NOWAIT_UNSUPPORTED:
             self._nowait = False  # this file system cannot: stop asking
-        if got != req.nbytes:
-            return None  # not all cached: read it all again, blocking
-        self.counts.reads += 1
-        self.counts.bytes_read += got
-        req.status[0] = S_OK
-        return req.written
+        return got if got >= 0 else None  # not all cached: read it all again, blocking
 
     def cached_reads(self) -> bool:
         """Reads are tried with RWF_NOWAIT first (buffered I/O on a file

@@ -57,8 +57,9 @@ IOVEC = struct.Struct("<QQ")
 RWF_NOWAIT: int = getattr(os, "RWF_NOWAIT", 8)
 HDR_SIZE = 16  # REQ_HDR.size
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-_preadv2: Any = _libc.preadv2
+#: the C library, errno kept (devices/blk.py takes its calls from here too)
+libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_preadv2: Any = libc.preadv2
 _preadv2.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int)
 _preadv2.restype = ctypes.c_ssize_t
 
@@ -132,7 +133,8 @@ def parse(chain: Chain, capacity: int, read_only: bool, serial: bytes, counts: A
     answered (a bad request with its status written, GET_ID, a chain with
     no room for a status), else a `BlkRequest` to run.
 
-    `capacity` in sectors; `serial` the GET_ID answer (ID_BYTES long);
+    `capacity` in sectors; `serial` the GET_ID answer (at most ID_BYTES,
+    NUL-padded here);
     `counts` the device's `BlkStats` (no_status, get_ids, ioerr, unsupp)."""
     if type(chain) is IovChain:
         fast = _parse_iov(chain, capacity, read_only, counts)
@@ -168,7 +170,7 @@ def parse(chain: Chain, capacity: int, read_only: bool, serial: bytes, counts: A
         return BlkRequest(typ, chain, status, wlen)
     if typ == T_GET_ID:
         k = min(ID_BYTES, wlen - 1)
-        chain.write(serial[:k])
+        chain.write(serial.ljust(ID_BYTES, b"\0")[:k])
         counts.get_ids += 1
         status[0] = S_OK
         return wlen
@@ -258,10 +260,23 @@ def read_cached(fd: int, req: BlkRequest) -> int:
         return NOWAIT_UNSUPPORTED if e.errno == errno.EOPNOTSUPP else NOT_CACHED
 
 
+def serve_read(fd: int, counts: Any, req: BlkRequest) -> int:
+    """The read `req` done from the page cache (`read_cached`), counted in
+    `counts` and its status OK: the used length; else `NOT_CACHED` or
+    `NOWAIT_UNSUPPORTED`, nothing counted, the status untouched."""
+    got = read_cached(fd, req)
+    if got != req.nbytes:
+        return got if got < 0 else NOT_CACHED
+    counts.reads += 1
+    counts.bytes_read += got
+    req.status[0] = S_OK
+    return req.written
+
+
 def serve(device: Any, counters: Any, chains: list[Chain], done: list[tuple[Chain, int]],
           run: Callable[[Chain, BlkRequest], None], cached_reads: bool) -> None:
     """A batch of chains: each parsed (`parse`, with the `device`'s
-    capacity, read_only, serial id and counts); with `cached_reads`, a read
+    capacity, read_only, serial and counts); with `cached_reads`, a read
     the page cache holds is done here (`read_cached` on `device.fd`), its
     status written and `(chain, used length)` appended to `done`; a
     request already answered is appended too; every other request goes to
@@ -270,7 +285,7 @@ def serve(device: Any, counters: Any, chains: list[Chain], done: list[tuple[Chai
     cleared when the file system refuses RWF_NOWAIT."""
     capacity: int = device.capacity
     read_only: bool = device.read_only
-    serial: bytes = device.serial_id
+    serial: bytes = device.serial
     counts = device.counts
     fd: int = device.fd
     counters.packets += len(chains)
@@ -282,13 +297,10 @@ def serve(device: Any, counters: Any, chains: list[Chain], done: list[tuple[Chai
             continue
         nbytes += r.nbytes
         if cached_reads and r.kind == T_IN and r.nbytes:
-            got = read_cached(fd, r)
-            if got == r.nbytes:
-                counts.reads += 1
-                counts.bytes_read += got
+            got = serve_read(fd, counts, r)
+            if got >= 0:
                 counts.inline += 1
-                r.status[0] = S_OK
-                done.append((ch, r.written))
+                done.append((ch, got))
                 continue
             if got == NOWAIT_UNSUPPORTED:
                 device._nowait = False
@@ -307,8 +319,10 @@ __all__ = [
     "RWF_NOWAIT",
     "BlkRequest",
     "gather",
+    "libc",
     "parse",
     "read_cached",
     "serve",
+    "serve_read",
     "tail",
 ]
