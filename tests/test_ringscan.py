@@ -316,3 +316,33 @@ def test_a_batch_column_of_the_wrong_shape_is_refused(bad: str) -> None:
     with pytest.raises((ValueError, TypeError)):
         ringscan.gather(bytes(region), a, 0, ln, fl, 0, 64)
     assert region == bytearray(64)
+
+
+def test_arguments_of_the_wrong_kind_are_refused_and_no_buffer_stays_held() -> None:
+    # The functions convert their arguments themselves (no argument tuple):
+    # each wrong kind is an error, and buffers taken before the bad argument
+    # are released again (a bytearray with a buffer still exported cannot
+    # be resized).
+    q = 8
+    desc = bytearray(16 * q)
+    out = bytearray(2 * (q + 1))
+    ok = [desc, 1, 0x80, q, 4, q, 2, 1, True, out]
+    assert ringscan.packed_scan(*ok)[0] >= 1  # the reference call works
+    for i, bad in [(1, "1"), (1, 1.5), (2, None), (3, 1 << 70), (9, bytes(2 * (q + 1))),  # read-only output
+                   (0, memoryview(bytes(32 * q))[::2]), (8, _Unbool())]:
+        with pytest.raises((TypeError, OverflowError, BufferError, ValueError, RuntimeError)):
+            ringscan.packed_scan(*ok[:i], bad, *ok[i + 1:])
+    with pytest.raises(TypeError):
+        ringscan.packed_scan(*ok[:-1])  # one too few
+    with pytest.raises(TypeError):
+        ringscan.packed_scan(*ok, 0)  # one too many
+    with pytest.raises(TypeError):
+        ringscan.iov_table(bytes(16), 1, 0, "4096", 0)  # u64 arguments are ints
+    desc.extend(b"x")  # no export left behind by the failed calls
+    out.extend(b"x")
+    assert ringscan.packed_bodies(bytes(16 * q), 0, 1, q, bytearray(16)) == (0, 0, 0, 0, 0)
+
+
+class _Unbool:
+    def __bool__(self) -> bool:
+        raise RuntimeError("no truth value")

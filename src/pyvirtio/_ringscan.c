@@ -37,10 +37,119 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <stdarg.h>
 #include <stdint.h>
 #include <string.h>
 
 #define AVAIL_RING 4
+
+/* The arguments of a METH_FASTCALL function, converted as PyArg_ParseTuple
+ * would convert them for the same format (a subset: y* w* n p O K k I), with
+ * no argument tuple and none of its general machinery: the per-call cost
+ * of the batch operations is mostly their calls. Buffers taken are released
+ * again when a later argument fails. Returns 0, or -1 with an exception set
+ * and nothing held. */
+static int fast_args(PyObject *const *args, Py_ssize_t nargs, const char *fmt, const char *who, ...)
+{
+    Py_buffer *held[16];
+    int nheld = 0;
+    Py_ssize_t want = 0;
+    for (const char *f = fmt; *f; f++)
+        if (*f != '*')
+            want++;
+    if (nargs != want) {
+        PyErr_Format(PyExc_TypeError, "%s() takes exactly %zd arguments (%zd given)", who, want, nargs);
+        return -1;
+    }
+    va_list ap;
+    va_start(ap, who);
+    Py_ssize_t i = 0;
+    for (const char *f = fmt; *f; f++, i++) {
+        PyObject *o = args[i];
+        switch (*f) {
+        case 'y':
+        case 'w': {
+            Py_buffer *b = va_arg(ap, Py_buffer *);
+            int writable = *f == 'w';
+            f++; /* the '*' */
+            if (PyObject_GetBuffer(o, b, writable ? PyBUF_WRITABLE : PyBUF_SIMPLE) < 0)
+                goto fail;
+            if (!PyBuffer_IsContiguous(b, 'C')) {
+                PyBuffer_Release(b);
+                PyErr_Format(PyExc_TypeError, "%s: argument %zd must be a contiguous buffer", who, i + 1);
+                goto fail;
+            }
+            held[nheld++] = b;
+            break;
+        }
+        case 'n': {
+            Py_ssize_t *v = va_arg(ap, Py_ssize_t *);
+            *v = PyNumber_AsSsize_t(o, PyExc_OverflowError);
+            if (*v == -1 && PyErr_Occurred())
+                goto fail;
+            break;
+        }
+        case 'p': {
+            int *v = va_arg(ap, int *);
+            *v = PyObject_IsTrue(o);
+            if (*v < 0)
+                goto fail;
+            break;
+        }
+        case 'O':
+            *va_arg(ap, PyObject **) = o;
+            break;
+        case 'K':
+        case 'k':
+        case 'I': {
+            if (!PyLong_Check(o)) {
+                PyErr_Format(PyExc_TypeError, "%s: argument %zd must be int, not %.50s", who, i + 1,
+                             Py_TYPE(o)->tp_name);
+                goto fail;
+            }
+            unsigned long long v = PyLong_AsUnsignedLongLongMask(o);
+            if (v == (unsigned long long)-1 && PyErr_Occurred())
+                goto fail;
+            if (*f == 'K')
+                *va_arg(ap, unsigned long long *) = v;
+            else if (*f == 'k')
+                *va_arg(ap, unsigned long *) = (unsigned long)v;
+            else
+                *va_arg(ap, unsigned int *) = (unsigned int)v;
+            break;
+        }
+        default:
+            PyErr_Format(PyExc_SystemError, "%s: bad argument format %s", who, fmt);
+            goto fail;
+        }
+    }
+    va_end(ap);
+    return 0;
+fail:
+    va_end(ap);
+    while (nheld)
+        PyBuffer_Release(held[--nheld]);
+    return -1;
+}
+
+/* A tuple of n ints (unsigned 64-bit, the first signed when first_signed),
+ * without Py_BuildValue's format walk. */
+static PyObject *ints(int n, int first_signed, const uint64_t *v)
+{
+    PyObject *t = PyTuple_New(n);
+    if (t == NULL)
+        return NULL;
+    for (int i = 0; i < n; i++) {
+        PyObject *x = i == 0 && first_signed ? PyLong_FromLongLong((long long)v[i])
+                                             : PyLong_FromUnsignedLongLong(v[i]);
+        if (x == NULL) {
+            Py_DECREF(t);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(t, i, x);
+    }
+    return t;
+}
 
 /* What the ring code checks and a device sums over a batch of 16-byte
  * descriptors (addr u64, len u32): lowest addr, highest addr + len
@@ -107,8 +216,8 @@ static inline void tally_add(struct tally *t, uint64_t k)
 
 static PyObject *tally_result(const struct tally *t)
 {
-    return Py_BuildValue("(KKK)", (unsigned long long)t->fmin, (unsigned long long)t->fmax,
-                         (unsigned long long)t->total);
+    uint64_t v[3] = {t->fmin, t->fmax, t->total};
+    return ints(3, 0, v);
 }
 
 /* A batch's column: a one-dimensional buffer of `itemsize`-byte items,
@@ -186,12 +295,12 @@ static int get_written(PyObject *written, Py_ssize_t n, const char *who, uint32_
     return 0;
 }
 
-static PyObject *split_gather(PyObject *self, PyObject *args)
+static PyObject *split_gather(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     Py_buffer avail, desc, heads, descs;
     Py_ssize_t start, n, q;
     PyObject *result = NULL;
-    if (!PyArg_ParseTuple(args, "y*y*nnnw*w*", &avail, &desc, &start, &n, &q, &heads, &descs))
+    if (fast_args(args, nargs, "y*y*nnnw*w*", "split_gather", &avail, &desc, &start, &n, &q, &heads, &descs) < 0)
         return NULL;
     if (q <= 0 || (q & (q - 1)) != 0 || q > 32768 || n < 0 || n > q || start < 0 || start >= q) {
         PyErr_Format(PyExc_ValueError, "split_gather: bad ring geometry (q=%zd n=%zd start=%zd)", q, n, start);
@@ -213,7 +322,8 @@ static PyObject *split_gather(PyObject *self, PyObject *args)
     }
     for (Py_ssize_t i = 0; i < n; i++) {
         if (h[i] >= q) {
-            result = Py_BuildValue("(nkKKkkKk)", i, 0UL, 0ULL, 0ULL, 0UL, 0UL, 0ULL, 0UL);
+            uint64_t v[8] = {(uint64_t)i, 0, 0, 0, 0, 0, 0, 0};
+            result = ints(8, 1, v);
             goto out;
         }
     }
@@ -226,9 +336,8 @@ static PyObject *split_gather(PyObject *self, PyObject *args)
     }
     struct summary sm;
     summarize(d, n, 12, &sm);
-    result = Py_BuildValue("(nkKKkkKk)", (Py_ssize_t)-1, fl, (unsigned long long)sm.amin,
-                           (unsigned long long)sm.emax, (unsigned long)sm.lmin, (unsigned long)sm.lmax,
-                           (unsigned long long)sm.lsum, sm.fand);
+    uint64_t v[8] = {(uint64_t)-1, fl, sm.amin, sm.emax, sm.lmin, sm.lmax, sm.lsum, sm.fand};
+    result = ints(8, 1, v);
 out:
     PyBuffer_Release(&avail);
     PyBuffer_Release(&desc);
@@ -237,7 +346,7 @@ out:
     return result;
 }
 
-static PyObject *split_used(PyObject *self, PyObject *args)
+static PyObject *split_used(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     Py_buffer used, ids, lens;
     Py_ssize_t start, q;
@@ -245,7 +354,7 @@ static PyObject *split_used(PyObject *self, PyObject *args)
     int have_lens = 0;
     uint32_t same = 0;
     PyObject *result = NULL;
-    if (!PyArg_ParseTuple(args, "w*nny*O", &used, &start, &q, &ids, &written))
+    if (fast_args(args, nargs, "w*nny*O", "split_used", &used, &start, &q, &ids, &written) < 0)
         return NULL;
     Py_ssize_t n = ids.len / 2;
     if (get_written(written, n, "split_used", &same, &lens, &have_lens) < 0)
@@ -285,13 +394,13 @@ out:
  * is checked first (inside the region, at least len(data) long); nothing is
  * written unless all are.
  */
-static PyObject *fill(PyObject *self, PyObject *args)
+static PyObject *fill(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     Py_buffer region, addrs, lens, data;
     PyObject *ao, *lo;
     unsigned long long gpa;
     PyObject *result = NULL;
-    if (!PyArg_ParseTuple(args, "w*OKOy*", &region, &ao, &gpa, &lo, &data))
+    if (fast_args(args, nargs, "w*OKOy*", "fill", &region, &ao, &gpa, &lo, &data) < 0)
         return NULL;
     Py_ssize_t n = get_batch(ao, lo, NULL, &addrs, &lens, NULL, "fill");
     if (n < 0) {
@@ -356,15 +465,15 @@ out:
 #define P_USED 0x8000
 #define P_BOTH (P_AVAIL | P_USED)
 
-static PyObject *packed_scan(PyObject *self, PyObject *args)
+static PyObject *packed_scan(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     Py_buffer desc, out;
     Py_ssize_t slot, q, limit, budget, chunk, lists;
     unsigned int want;
     int count_lists;
     PyObject *result = NULL;
-    if (!PyArg_ParseTuple(args, "y*nInnnnnpw*", &desc, &slot, &want, &q, &limit, &budget, &chunk, &lists,
-                          &count_lists, &out))
+    if (fast_args(args, nargs, "y*nInnnnnpw*", "packed_scan", &desc, &slot, &want, &q, &limit, &budget, &chunk, &lists,
+                          &count_lists, &out) < 0)
         return NULL;
     Py_ssize_t cap = out.len / 2;
     if (q <= 0 || q > 32768 || slot < 0 || slot >= q || budget < 1 || budget > q || chunk < 1 || limit < 1
@@ -435,19 +544,20 @@ static PyObject *packed_scan(PyObject *self, PyObject *args)
         }
         chunk = chunk > k ? chunk - k : 2 * chunk;
     }
-    result = Py_BuildValue("(nnkk)", total, reads, f_or, f_and);
+    uint64_t v[4] = {(uint64_t)total, (uint64_t)reads, f_or, f_and};
+    result = ints(4, 0, v);
 out:
     PyBuffer_Release(&desc);
     PyBuffer_Release(&out);
     return result;
 }
 
-static PyObject *packed_bodies(PyObject *self, PyObject *args)
+static PyObject *packed_bodies(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     Py_buffer desc, out;
     Py_ssize_t start, n, q;
     PyObject *result = NULL;
-    if (!PyArg_ParseTuple(args, "y*nnnw*", &desc, &start, &n, &q, &out))
+    if (fast_args(args, nargs, "y*nnnw*", "packed_bodies", &desc, &start, &n, &q, &out) < 0)
         return NULL;
     if (q <= 0 || q > 32768 || n < 0 || n > q || start < 0 || start >= q || desc.len < 16 * q || out.len < 16 * n) {
         PyErr_SetString(PyExc_ValueError, "packed_bodies: bad ring geometry or buffers");
@@ -460,15 +570,15 @@ static PyObject *packed_bodies(PyObject *self, PyObject *args)
     memcpy(d + 16 * first, table, (size_t)(16 * (n - first)));
     struct summary sm;
     summarize(d, n, 14, &sm);
-    result = Py_BuildValue("(KKkkK)", (unsigned long long)sm.amin, (unsigned long long)sm.emax,
-                           (unsigned long)sm.lmin, (unsigned long)sm.lmax, (unsigned long long)sm.lsum);
+    uint64_t v[5] = {sm.amin, sm.emax, sm.lmin, sm.lmax, sm.lsum};
+    result = ints(5, 0, v);
 out:
     PyBuffer_Release(&desc);
     PyBuffer_Release(&out);
     return result;
 }
 
-static PyObject *packed_used(PyObject *self, PyObject *args)
+static PyObject *packed_used(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     Py_buffer desc, ids, lens, flags, wl;
     PyObject *io, *lo, *fo;
@@ -477,7 +587,7 @@ static PyObject *packed_used(PyObject *self, PyObject *args)
     PyObject *written;
     uint32_t same = 0;
     PyObject *result = NULL;
-    if (!PyArg_ParseTuple(args, "w*nnpOOOO", &desc, &u, &q, &wrap, &io, &written, &lo, &fo))
+    if (fast_args(args, nargs, "w*nnpOOOO", "packed_used", &desc, &u, &q, &wrap, &io, &written, &lo, &fo) < 0)
         return NULL;
     /* ids, lens and flags: columns, strided or not (a batch's record fields) */
     if (get_col(io, 2, &ids, "packed_used") < 0) {
@@ -547,13 +657,13 @@ out:
  * the region (the caller then walks the table the general way, which says
  * what is wrong). The table is the caller's snapshot: read once here.
  */
-static PyObject *iov_table(PyObject *self, PyObject *args)
+static PyObject *iov_table(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     Py_buffer table;
     Py_ssize_t nr;
     unsigned long long gpa, size, host;
     PyObject *result = NULL;
-    if (!PyArg_ParseTuple(args, "y*nKKK", &table, &nr, &gpa, &size, &host))
+    if (fast_args(args, nargs, "y*nKKK", "iov_table", &table, &nr, &gpa, &size, &host) < 0)
         return NULL;
     Py_ssize_t n = table.len / 16;
     if (table.len % 16 || nr < 0 || nr > n || gpa + size < gpa || host + size < host) {
@@ -606,14 +716,14 @@ out:
  * not device-writable, lies outside the region or is shorter than its
  * frame, or a frame is shorter than the patch.
  */
-static PyObject *scatter(PyObject *self, PyObject *args)
+static PyObject *scatter(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     Py_buffer region, addrs, lens, flags, patch;
     PyObject *ao, *lo, *fo;
     unsigned long long gpa;
     Py_ssize_t patch_at;
     PyObject *frames, *seq = NULL, *result = NULL;
-    if (!PyArg_ParseTuple(args, "w*OKOOOny*", &region, &ao, &gpa, &lo, &fo, &frames, &patch_at, &patch))
+    if (fast_args(args, nargs, "w*OKOOOny*", "scatter", &region, &ao, &gpa, &lo, &fo, &frames, &patch_at, &patch) < 0)
         return NULL;
     Py_ssize_t n = get_batch(ao, lo, fo, &addrs, &lens, &flags, "scatter");
     if (n < 0) {
@@ -680,13 +790,13 @@ out:
  * gso_type, 0 when no frame asks for an offload. Buffers outside the region
  * are refused (ValueError) before anything is copied.
  */
-static PyObject *gather(PyObject *self, PyObject *args)
+static PyObject *gather(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     Py_buffer region, addrs, lens, flags;
     PyObject *ao, *lno, *fo;
     unsigned long long gpa, lo, hi;
     PyObject *list = NULL, *result = NULL;
-    if (!PyArg_ParseTuple(args, "y*OKOOKK", &region, &ao, &gpa, &lno, &fo, &lo, &hi))
+    if (fast_args(args, nargs, "y*OKOOKK", "gather", &region, &ao, &gpa, &lno, &fo, &lo, &hi) < 0)
         return NULL;
     Py_ssize_t n = get_batch(ao, lno, fo, &addrs, &lens, &flags, "gather");
     if (n < 0) {
@@ -754,15 +864,15 @@ out:
  * inside their regions. Buffers may overlap (the guest chose them): the
  * copy is a memmove.
  */
-static PyObject *forward(PyObject *self, PyObject *args)
+static PyObject *forward(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     Py_buffer src, dst, sa, sl, sf, da, dl, df, patch;
     PyObject *sao, *slo, *sfo, *dao, *dlo, *dfo;
     unsigned long long sgpa, dgpa, lo, hi;
     Py_ssize_t patch_at;
     PyObject *result = NULL;
-    if (!PyArg_ParseTuple(args, "y*OKOOw*OKOOKKny*", &src, &sao, &sgpa, &slo, &sfo, &dst, &dao, &dgpa, &dlo, &dfo,
-                          &lo, &hi, &patch_at, &patch))
+    if (fast_args(args, nargs, "y*OKOOw*OKOOKKny*", "forward", &src, &sao, &sgpa, &slo, &sfo, &dst, &dao, &dgpa, &dlo, &dfo,
+                          &lo, &hi, &patch_at, &patch) < 0)
         return NULL;
     Py_ssize_t n = get_batch(sao, slo, sfo, &sa, &sl, &sf, "forward");
     if (n < 0) {
@@ -836,26 +946,26 @@ out:
 }
 
 static PyMethodDef methods[] = {
-    {"split_gather", split_gather, METH_VARARGS,
+    {"split_gather", (PyCFunction)(void (*)(void))split_gather, METH_FASTCALL,
      "split_gather(avail, desc, start, n, q, heads, descs) -> "
      "(bad_index, flags_or, addr_min, end_max, len_min, len_max, len_sum)"},
-    {"split_used", split_used, METH_VARARGS, "split_used(used, start, q, ids, written): write n used elements."},
-    {"packed_scan", packed_scan, METH_VARARGS,
+    {"split_used", (PyCFunction)(void (*)(void))split_used, METH_FASTCALL, "split_used(used, start, q, ids, written): write n used elements."},
+    {"packed_scan", (PyCFunction)(void (*)(void))packed_scan, METH_FASTCALL,
      "packed_scan(desc, slot, want, q, limit, budget, chunk, lists, count_lists, out) -> "
      "(total, reads, flags_or, flags_and)"},
-    {"packed_bodies", packed_bodies, METH_VARARGS,
+    {"packed_bodies", (PyCFunction)(void (*)(void))packed_bodies, METH_FASTCALL,
      "packed_bodies(desc, start, n, q, out) -> (addr_min, end_max, len_min, len_max, len_sum)"},
-    {"packed_used", packed_used, METH_VARARGS,
+    {"packed_used", (PyCFunction)(void (*)(void))packed_used, METH_FASTCALL,
      "packed_used(desc, u, q, wrap, ids, written, lens, flags) -> the first descriptor's len|id|flags"},
-    {"fill", fill, METH_VARARGS, "fill(region, addrs, gpa, lens, data): copy data to the start of every buffer."},
-    {"scatter", scatter, METH_VARARGS,
+    {"fill", (PyCFunction)(void (*)(void))fill, METH_FASTCALL, "fill(region, addrs, gpa, lens, data): copy data to the start of every buffer."},
+    {"scatter", (PyCFunction)(void (*)(void))scatter, METH_FASTCALL,
      "scatter(region, addrs, gpa, lens, flags, frames, patch_at, patch) -> (shortest, longest, total), or None"},
-    {"gather", gather, METH_VARARGS,
+    {"gather", (PyCFunction)(void (*)(void))gather, METH_FASTCALL,
      "gather(region, addrs, gpa, lens, flags, lo, hi) -> (copies of the readable buffers lo <= len <= hi, lead_or)"},
-    {"forward", forward, METH_VARARGS,
+    {"forward", (PyCFunction)(void (*)(void))forward, METH_FASTCALL,
      "forward(src, s_addrs, s_gpa, s_lens, s_flags, dst, d_addrs, d_gpa, d_lens, d_flags, lo, hi, patch_at, patch)"
      " -> (shortest, longest, total), or None"},
-    {"iov_table", iov_table, METH_VARARGS,
+    {"iov_table", (PyCFunction)(void (*)(void))iov_table, METH_FASTCALL,
      "iov_table(table, nr, gpa, size, host) -> (iov, readable_len, total_len), or None (a buffer outside)"},
     {NULL, NULL, 0, NULL},
 };

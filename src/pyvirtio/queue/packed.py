@@ -245,7 +245,6 @@ class PackedRing:
         budget = q - self.in_flight_slots
         if budget <= 0:
             raise TooManyInFlight(f"slot {start} made available while every slot is in flight")
-        parts = [np.array([first], np.uint16)]
         total = 1
         lists = 0 if first & _NEXT else 1
         slot = start + 1
@@ -261,6 +260,7 @@ class PackedRing:
                                                                count_lists, out)
             self._run_guess = total
             return start, out[:total], f_or, f_and
+        parts = [np.array([first], np.uint16)]
         load = self.desc.np_load16_strided
         while lists < limit and total <= budget:
             k = min(chunk, q - slot, budget - total + 1)
