@@ -855,8 +855,8 @@ class _MutatingArea(CountingArea):
         self.owner.after_read(self, [(((slot + i) % q) * 16 + 14, 2) for i in range(v[1])])
         return v
 
-    def packed_bodies(self, start, n, q, out):  # type: ignore[no-untyped-def]
-        v = super().packed_bodies(start, n, q, out)
+    def packed_bodies(self, start, n, q, out, flags):  # type: ignore[no-untyped-def]
+        v = super().packed_bodies(start, n, q, out, flags)
         first = min(n, q - start)
         self.owner.after_read(self, [(start * 16, first * 16)] + ([(0, (n - first) * 16)] if n > first else []))
         return v

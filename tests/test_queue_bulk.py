@@ -325,3 +325,26 @@ def test_unbulk_puts_each_buffer_in_flight_on_its_own(ring):
     pair.vq.complete(chains[1], 6)
     pair.vq.flush()
     assert sorted(pair.driver.get_used()) == [(0, 5), (1, 6), (2, 7)]
+
+
+@pytest.mark.parametrize("ring", RINGS)
+def test_batches_in_flight_together_keep_their_own_flags(ring):
+    # A batch popped while another is still in flight: each keeps the
+    # direction of its own buffers (what its used entries report), whatever
+    # the ring scanned since.
+    pair = QueuePair(ring, 64)
+    tx = [pair.pool.alloc(64) for _ in range(4)]
+    for g in tx:
+        pair.driver.add([(g, 64)], [])
+    pair.driver.publish()
+    a = pair.vq.pop_bulk(64)
+    for _ in range(4):
+        pair.driver.add([], [(pair.pool.alloc(64), 64)])
+    pair.driver.publish()
+    b = pair.vq.pop_bulk(64)
+    assert isinstance(a, Bulk) and isinstance(b, Bulk)
+    assert a.writable.tolist() == [False] * 4 and b.writable.tolist() == [True] * 4
+    pair.vq.complete_bulk(b, 10)
+    pair.vq.complete_bulk(a, 0)
+    pair.vq.flush()
+    assert sorted(n for _, n in pair.driver.get_used()) == [0] * 4 + [10] * 4

@@ -164,6 +164,7 @@ def test_packed_functions_refuse_what_does_not_fit() -> None:
     q = 8
     desc = bytearray(16 * q)
     out = np.empty(q + 1, np.uint16)
+    fl = np.zeros(q, np.uint16)
     ok = {"slot": 1, "want": 0x80, "q": q, "limit": 4, "budget": q, "chunk": 2, "lists": 1, "count_lists": True}
     ringscan.packed_scan(memoryview(desc), *ok.values(), out)  # the reference call works
     for key, bad in [("slot", q), ("want", 0x81), ("budget", q + 1), ("budget", 0), ("chunk", 0), ("q", -1)]:
@@ -175,9 +176,11 @@ def test_packed_functions_refuse_what_does_not_fit() -> None:
     with pytest.raises(ValueError):  # a table shorter than the ring
         ringscan.packed_scan(memoryview(desc[:-1]), *ok.values(), out)
     with pytest.raises(ValueError):
-        ringscan.packed_bodies(memoryview(desc), 7, 2, q, np.empty(1, SPLIT_DESC_DTYPE))  # output too small
+        ringscan.packed_bodies(memoryview(desc), 7, 2, q, np.empty(1, SPLIT_DESC_DTYPE), fl)  # output too small
     with pytest.raises(ValueError):
-        ringscan.packed_bodies(memoryview(desc), 0, q + 1, q, np.empty(q + 1, SPLIT_DESC_DTYPE))
+        ringscan.packed_bodies(memoryview(desc), 0, q + 1, q, np.empty(q + 1, SPLIT_DESC_DTYPE), np.zeros(q + 1, np.uint16))
+    with pytest.raises(ValueError):  # fewer flags than descriptors
+        ringscan.packed_bodies(memoryview(desc), 0, 3, q, np.empty(3, SPLIT_DESC_DTYPE), fl[:2])
     ids, lens, flags = np.arange(3, dtype=np.uint16), np.full(3, 64, np.uint32), np.full(3, 2, np.uint16)
     with pytest.raises(ValueError):
         ringscan.packed_used(memoryview(desc), q, q, True, ids, 10, lens, flags)  # slot past the ring
@@ -185,6 +188,26 @@ def test_packed_functions_refuse_what_does_not_fit() -> None:
         ringscan.packed_used(memoryview(desc), 0, q, True, ids, np.zeros(2, np.uint32), lens, flags)
     with pytest.raises(ValueError):
         ringscan.packed_used(memoryview(desc), 0, q, True, ids, 1 << 32, lens, flags)
+
+
+def test_packed_bodies_keep_the_flags_the_scan_read() -> None:
+    # The descriptors are copied whole (wrapping at the ring end), then each
+    # record's flags become the ones the flag scan read before: a driver
+    # that rewrites a flags word between the two reads changes nothing.
+    from pyvirtio.queue.bulk import PACKED_DESC_DTYPE
+    q = 8
+    table = np.zeros(q, PACKED_DESC_DTYPE)
+    table["addr"] = np.arange(q) * 0x1000 + 0x10000
+    table["len"] = np.arange(q) + 60
+    table["id"] = np.arange(q)[::-1]
+    table["flags"] = 0x8002  # rewritten: USED|WRITE where the scan saw AVAIL alone
+    scanned = np.array([0x80, 0x82, 0x80], np.uint16)
+    out = np.empty(3, PACKED_DESC_DTYPE)
+    got = ringscan.packed_bodies(table.tobytes(), 6, 3, q, out, scanned)
+    assert out["addr"].tolist() == [0x16000, 0x17000, 0x10000]  # slots 6, 7, then 0
+    assert out["id"].tolist() == [1, 0, 7]
+    assert out["flags"].tolist() == scanned.tolist()
+    assert got == (0x10000, 0x17000 + 67, 60, 67, 66 + 67 + 60)
 
 
 def test_packed_used_wraps_and_leaves_the_first_store_to_the_caller() -> None:
@@ -340,7 +363,7 @@ def test_arguments_of_the_wrong_kind_are_refused_and_no_buffer_stays_held() -> N
         ringscan.iov_table(bytes(16), 1, 0, "4096", 0)  # u64 arguments are ints
     desc.extend(b"x")  # no export left behind by the failed calls
     out.extend(b"x")
-    assert ringscan.packed_bodies(bytes(16 * q), 0, 1, q, bytearray(16)) == (0, 0, 0, 0, 0)
+    assert ringscan.packed_bodies(bytes(16 * q), 0, 1, q, bytearray(16), bytes(2)) == (0, 0, 0, 0, 0)
 
 
 class _Unbool:

@@ -450,9 +450,12 @@ out:
  * the run's flags, AND of them): out[:total] are the run's flags, reads the
  * slots read.
  *
- * packed_bodies(desc, start, n, q, out): the n 16-byte descriptors from slot
- * start (wrapping) into out; returns (lowest addr, highest addr + len
- * saturated, lowest len, highest len, sum of lens).
+ * packed_bodies(desc, start, n, q, out, flags): the n 16-byte descriptors from
+ * slot start (wrapping) into out, each record's flags then replaced by
+ * flags[i] (n u16: the flags the scan read, so that a batch keeps the one
+ * snapshot its decisions were made on, and the caller may reuse the scan's
+ * array); returns (lowest addr, highest addr + len saturated, lowest len,
+ * highest len, sum of lens).
  *
  * packed_used(desc, u, q, wrap, ids, written, lens, flags): the used
  * descriptors of one batch (n = len(ids)) from slot u, one 8-byte
@@ -554,12 +557,13 @@ out:
 
 static PyObject *packed_bodies(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    Py_buffer desc, out;
+    Py_buffer desc, out, flags;
     Py_ssize_t start, n, q;
     PyObject *result = NULL;
-    if (fast_args(args, nargs, "y*nnnw*", "packed_bodies", &desc, &start, &n, &q, &out) < 0)
+    if (fast_args(args, nargs, "y*nnnw*y*", "packed_bodies", &desc, &start, &n, &q, &out, &flags) < 0)
         return NULL;
-    if (q <= 0 || q > 32768 || n < 0 || n > q || start < 0 || start >= q || desc.len < 16 * q || out.len < 16 * n) {
+    if (q <= 0 || q > 32768 || n < 0 || n > q || start < 0 || start >= q || desc.len < 16 * q || out.len < 16 * n
+            || flags.len < 2 * n) {
         PyErr_SetString(PyExc_ValueError, "packed_bodies: bad ring geometry or buffers");
         goto out;
     }
@@ -568,6 +572,8 @@ static PyObject *packed_bodies(PyObject *self, PyObject *const *args, Py_ssize_t
     Py_ssize_t first = q - start < n ? q - start : n;
     memcpy(d, table + 16 * start, (size_t)(16 * first));
     memcpy(d + 16 * first, table, (size_t)(16 * (n - first)));
+    for (Py_ssize_t i = 0; i < n; i++)
+        memcpy(d + 16 * i + 14, (const unsigned char *)flags.buf + 2 * i, 2);
     struct summary sm;
     summarize(d, n, 14, &sm);
     uint64_t v[5] = {sm.amin, sm.emax, sm.lmin, sm.lmax, sm.lsum};
@@ -575,6 +581,7 @@ static PyObject *packed_bodies(PyObject *self, PyObject *const *args, Py_ssize_t
 out:
     PyBuffer_Release(&desc);
     PyBuffer_Release(&out);
+    PyBuffer_Release(&flags);
     return result;
 }
 
@@ -954,7 +961,7 @@ static PyMethodDef methods[] = {
      "packed_scan(desc, slot, want, q, limit, budget, chunk, lists, count_lists, out) -> "
      "(total, reads, flags_or, flags_and)"},
     {"packed_bodies", (PyCFunction)(void (*)(void))packed_bodies, METH_FASTCALL,
-     "packed_bodies(desc, start, n, q, out) -> (addr_min, end_max, len_min, len_max, len_sum)"},
+     "packed_bodies(desc, start, n, q, out, flags) -> (addr_min, end_max, len_min, len_max, len_sum)"},
     {"packed_used", (PyCFunction)(void (*)(void))packed_used, METH_FASTCALL,
      "packed_used(desc, u, q, wrap, ids, written, lens, flags) -> the first descriptor's len|id|flags"},
     {"fill", (PyCFunction)(void (*)(void))fill, METH_FASTCALL, "fill(region, addrs, gpa, lens, data): copy data to the start of every buffer."},

@@ -204,11 +204,13 @@ class Area:
                                                            count_lists, out)
         return r
 
-    def packed_bodies(self, start: int, n: int, q: int, out: np.ndarray) -> tuple[int, int, int, int, int]:
+    def packed_bodies(self, start: int, n: int, q: int, out: np.ndarray,
+                      flags: np.ndarray) -> tuple[int, int, int, int, int]:
         """The n descriptors from slot `start`, wrapping (one bulk read, two
-        when they wrap): (lowest addr, highest addr + len, lowest len,
+        when they wrap), each record's flags replaced by `flags[i]` (the
+        scan's snapshot): (lowest addr, highest addr + len, lowest len,
         highest len, sum of lens)."""
-        r: tuple[int, int, int, int, int] = _ring_c.packed_bodies(self.mv, start, n, q, out)
+        r: tuple[int, int, int, int, int] = _ring_c.packed_bodies(self.mv, start, n, q, out, flags)
         return r
 
     def packed_used(self, u: int, q: int, wrap: bool, ids: np.ndarray, written: int | np.ndarray,
@@ -589,8 +591,9 @@ class CountingArea(Area):
         c.bytes_read += 2 * r[1]
         return r
 
-    def packed_bodies(self, start: int, n: int, q: int, out: np.ndarray) -> tuple[int, int, int, int, int]:
-        r = super().packed_bodies(start, n, q, out)
+    def packed_bodies(self, start: int, n: int, q: int, out: np.ndarray,
+                      flags: np.ndarray) -> tuple[int, int, int, int, int]:
+        r = super().packed_bodies(start, n, q, out, flags)
         c = self.c
         c.reads += 1 if start + n <= q else 2
         c.bytes_read += 16 * n

@@ -100,6 +100,9 @@ class PackedRing:
         self.in_flight_slots = 0
         self.kick_flags: int | None = None   # shadow of the device event flags
         self._run_guess = 8                  # length of the last available run (bulk scan)
+        # the C scan's output, reused: a batch keeps its own copy of the
+        # flags (`packed_bodies` writes them into its descriptor records)
+        self._scan_out = np.empty(size + 1, np.uint16)
         self.signalled_valid = False
 
     # -- state ---------------------------------------------------------------
@@ -228,7 +231,9 @@ class PackedRing:
         """The flags of the available run, read in numpy chunks: still one
         2-byte read per slot, counted as such, but no Python loop per slot.
         Returns (first slot, the run's flags, their OR, their AND or -1 when
-        not taken: the C scan takes it on the way).
+        not taken: the C scan takes it on the way). With the C scan the
+        flags are a view of the ring's reusable `_scan_out`: valid until the
+        next scan.
 
         The next slot is probed alone first (an empty ring costs one read).
         The rest is read in a chunk sized from the previous run, so a steady
@@ -254,7 +259,7 @@ class PackedRing:
         chunk = min(self._run_guess, limit)
         count_lists = limit < budget  # otherwise the list limit cannot bind
         if HAVE_RING_SCAN:  # the loop below in one C call: same slots read, same run
-            out = np.empty(q + 1, np.uint16)
+            out = self._scan_out
             out[0] = first
             total, _reads, f_or, f_and = self.desc.packed_scan(slot, want, q, limit, budget, chunk, lists,
                                                                count_lists, out)
@@ -303,12 +308,13 @@ class PackedRing:
             _fence.acquire()  # bodies are read after their flags said AVAIL
         if HAVE_RING_SCAN and not f_or & (_NEXT | _INDIRECT):
             descs = np.empty(n, PACKED_DESC_DTYPE)
-            amin, emax, lmin, lmax, lsum = self.desc.packed_bodies(start, n, q, descs)
+            # the records get the scan's flags (one snapshot), so `fl` (the reused scan output) is not kept
+            amin, emax, lmin, lmax, lsum = self.desc.packed_bodies(start, n, q, descs, fl)
             r = self.mem.region_at(amin)
             if r is not None and emax <= r.gpa + r.size:  # every buffer in one region (emax saturates)
                 self._advance(n)
-                return Bulk(descs["id"], start, q, descs["addr"], descs["len"], fl, r.gpa, r.mv, (lmin, lmax, lsum),
-                            f_and)
+                return Bulk(descs["id"], start, q, descs["addr"], descs["len"], descs["flags"], r.gpa, r.mv,
+                            (lmin, lmax, lsum), f_and)
             self._parse(out, start, fl.tolist(), descs.tobytes())
             return None
         if start + n <= q:
