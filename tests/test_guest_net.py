@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 
 from guest_support import missing_requirements, pid_alive
-from pyvirtio.bench.guest import GuestBenchConfig, format_table, per_frame, summarize
+from pyvirtio.bench.guest import GuestBenchConfig, cpu_us_per_frame, format_table, per_frame, summarize
 from pyvirtio.bench.harness import (
     Guest,
     GuestNetwork,
@@ -360,7 +360,7 @@ def test_benchmark_report_has_medians_spreads_counters_and_ratios() -> None:
             counters = {"frames": 100, "kicks_per_packet": 0.1 * (i + 1), "interrupts_per_packet": 0.2,
                         "accesses_per_packet": 5.0, "metadata_accesses_per_packet": 4.0,
                         "bytes_per_frame": 50000.0, "all_kicks_per_packet": 0.3,
-                        "all_interrupts_per_packet": 0.5}  # fmt: skip
+                        "all_interrupts_per_packet": 0.5, "backend_cpu_us_per_frame": 10.0 * (i + 1)}  # fmt: skip
             for t in ("tcp_tx", "udp_tx"):
                 samples[t].append({"value": v * scale, "value_per_vcpu": v * scale / 0.8, "host_cpu": cpu,
                                    "guest_cpu_percent": 99.0,
@@ -369,9 +369,14 @@ def test_benchmark_report_has_medians_spreads_counters_and_ratios() -> None:
     res = {"config": asdict(cfg), "runs": runs, **summarize(cfg, runs)}
     s = res["summary"]["lazy"]["tcp_tx"]
     assert (s["median"], s["min"], s["max"], s["kicks_per_packet"]) == (1.0, 0.9, 1.2, 0.2)
+    assert s["backend_cpu_us_per_frame"] == 20.0
     assert res["ratios"]["lazy/builtin"] == {"tcp_tx": 2.0, "udp_tx": 2.0}
     text = format_table(res)
     assert "1.000 [0.900-1.200]" in text and "lazy/builtin" in text and "builtin" in text
+    row = next(ln for ln in text.splitlines() if ln.startswith("lazy       tcp_tx"))
+    assert row.split()[-1] == "20.0"  # the back-end's CPU per frame, last column
+    # 25% of a core for 2 s over 10,000 frames: 50 us each
+    assert cpu_us_per_frame(25.0, 2.0, 10_000) == 50.0
 
 
 def test_the_same_memory_region_added_once_per_queue_pair_is_kept_until_its_last_removal(

@@ -215,6 +215,13 @@ def cpu_percent(before: dict[str, float], after: dict[str, float], seconds: floa
     )
 
 
+def cpu_us_per_frame(percent: float, seconds: float, frames: int) -> float:
+    """CPU microseconds per frame of a process that used `percent` of one
+    core for `seconds` while `frames` went through (the back-end's whole
+    CPU: every queue and the control thread, over the test's data frames)."""
+    return round(percent / 100 * seconds / frames * 1e6, 2)
+
+
 def _raise_exit(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
 
@@ -272,14 +279,17 @@ def _session(
                     before = gn.backend.stats() if gn.backend is not None else None
                     cpu0, t0 = cpu_snapshot(gn), time.monotonic()
                     res = gn.iperf(test, cfg.seconds, omit=cfg.omit)
-                    cpu = cpu_percent(cpu0, cpu_snapshot(gn), time.monotonic() - t0)
+                    elapsed = time.monotonic() - t0
+                    cpu = cpu_percent(cpu0, cpu_snapshot(gn), elapsed)
                     sample: dict[str, Any] = {"round": r + 1, **res.as_dict(), "host_cpu": cpu}
                     nic = {k: v - nic0.get(k, 0) for k, v in gn.guest_nic_errors().items()}
                     sample["guest_nic_errors"] = {k: v for k, v in nic.items() if v}
                     entry["guest_nic_errors"] += sum(nic.values())
                     if gn.backend is not None:
                         after = gn.backend.stats()
-                        sample["counters"] = per_frame(test, queue_deltas(before, after))
+                        sample["counters"] = c = per_frame(test, queue_deltas(before, after))
+                        if c["frames"] and "backend" in cpu:
+                            c["backend_cpu_us_per_frame"] = cpu_us_per_frame(cpu["backend"], elapsed, c["frames"])
                     value = headline(test, sample)
                     sample["value"] = value
                     # The guest is CPU-bound under TCG: its throughput follows the CPU its vCPU thread
@@ -294,6 +304,8 @@ def _session(
                             f", {c['kicks_per_packet']:.3f} kicks/frame, {c['interrupts_per_packet']:.3f}"
                             f" irq/frame, {c['bytes_per_frame']:.0f} B/frame"
                         )
+                        if "backend_cpu_us_per_frame" in c:
+                            extra += f", back-end {c['backend_cpu_us_per_frame']:.1f} CPU us/frame"
                     extra += f"; CPU% vcpu {cpu['vcpu']:.0f} qemu {cpu['qemu']:.0f}"
                     if gn.backend is not None:
                         extra += f" backend {cpu['backend']:.0f}"
@@ -345,6 +357,7 @@ def summarize(cfg: GuestBenchConfig, runs: dict[str, dict[str, Any]]) -> dict[st
                 "bytes_per_frame",
                 "all_kicks_per_packet",
                 "all_interrupts_per_packet",
+                "backend_cpu_us_per_frame",
             ):
                 vals = [c[key] for c in counters if key in c]
                 s[key] = round(statistics.median(vals), 4) if vals else None
@@ -487,10 +500,11 @@ def format_table(res: dict[str, Any]) -> str:
         lines.append(row)
     ours = [b for b in res["summary"] if b != "builtin"]
     if ours:
-        lines += ["", "pyvirtio counters per frame on the data queue (median; TCP frames are TSO frames):"]
+        lines += ["", ("pyvirtio counters per frame on the data queue (median; TCP frames are TSO frames;"
+                       " CPU us: the back-end process's CPU time per frame):")]
         lines.append(
             f"{'backend':11}{'test':8}{'kicks':>9}{'irqs':>9}{'accesses':>10}{'B/frame':>9}"
-            f"{'all kicks':>11}{'all irqs':>10}"
+            f"{'all kicks':>11}{'all irqs':>10}{'CPU us':>9}"
         )
         for b in ours:
             for t in tests:
@@ -499,6 +513,7 @@ def format_table(res: dict[str, Any]) -> str:
                     f"{b:11}{t:8}{_fmt(s['kicks_per_packet']):>9}{_fmt(s['interrupts_per_packet']):>9}"
                     f"{_fmt(s['accesses_per_packet'], 2):>10}{_fmt(s['bytes_per_frame'], 0):>9}"
                     f"{_fmt(s['all_kicks_per_packet']):>11}{_fmt(s['all_interrupts_per_packet']):>10}"
+                    f"{_fmt(s.get('backend_cpu_us_per_frame'), 1):>9}"
                 )
     lines += [
         "",
