@@ -33,7 +33,10 @@ switch): not one of those may differ (that would be a write logged too late
 or not at all). A page it never wrote was written by the vCPUs, whose
 writes QEMU tracks itself; under TCG QEMU loses one or two of those now and
 then, with its own devices too (the baselines below: 2 pages in one run of
-~20), so up to RAM_LOSS_TOLERATED of them are printed, not failed on. Then
+~20), so up to RAM_LOSS_TOLERATED of them are printed, not failed on. Such a
+lost page can also trip the guest's own checks (it held a buffer dd was
+about to write, or a file it compares): a migration that fails when QEMU
+lost vCPU pages and the back-end none runs once more, and that run decides. Then
 the destination runs. (Read, not dumped with
 `pmemsave`: dumping both took ~8 s, and a TCP sender whose peer is stopped
 that long backs its retransmission timer off to ~7 s, so the net stream
@@ -63,6 +66,7 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -313,17 +317,47 @@ def _assert_intact(r: dict) -> None:  # type: ignore[type-arg]
     _assert_ram_moved(r, backend=r["disk"] == "pyvirtio")
 
 
+def _qemu_lost_pages(r: dict) -> bool:  # type: ignore[type-arg]
+    """The RAM comparison found pages the vCPUs wrote differing on the
+    destination (QEMU's own loss under TCG, within the tolerated few) and
+    not one page the back-end wrote: damage the guest saw may come from that."""
+    return 0 < r["ram_diff_other_pages"] <= RAM_LOSS_TOLERATED and r["ram_diff_backend_pages"] == 0
+
+
+def _checked(run: Callable[[Path], dict], check: Callable[[dict], None],  # type: ignore[type-arg]
+             tmp_path: Path) -> dict:  # type: ignore[type-arg]
+    """`check(run(dir))`; when it fails and QEMU lost a vCPU-written page in
+    that migration, the whole migration runs once more and that run decides.
+    A lost vCPU page can land anywhere in the guest (a buffer dd is about to
+    write, a tmpfs file it compares), so the guest's own checks can trip on
+    it with QEMU's built-in devices too (seen: 1 run in ~25, "VFAIL" with one
+    page differing). A fault of the back-end shows again on the second run,
+    or as a page it wrote (never retried)."""
+    (tmp_path / "1").mkdir()
+    r = run(tmp_path / "1")
+    try:
+        check(r)
+    except AssertionError as e:
+        if not _qemu_lost_pages(r):
+            raise
+        print(f"\nonce more: {str(e).splitlines()[0]}; the RAM comparison found {r['ram_diff_other_pages']} "
+              f"page(s) only the vCPUs wrote differing ({', '.join(r['ram_diff_other'])}), none the back-end wrote")
+        (tmp_path / "2").mkdir()
+        r = run(tmp_path / "2")
+        check(r)
+    return r
+
+
 @pytest.mark.parametrize("ring", ["split", "packed"])
 def test_migration_with_pyvirtio_blk_keeps_every_write_and_page_cache_intact(
         tmp_path: Path, cleanup: list[object], ring: str) -> None:  # noqa: F811
-    r = _migrate_working_guest(tmp_path, cleanup, "pyvirtio", ring)
-    _assert_intact(r)
+    r = _checked(lambda d: _migrate_working_guest(d, cleanup, "pyvirtio", ring), _assert_intact, tmp_path)
     assert r["pages_marked"] is not None and r["pages_marked"] > 0, "the source back-end marked no page"
     assert r["log_bases"] is not None and r["log_bases"] >= 1
 
 
 def test_migration_baseline_with_qemu_builtin_virtio_blk(tmp_path: Path, cleanup: list[object]) -> None:  # noqa: F811
-    _assert_intact(_migrate_working_guest(tmp_path, cleanup, "builtin", "split"))
+    _checked(lambda d: _migrate_working_guest(d, cleanup, "builtin", "split"), _assert_intact, tmp_path)
 
 
 def test_migration_without_dirty_logging_is_caught(tmp_path: Path, cleanup: list[object]) -> None:  # noqa: F811
@@ -482,13 +516,12 @@ def _assert_stream_intact(r: dict) -> None:  # type: ignore[type-arg]
 
 @pytest.mark.parametrize("ring", ["split", "packed"])
 def test_migration_with_pyvirtio_net_keeps_a_tcp_stream_intact(tmp_path: Path, ring: str) -> None:
-    r = _migrate_streaming_guest(tmp_path, "pyvirtio", ring)
-    _assert_stream_intact(r)
+    r = _checked(lambda d: _migrate_streaming_guest(d, "pyvirtio", ring), _assert_stream_intact, tmp_path)
     assert r["pages_marked"] is not None and r["pages_marked"] > 0, "the source back-end marked no page"
 
 
 def test_migration_net_baseline_with_qemu_builtin_virtio_net(tmp_path: Path) -> None:
-    _assert_stream_intact(_migrate_streaming_guest(tmp_path, "builtin", "split"))
+    _checked(lambda d: _migrate_streaming_guest(d, "builtin", "split"), _assert_stream_intact, tmp_path)
 
 
 def test_migration_net_without_dirty_logging_is_caught(tmp_path: Path) -> None:
