@@ -866,7 +866,7 @@ class _MutatingArea(CountingArea):
         v = super().gather_split(desc, start, n, q, heads, descs)
         self.owner.after_read(self, [(AVAIL_RING + 2 * ((start + i) % q), 2) for i in range(n)])
         if v[0] < 0:
-            self.owner.after_read(desc, [(int(h) * 16, 16) for h in heads])
+            self.owner.after_read(desc, [(int(h) * 16, 16) for h in np.frombuffer(heads, np.uint16)])
         return v
 
 

@@ -181,13 +181,17 @@ def test_packed_functions_refuse_what_does_not_fit() -> None:
         ringscan.packed_bodies(memoryview(desc), 0, q + 1, q, np.empty(q + 1, SPLIT_DESC_DTYPE), np.zeros(q + 1, np.uint16))
     with pytest.raises(ValueError):  # fewer flags than descriptors
         ringscan.packed_bodies(memoryview(desc), 0, 3, q, np.empty(3, SPLIT_DESC_DTYPE), fl[:2])
-    ids, lens, flags = np.arange(3, dtype=np.uint16), np.full(3, 64, np.uint32), np.full(3, 2, np.uint16)
+    recs = bytearray(16 * 3)
     with pytest.raises(ValueError):
-        ringscan.packed_used(memoryview(desc), q, q, True, ids, 10, lens, flags)  # slot past the ring
+        ringscan.packed_used(memoryview(desc), q, q, True, recs, 10)  # slot past the ring
     with pytest.raises(ValueError):
-        ringscan.packed_used(memoryview(desc), 0, q, True, ids, np.zeros(2, np.uint32), lens, flags)
+        ringscan.packed_used(memoryview(desc), 0, q, True, recs, np.zeros(2, np.uint32))  # a length short
     with pytest.raises(ValueError):
-        ringscan.packed_used(memoryview(desc), 0, q, True, ids, 1 << 32, lens, flags)
+        ringscan.packed_used(memoryview(desc), 0, q, True, recs, 1 << 32)
+    with pytest.raises(ValueError):  # not whole records
+        ringscan.packed_used(memoryview(desc), 0, q, True, recs[:-1], 10)
+    with pytest.raises(ValueError):  # no record
+        ringscan.packed_used(memoryview(desc), 0, q, True, bytearray(), 10)
 
 
 def test_packed_bodies_keep_the_flags_the_scan_read() -> None:
@@ -213,10 +217,13 @@ def test_packed_bodies_keep_the_flags_the_scan_read() -> None:
 def test_packed_used_wraps_and_leaves_the_first_store_to_the_caller() -> None:
     q = 4
     desc = bytearray(16 * q)
-    ids = np.array([5, 6, 7], np.uint16)
-    lens = np.array([64, 0, 64], np.uint32)
-    flags = np.array([2, 2, 0], np.uint16)  # writable, writable but empty, read-only
-    head = ringscan.packed_used(memoryview(desc), 3, q, True, ids, np.array([60, 0, 0], np.uint32), lens, flags)
+    from pyvirtio.queue.bulk import PACKED_DESC_DTYPE
+    recs = np.zeros(3, PACKED_DESC_DTYPE)  # the batch's records, as packed_bodies left them
+    recs["addr"] = 0x1000
+    recs["id"] = [5, 6, 7]
+    recs["len"] = [64, 0, 64]
+    recs["flags"] = [2, 2, 0]  # writable, writable but empty, read-only
+    head = ringscan.packed_used(memoryview(desc), 3, q, True, recs.tobytes(), np.array([60, 0, 0], np.uint32))
     words = np.frombuffer(desc, np.uint64).reshape(q, 2)[:, 1].tolist()
     both, write = 0x8080, 0x2
     assert head == 60 | 5 << 32 | (both | write) << 48  # slot 3, this wrap: AVAIL|USED, WRITE
@@ -361,11 +368,69 @@ def test_arguments_of_the_wrong_kind_are_refused_and_no_buffer_stays_held() -> N
         ringscan.packed_scan(*ok, 0)  # one too many
     with pytest.raises(TypeError):
         ringscan.iov_table(bytes(16), 1, 0, "4096", 0)  # u64 arguments are ints
+    recs = bytearray(32)
+    with pytest.raises(ValueError):  # lengths for three, records for two: both buffers were taken
+        ringscan.packed_used(desc, 0, q, True, recs, np.zeros(3, np.uint32))
     desc.extend(b"x")  # no export left behind by the failed calls
     out.extend(b"x")
+    recs.extend(b"x")
     assert ringscan.packed_bodies(bytes(16 * q), 0, 1, q, bytearray(16), bytes(2)) == (0, 0, 0, 0, 0)
 
 
 class _Unbool:
     def __bool__(self) -> bool:
         raise RuntimeError("no truth value")
+
+
+@st.composite
+def forward_batches(draw: st.DrawFn) -> tuple[bytes, np.ndarray, np.ndarray, int, int, int]:
+    """A source region and two batches of descriptor records over one 4 KiB
+    region each (some buffers outside, some the wrong way round, some too
+    long or too short), and lo, hi, patch_at."""
+    from pyvirtio.queue.bulk import PACKED_DESC_DTYPE
+    n = draw(st.integers(0, 6))
+    region = bytearray(np.random.default_rng(draw(st.integers(0, 2**32 - 1))).bytes(4096))
+    for _ in range(n):  # mostly headers that ask for no offload
+        if draw(st.booleans()):
+            o = draw(st.integers(0, 4094))
+            region[o : o + 2] = b"\0\0"
+    recs = []
+    for dtype in (SPLIT_DESC_DTYPE, PACKED_DESC_DTYPE):
+        r = np.zeros(n, dtype)
+        r["addr"] = [0x10000 + draw(st.integers(0, 4200)) for _ in range(n)]
+        r["len"] = [draw(st.integers(0, 300)) for _ in range(n)]
+        r["flags"] = [draw(st.sampled_from([0, 2, 2, 0x82, 0x8080])) for _ in range(n)]
+        recs.append(r)
+    return (bytes(region), recs[0], recs[1], draw(st.integers(0, 20)), draw(st.integers(20, 400)),
+            draw(st.sampled_from([-1, 0, 10])))
+
+
+@settings(max_examples=300, deadline=None)
+@given(forward_batches(), st.booleans())
+def test_forward_over_records_does_what_forward_over_columns_does(b, packed_source: bool) -> None:  # type: ignore[no-untyped-def]
+    # `forward_records` (both batches as their descriptor records, flags at
+    # 12 split or 14 packed) is `forward` over the same columns: the same
+    # answer, the same bytes written, nothing written when refused.
+    region, split_recs, packed_recs, lo, hi, patch_at = b
+    src, dst = (packed_recs, split_recs) if packed_source else (split_recs, packed_recs)
+    s_at, d_at = (14, 12) if packed_source else (12, 14)
+    patch = b"\x01\x00" if patch_at >= 0 else b""
+    src_mem = bytearray(region)
+    by_cols, by_recs = bytearray(4096), bytearray(4096)
+    want = ringscan.forward(src_mem, src["addr"], 0x10000, src["len"], src["flags"], by_cols, dst["addr"], 0x10000,
+                            dst["len"], dst["flags"], lo, hi, patch_at, patch)
+    got = ringscan.forward_records(src_mem, src.tobytes(), 0x10000, s_at, by_recs, dst.tobytes(), 0x10000, d_at,
+                                   lo, hi, patch_at, patch)
+    assert got == want and by_recs == by_cols
+    if got is None:
+        assert by_recs == bytearray(4096)
+
+
+def test_forward_over_records_refuses_what_is_not_records() -> None:
+    region, recs = bytearray(4096), bytes(32)
+    for bad in [{"s_at": 13}, {"d_at": 0}, {"d": bytes(48)}, {"s": bytes(31), "d": bytes(31)}]:
+        with pytest.raises(ValueError):
+            ringscan.forward_records(region, bad.get("s", recs), 0, bad.get("s_at", 12), region, bad.get("d", recs), 0,
+                                     bad.get("d_at", 14), 0, 100, -1, b"")
+    with pytest.raises((TypeError, BufferError)):  # the destination region is written
+        ringscan.forward_records(region, recs, 0, 12, bytes(4096), recs, 0, 14, 0, 100, -1, b"")

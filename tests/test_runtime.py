@@ -188,3 +188,74 @@ def test_a_sleeping_ring_of_a_group_is_served_while_another_ring_of_the_group_ne
         busy.stop()
         lp.stop()
         group.close()
+
+
+@pytest.mark.parametrize("ring", ["split", "packed"])
+def test_receive_bulk_moves_a_whole_batch_into_the_next_buffers_or_hands_back_what_it_took(ring):
+    """`Queue.receive_bulk`: another ring's batch of frames lands one per
+    buffer in this ring's next buffers, the patch over each copy, used at
+    once with each frame's length and counted here; with fewer buffers than
+    frames nothing is written or counted and the buffers taken come back in
+    ring order; a ring that is not quiet (another thread's) gives none."""
+    import threading
+    from collections import deque
+
+    from pyvirtio.runtime import LoopGroup
+
+    group = LoopGroup("test")
+    group.thread = threading.current_thread()  # this thread stands for the group's
+    group.ident = threading.get_ident()
+    txp, rxp = QueuePair(ring, 16), QueuePair(ring, 16)
+    calls: list[int] = []
+    lp = QueueLoop(rxp.vq, None, lambda: calls.append(1))
+    lp.group = group
+    rq = lp.queue
+    frames = [bytes(2) + bytes([i]) * (30 + i) for i in range(5)]
+
+    def send(fs: list[bytes]) -> Bulk:
+        for f in fs:
+            g = txp.pool.alloc(len(f))
+            txp.raw.write(g, f)
+            txp.driver.add([(g, len(f))], [], token=f)
+        txp.driver.publish()
+        got = txp.vq.pop_bulk(16)
+        assert type(got) is Bulk
+        return got
+
+    def post(n: int) -> list[int]:
+        gpas = [rxp.pool.alloc(64) for _ in range(n)]
+        for g in gpas:
+            rxp.raw.write(g, b"\xee" * 64)
+            rxp.driver.add([], [(g, 64)], token=g)
+        rxp.driver.publish()
+        return gpas
+
+    held: deque = deque()
+    post(3)
+    bulk = send(frames)
+    assert rq.receive_bulk(bulk, held, 2, 64, 0, b"\x01") == -1  # 3 buffers for 5 frames
+    assert [ch.writable_len for ch in held] == [64] * 3 and rxp.driver.get_used() == []
+    assert rq.counters.packets == 0 and rq.counters.bytes == 0
+    rxp.vq.complete_batch([(ch, 0) for ch in held])  # handed back unused
+    rxp.driver.get_used()
+    held.clear()
+
+    gpas = post(5)
+    assert rq.receive_bulk(bulk, held, 2, 64, 0, b"\x01") == sum(len(f) - 2 for f in frames)
+    assert not held
+    used = rxp.driver.get_used()
+    assert [w for _, w in used] == [len(f) for f in frames] and [g for g, _ in used] == gpas
+    assert [rxp.raw.read(g, len(f)) for g, f in zip(gpas, frames)] == [b"\x01" + f[1:] for f in frames]
+    assert rxp.raw.read(gpas[0] + len(frames[0]), 1) == b"\xee"  # nothing past the frame
+    assert rq.counters.packets == 5 and rq.counters.bytes == sum(len(f) - 2 for f in frames)
+    txp.vq.complete_bulk(bulk, 0)
+    txp.vq.flush()
+
+    post(5)
+    bulk = send(frames[:2])
+    group.ident = -1  # served by another thread now: not quiet
+    assert rq.receive_bulk(bulk, held, 2, 64) == -1 and not held
+    group.ident = threading.get_ident()
+    assert rq.receive_bulk(bulk, held, 2, 32) == -1  # a frame longer than `hi`: the caller looks at it
+    assert len(held) == 2 and rq.counters.packets == 5 and rxp.driver.get_used() == []
+    lp.close()

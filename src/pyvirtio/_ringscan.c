@@ -453,8 +453,9 @@ out:
  * array); returns (lowest addr, highest addr + len saturated, lowest len,
  * highest len, sum of lens).
  *
- * packed_used(desc, u, q, wrap, ids, written, lens, flags): the used
- * descriptors of one batch (n = len(ids)) from slot u, one 8-byte
+ * packed_used(desc, u, q, wrap, recs, written): the used descriptors of one
+ * batch (recs: its n 16-byte descriptor records, addr|len|id|flags, as
+ * packed_bodies wrote them; written: an int or n u32) from slot u, one 8-byte
  * len|id|flags store each except the first, whose value is returned for the
  * caller to store last; WRITE where the buffer was writable and not empty.
  */
@@ -583,48 +584,33 @@ out:
 
 static PyObject *packed_used(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    Py_buffer desc, ids, lens, flags, wl;
-    PyObject *io, *lo, *fo;
+    Py_buffer desc, recs, wl;
     Py_ssize_t u, q;
     int wrap, have_wl = 0;
     PyObject *written;
     uint32_t same = 0;
     PyObject *result = NULL;
-    if (fast_args(args, nargs, "w*nnpOOOO", "packed_used", &desc, &u, &q, &wrap, &io, &written, &lo, &fo) < 0)
+    if (fast_args(args, nargs, "w*nnpy*O", "packed_used", &desc, &u, &q, &wrap, &recs, &written) < 0)
         return NULL;
-    /* ids, lens and flags: columns, strided or not (a batch's record fields) */
-    if (get_col(io, 2, &ids, "packed_used") < 0) {
-        PyBuffer_Release(&desc);
-        return NULL;
-    }
-    if (get_col(lo, 4, &lens, "packed_used") < 0) {
-        PyBuffer_Release(&ids);
-        PyBuffer_Release(&desc);
-        return NULL;
-    }
-    if (get_col(fo, 2, &flags, "packed_used") < 0) {
-        PyBuffer_Release(&lens);
-        PyBuffer_Release(&ids);
-        PyBuffer_Release(&desc);
-        return NULL;
-    }
-    Py_ssize_t n = ids.shape[0];
+    /* the batch's descriptor records, as packed_bodies wrote them (one buffer:
+     * one export, where three strided field columns cost three) */
+    Py_ssize_t n = recs.len / 16;
     if (get_written(written, n, "packed_used", &same, &wl, &have_wl) < 0)
         goto out;
-    if (q <= 0 || q > 32768 || n < 1 || n > q || u < 0 || u >= q || desc.len < 16 * q || lens.shape[0] != n
-            || flags.shape[0] != n) {
+    if (q <= 0 || q > 32768 || n < 1 || n > q || u < 0 || u >= q || desc.len < 16 * q || recs.len != 16 * n) {
         PyErr_SetString(PyExc_ValueError, "packed_used: bad ring geometry or buffers");
         goto out;
     }
     unsigned char *table = desc.buf;
+    const unsigned char *r = recs.buf;
     const unsigned char *w = have_wl ? wl.buf : NULL;
     uint64_t used_flags = wrap ? P_BOTH : 0, head = 0;
-    for (Py_ssize_t i = 0; i < n; i++) {
+    for (Py_ssize_t i = 0; i < n; i++, r += 16) {
         uint32_t len, wr;
         uint16_t id, fl;
-        memcpy(&len, COL(lens, i), 4);
-        memcpy(&id, COL(ids, i), 2);
-        memcpy(&fl, COL(flags, i), 2);
+        memcpy(&len, r + 8, 4);
+        memcpy(&id, r + 12, 2);
+        memcpy(&fl, r + 14, 2);
         if (w)
             memcpy(&wr, w + 4 * i, 4);
         else
@@ -645,9 +631,7 @@ out:
     if (have_wl)
         PyBuffer_Release(&wl);
     PyBuffer_Release(&desc);
-    PyBuffer_Release(&ids);
-    PyBuffer_Release(&lens);
-    PyBuffer_Release(&flags);
+    PyBuffer_Release(&recs);
     return result;
 }
 
@@ -867,6 +851,67 @@ out:
  * inside their regions. Buffers may overlap (the guest chose them): the
  * copy is a memmove.
  */
+/* One batch's columns for forward: element i of each at base + i * stride. */
+struct cols {
+    const unsigned char *addr, *len, *flags;
+    Py_ssize_t sa, sl, sf;
+};
+
+static struct cols cols_of(const Py_buffer *a, const Py_buffer *l, const Py_buffer *f)
+{
+    struct cols c = {a->buf, l->buf, f->buf, a->strides[0], l->strides[0], f->strides[0]};
+    return c;
+}
+
+/* n 16-byte descriptor records: addr at 0, len at 8, flags at flags_at. */
+static struct cols cols_of_records(const Py_buffer *r, Py_ssize_t flags_at)
+{
+    const unsigned char *b = r->buf;
+    struct cols c = {b, b + 8, b + flags_at, 16, 16, 16};
+    return c;
+}
+
+/* forward's work once the columns are known (see forward above). */
+static PyObject *forward_batch(const Py_buffer *src, uint64_t sgpa, const struct cols *s, const Py_buffer *dst,
+                               uint64_t dgpa, const struct cols *d, Py_ssize_t n, uint64_t lo, uint64_t hi,
+                               Py_ssize_t patch_at, const Py_buffer *patch)
+{
+    uint64_t ssize = (uint64_t)src->len, dsize = (uint64_t)dst->len;
+    uint64_t need = patch_at >= 0 ? (uint64_t)patch_at + (uint64_t)patch->len : 0;
+    struct tally t;
+    tally_init(&t, n);
+    const unsigned char *sbase = src->buf;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        uint64_t sa, da;
+        uint32_t k, room;
+        uint16_t sfl, dfl;
+        memcpy(&sa, s->addr + i * s->sa, 8);
+        memcpy(&k, s->len + i * s->sl, 4);
+        memcpy(&sfl, s->flags + i * s->sf, 2);
+        memcpy(&da, d->addr + i * d->sa, 8);
+        memcpy(&room, d->len + i * d->sl, 4);
+        memcpy(&dfl, d->flags + i * d->sf, 2);
+        if ((sfl & 0x2) || !(dfl & 0x2) || k < lo || k > hi || k < need || k < 2 || room < k
+                || !inside(sa, k, sgpa, ssize) || !inside(da, k, dgpa, dsize)
+                || sbase[sa - sgpa] || sbase[sa - sgpa + 1])
+            Py_RETURN_NONE;
+        tally_add(&t, k);
+    }
+    unsigned char *dbase = dst->buf;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        uint64_t sa, da;
+        uint32_t k;
+        memcpy(&sa, s->addr + i * s->sa, 8);
+        memcpy(&k, s->len + i * s->sl, 4);
+        memcpy(&da, d->addr + i * d->sa, 8);
+        unsigned char *to = dbase + (da - dgpa);
+        memmove(to, sbase + (sa - sgpa), (size_t)k);
+        if (patch_at >= 0)
+            memcpy(to + patch_at, patch->buf, (size_t)patch->len);
+    }
+    return tally_result(&t);
+}
+
 static PyObject *forward(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     Py_buffer src, dst, sa, sl, sf, da, dl, df, patch;
@@ -896,46 +941,10 @@ static PyObject *forward(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     }
     if (m != n) {
         PyErr_SetString(PyExc_ValueError, "forward: one destination buffer per source buffer");
-        goto out;
+    } else {
+        struct cols s = cols_of(&sa, &sl, &sf), d = cols_of(&da, &dl, &df);
+        result = forward_batch(&src, sgpa, &s, &dst, dgpa, &d, n, lo, hi, patch_at, &patch);
     }
-    uint64_t ssize = (uint64_t)src.len, dsize = (uint64_t)dst.len;
-    uint64_t need = patch_at >= 0 ? (uint64_t)patch_at + (uint64_t)patch.len : 0;
-    struct tally t;
-    tally_init(&t, n);
-    const unsigned char *sbase = src.buf;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        uint64_t s, d;
-        uint32_t k, room;
-        uint16_t sfl, dfl;
-        memcpy(&s, COL(sa, i), 8);
-        memcpy(&k, COL(sl, i), 4);
-        memcpy(&sfl, COL(sf, i), 2);
-        memcpy(&d, COL(da, i), 8);
-        memcpy(&room, COL(dl, i), 4);
-        memcpy(&dfl, COL(df, i), 2);
-        if ((sfl & 0x2) || !(dfl & 0x2) || k < lo || k > hi || k < need || k < 2 || room < k
-                || !inside(s, k, sgpa, ssize) || !inside(d, k, dgpa, dsize)
-                || sbase[s - sgpa] || sbase[s - sgpa + 1]) {
-            result = Py_None;
-            Py_INCREF(result);
-            goto out;
-        }
-        tally_add(&t, k);
-    }
-    unsigned char *dbase = dst.buf;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        uint64_t s, d;
-        uint32_t k;
-        memcpy(&s, COL(sa, i), 8);
-        memcpy(&k, COL(sl, i), 4);
-        memcpy(&d, COL(da, i), 8);
-        unsigned char *to = dbase + (d - dgpa);
-        memmove(to, sbase + (s - sgpa), (size_t)k);
-        if (patch_at >= 0)
-            memcpy(to + patch_at, patch.buf, (size_t)patch.len);
-    }
-    result = tally_result(&t);
-out:
     PyBuffer_Release(&sa);
     PyBuffer_Release(&sl);
     PyBuffer_Release(&sf);
@@ -944,6 +953,36 @@ out:
     PyBuffer_Release(&df);
     PyBuffer_Release(&src);
     PyBuffer_Release(&dst);
+    PyBuffer_Release(&patch);
+    return result;
+}
+
+/*
+ * forward_records(src, s_recs, s_gpa, s_flags_at, dst, d_recs, d_gpa,
+ *                 d_flags_at, lo, hi, patch_at, patch): forward, with each
+ * batch given as its 16-byte descriptor records (addr at 0, len at 8, the
+ * flags at 12 (split) or 14 (packed)): two buffers where forward takes six
+ * columns.
+ */
+static PyObject *forward_records(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer src, dst, sr, dr, patch;
+    unsigned long long sgpa, dgpa, lo, hi;
+    Py_ssize_t sat, dat, patch_at;
+    PyObject *result = NULL;
+    if (fast_args(args, nargs, "y*y*Knw*y*KnKKny*", "forward_records", &src, &sr, &sgpa, &sat, &dst, &dr, &dgpa,
+                  &dat, &lo, &hi, &patch_at, &patch) < 0)
+        return NULL;
+    if (sr.len % 16 || dr.len != sr.len || (sat != 12 && sat != 14) || (dat != 12 && dat != 14)) {
+        PyErr_SetString(PyExc_ValueError, "forward_records: one 16-byte record per buffer on both sides, flags at 12 or 14");
+    } else {
+        struct cols s = cols_of_records(&sr, sat), d = cols_of_records(&dr, dat);
+        result = forward_batch(&src, sgpa, &s, &dst, dgpa, &d, sr.len / 16, lo, hi, patch_at, &patch);
+    }
+    PyBuffer_Release(&src);
+    PyBuffer_Release(&sr);
+    PyBuffer_Release(&dst);
+    PyBuffer_Release(&dr);
     PyBuffer_Release(&patch);
     return result;
 }
@@ -959,7 +998,7 @@ static PyMethodDef methods[] = {
     {"packed_bodies", (PyCFunction)(void (*)(void))packed_bodies, METH_FASTCALL,
      "packed_bodies(desc, start, n, q, out, flags) -> (addr_min, end_max, len_min, len_max, len_sum)"},
     {"packed_used", (PyCFunction)(void (*)(void))packed_used, METH_FASTCALL,
-     "packed_used(desc, u, q, wrap, ids, written, lens, flags) -> the first descriptor's len|id|flags"},
+     "packed_used(desc, u, q, wrap, recs, written) -> the first descriptor's len|id|flags"},
     {"fill", (PyCFunction)(void (*)(void))fill, METH_FASTCALL, "fill(region, addrs, gpa, lens, data): copy data to the start of every buffer."},
     {"scatter", (PyCFunction)(void (*)(void))scatter, METH_FASTCALL,
      "scatter(region, addrs, gpa, lens, flags, frames, patch_at, patch) -> (shortest, longest, total), or None"},
@@ -967,6 +1006,9 @@ static PyMethodDef methods[] = {
      "gather(region, addrs, gpa, lens, flags, lo, hi) -> (copies of the readable buffers lo <= len <= hi, lead_or)"},
     {"forward", (PyCFunction)(void (*)(void))forward, METH_FASTCALL,
      "forward(src, s_addrs, s_gpa, s_lens, s_flags, dst, d_addrs, d_gpa, d_lens, d_flags, lo, hi, patch_at, patch)"
+     " -> (shortest, longest, total), or None"},
+    {"forward_records", (PyCFunction)(void (*)(void))forward_records, METH_FASTCALL,
+     "forward_records(src, s_recs, s_gpa, s_flags_at, dst, d_recs, d_gpa, d_flags_at, lo, hi, patch_at, patch)"
      " -> (shortest, longest, total), or None"},
     {"iov_table", (PyCFunction)(void (*)(void))iov_table, METH_FASTCALL,
      "iov_table(table, nr, gpa, size, host) -> (iov, readable_len, total_len), or None (a buffer outside)"},

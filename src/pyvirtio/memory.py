@@ -22,7 +22,7 @@ import os
 import struct
 import sys
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 import numpy as np
 
@@ -41,35 +41,46 @@ except ImportError:  # pragma: no cover
 if sys.byteorder != "little":  # pragma: no cover
     raise ImportError("pyvirtio's ring code assumes a little-endian host")
 
-#: the rings' batch scans in C (pyvirtio/_ringscan.c), with the compiled
-#: engine only: PYVIRTIO_PURE=1 or a build without it keep the numpy scans
-_ring_c: Any = None
-if os.environ.get("PYVIRTIO_PURE", "") in ("", "0"):
+def _load_ring_c() -> Any:
+    if os.environ.get("PYVIRTIO_PURE", "") not in ("", "0"):
+        return None
     try:
-        from pyvirtio import _ringscan as _ring_c  # type: ignore[attr-defined,no-redef,unused-ignore]
+        from pyvirtio import _ringscan  # type: ignore[attr-defined,unused-ignore]
     except ImportError:
-        _ring_c = None
+        return None
+    return _ringscan
+
+
+#: the rings' batch scans in C (pyvirtio/_ringscan.c), with the compiled
+#: engine only: PYVIRTIO_PURE=1 or a build without it keep the numpy scans.
+#: (Module constants are `Final` throughout the engine: compiled code reads
+#: them from C statics instead of looking them up in the module's dict.)
+_ring_c: Final[Any] = _load_ring_c()
 #: whether the C batch forms of `Area` (gather_split, put_used, packed_*) are available
-HAVE_RING_SCAN = _ring_c is not None
+HAVE_RING_SCAN: Final = _ring_c is not None
 #: copy one payload into every buffer of a batch (`Bulk.fill`), or None
-ring_fill: Callable[[memoryview, np.ndarray, int, np.ndarray, bytes], None] | None = (
+ring_fill: Final[Callable[[memoryview, np.ndarray, int, np.ndarray, bytes], None] | None] = (
     _ring_c.fill if _ring_c is not None else None)
 #: one frame into each buffer of a batch (`Bulk.scatter`), or None
-ring_scatter: Callable[[memoryview, np.ndarray, int, np.ndarray, np.ndarray, Sequence[bytes], int, bytes],
-                       tuple[int, int, int] | None] | None = _ring_c.scatter if _ring_c is not None else None
+ring_scatter: Final[Callable[[memoryview, np.ndarray, int, np.ndarray, np.ndarray, Sequence[bytes], int, bytes],
+                       tuple[int, int, int] | None] | None] = _ring_c.scatter if _ring_c is not None else None
 #: copies of a batch's readable buffers (`Bulk.frames`), or None
-ring_gather: Callable[[memoryview, np.ndarray, int, np.ndarray, np.ndarray, int, int],
-                      tuple[list[bytes], int]] | None = _ring_c.gather if _ring_c is not None else None
+ring_gather: Final[Callable[[memoryview, np.ndarray, int, np.ndarray, np.ndarray, int, int],
+                      tuple[list[bytes], int]] | None] = _ring_c.gather if _ring_c is not None else None
 #: one batch's readable buffers straight into another's writable ones (`Bulk.forward_into`), or None
-ring_forward: Callable[..., tuple[int, int, int] | None] | None = _ring_c.forward if _ring_c is not None else None
+ring_forward: Final[Callable[..., tuple[int, int, int] | None] | None] = _ring_c.forward if _ring_c is not None else None
+#: the same with both batches given as their descriptor records (`Bulk.recs`), or None
+ring_forward_records: Final[Callable[..., tuple[int, int, int] | None] | None] = (
+    _ring_c.forward_records if _ring_c is not None else None)
 #: a long indirect table as a `struct iovec[]` (`build_iov_chain`), or None
-ring_iov_table: Callable[[bytes, int, int, int, int], tuple[bytes, int, int] | None] | None = (
+ring_iov_table: Final[Callable[[bytes, int, int, int, int], tuple[bytes, int, int] | None] | None] = (
     _ring_c.iov_table if _ring_c is not None else None)
 
-U64_MAX = (1 << 64) - 1
-_U64 = np.dtype(np.uint64)
-_U16 = np.dtype(np.uint16)
-SPLIT_DESC_SIZE = 16
+U64_MAX: Final = (1 << 64) - 1
+_full_fence: Final = _fence.full
+_U64: Final = np.dtype(np.uint64)
+_U16: Final = np.dtype(np.uint16)
+SPLIT_DESC_SIZE: Final = 16
 
 
 class GuestMemoryError(Exception):
@@ -178,8 +189,8 @@ class Area:
         HAVE_RING_SCAN."""
         _ring_c.split_used(self.mv, start, q, ids, written)
 
-    def gather_split(self, desc: Area, start: int, n: int, q: int, heads: np.ndarray,
-                     descs: np.ndarray) -> tuple[int, int, int, int, int, int, int, int]:
+    def gather_split(self, desc: Area, start: int, n: int, q: int, heads: np.ndarray | bytearray,
+                     descs: np.ndarray | bytearray) -> tuple[int, int, int, int, int, int, int, int]:
         """This avail ring's `n` heads from slot `start` (one bulk read, two
         when they wrap, into `heads`) and, when every head is below `q`, each head's descriptor
         from `desc` (one read each, into `descs`): returns (-1, OR of the
@@ -196,7 +207,7 @@ class Area:
     # the packed ring's batch forms in C (pyvirtio/_ringscan.c); need HAVE_RING_SCAN
 
     def packed_scan(self, slot: int, want: int, q: int, limit: int, budget: int, chunk: int, lists: int,
-                    count_lists: bool, out: np.ndarray) -> tuple[int, int, int, int]:
+                    count_lists: bool, out: np.ndarray | memoryview) -> tuple[int, int, int, int]:
         """The flags of the slots after a probed one, read as
         `PackedRing._scan_vector` reads them (2 bytes a slot, the same slots):
         (run length, slots read, OR of the run's flags, AND of them)."""
@@ -204,8 +215,8 @@ class Area:
                                                            count_lists, out)
         return r
 
-    def packed_bodies(self, start: int, n: int, q: int, out: np.ndarray,
-                      flags: np.ndarray) -> tuple[int, int, int, int, int]:
+    def packed_bodies(self, start: int, n: int, q: int, out: np.ndarray | bytearray,
+                      flags: np.ndarray | memoryview) -> tuple[int, int, int, int, int]:
         """The n descriptors from slot `start`, wrapping (one bulk read, two
         when they wrap), each record's flags replaced by `flags[i]` (the
         scan's snapshot): (lowest addr, highest addr + len, lowest len,
@@ -213,11 +224,11 @@ class Area:
         r: tuple[int, int, int, int, int] = _ring_c.packed_bodies(self.mv, start, n, q, out, flags)
         return r
 
-    def packed_used(self, u: int, q: int, wrap: bool, ids: np.ndarray, written: int | np.ndarray,
-                    lens: np.ndarray, flags: np.ndarray) -> int:
-        """Store the used descriptors of one batch from slot `u` but the
-        first (one 8-byte store each); returns the first's value."""
-        head: int = _ring_c.packed_used(self.mv, u, q, wrap, ids, written, lens, flags)
+    def packed_used(self, u: int, q: int, wrap: bool, recs: bytearray, written: int | np.ndarray) -> int:
+        """Store the used descriptors of one batch (`recs`: its 16-byte
+        descriptor records) from slot `u` but the first (one 8-byte store
+        each); returns the first's value."""
+        head: int = _ring_c.packed_used(self.mv, u, q, wrap, recs, written)
         return head
 
     def np_scatter64(self, word_index: np.ndarray, values: np.ndarray) -> None:
@@ -461,7 +472,7 @@ class GuestMemory:
 
     def fence(self) -> None:
         """Full (StoreLoad) memory barrier."""
-        _fence.full()
+        _full_fence()
 
 
 # -- access counting ---------------------------------------------------------------
@@ -568,8 +579,8 @@ class CountingArea(Area):
         c.writes += 1 if start + n <= q else 2
         c.bytes_written += 8 * n
 
-    def gather_split(self, desc: Area, start: int, n: int, q: int, heads: np.ndarray,
-                     descs: np.ndarray) -> tuple[int, int, int, int, int, int, int, int]:
+    def gather_split(self, desc: Area, start: int, n: int, q: int, heads: np.ndarray | bytearray,
+                     descs: np.ndarray | bytearray) -> tuple[int, int, int, int, int, int, int, int]:
         r = super().gather_split(desc, start, n, q, heads, descs)
         c = self.c
         c.reads += 1 if start + n <= q else 2  # as the numpy scan: one bulk read, two when it wraps
@@ -584,27 +595,27 @@ class CountingArea(Area):
         c.bytes_read += nbytes
 
     def packed_scan(self, slot: int, want: int, q: int, limit: int, budget: int, chunk: int, lists: int,
-                    count_lists: bool, out: np.ndarray) -> tuple[int, int, int, int]:
+                    count_lists: bool, out: np.ndarray | memoryview) -> tuple[int, int, int, int]:
         r = super().packed_scan(slot, want, q, limit, budget, chunk, lists, count_lists, out)
         c = self.c
         c.reads += r[1]
         c.bytes_read += 2 * r[1]
         return r
 
-    def packed_bodies(self, start: int, n: int, q: int, out: np.ndarray,
-                      flags: np.ndarray) -> tuple[int, int, int, int, int]:
+    def packed_bodies(self, start: int, n: int, q: int, out: np.ndarray | bytearray,
+                      flags: np.ndarray | memoryview) -> tuple[int, int, int, int, int]:
         r = super().packed_bodies(start, n, q, out, flags)
         c = self.c
         c.reads += 1 if start + n <= q else 2
         c.bytes_read += 16 * n
         return r
 
-    def packed_used(self, u: int, q: int, wrap: bool, ids: np.ndarray, written: int | np.ndarray,
-                    lens: np.ndarray, flags: np.ndarray) -> int:
-        head = super().packed_used(u, q, wrap, ids, written, lens, flags)
+    def packed_used(self, u: int, q: int, wrap: bool, recs: bytearray, written: int | np.ndarray) -> int:
+        head = super().packed_used(u, q, wrap, recs, written)
+        stores = len(recs) // 16 - 1
         c = self.c
-        c.writes += len(ids) - 1
-        c.bytes_written += 8 * (len(ids) - 1)
+        c.writes += stores
+        c.bytes_written += 8 * stores
         return head
 
     def np_scatter64(self, word_index: np.ndarray, values: np.ndarray) -> None:
@@ -686,7 +697,7 @@ class CountingMemory(GuestMemory):
 
     def fence(self) -> None:
         self.fences += 1
-        _fence.full()
+        _full_fence()
 
     def reset_counts(self) -> None:
         for c in self.counters.values():

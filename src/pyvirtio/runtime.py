@@ -44,7 +44,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, Final
 
 from pyvirtio.memory import mypyc_attr
 from pyvirtio.queue import ArmResult, Chain, QueueError, Virtqueue
@@ -54,7 +54,7 @@ from pyvirtio.service import CallbackService, Completion, Service, VirtioDevice
 log = logging.getLogger(__name__)
 
 #: the `Service` methods the loop calls around a sleep
-_SLEEP_HOOKS = ("wake_fds", "wake_write_fds", "timer", "before_sleep", "after_sleep")
+_SLEEP_HOOKS: Final = ("wake_fds", "wake_write_fds", "timer", "before_sleep", "after_sleep")
 
 
 class Step(enum.Enum):
@@ -190,6 +190,40 @@ class Queue:
         notify = vq.complete_bulk(bulk, written)
         if vq.flush() or notify:
             lp.signal()
+
+    def receive_bulk(self, bulk: Bulk, held: Any, hdr: int, hi: int, patch_at: int = -1,
+                     patch: bytes = b"") -> int:
+        """While `quiet()`: the frames of `bulk` (another ring's batch of
+        device-readable buffers, still in flight there) straight into this
+        ring's next buffers, one frame per buffer, with `patch` over each
+        copy at `patch_at` (`Bulk.forward_into`), published at once. The
+        frames are `hdr` bytes of header and at most `hi` bytes in all.
+
+        Returns the payload bytes moved (frame lengths less `hdr` each),
+        counted with the frames on this ring's counters, when every frame
+        went. Otherwise -1, with nothing written and nothing counted: the
+        buffers taken here are appended to `held` (a list or deque of
+        `Chain`s, ring order) for the caller to fill the usual way (this
+        ring had fewer buffers than frames, or a frame the caller must look
+        at); none are taken when the ring is not quiet. One engine call for
+        a loopback's forwarding round, the device code around it stays
+        out of the per-batch path."""
+        n = bulk.n
+        got = self.take_bulk(n)
+        if type(got) is Bulk:
+            done = bulk.forward_into(got, hdr, hi, patch_at, patch) if got.n == n else None
+            if done is not None:
+                shortest, longest, total = done
+                moved = total - hdr * n
+                c = self.counters
+                c.packets += n
+                c.bytes += moved
+                self.complete_now(got, shortest if shortest == longest else bulk.lens)
+                return moved
+            held.extend(self.vq.unbulk(got))
+        elif got:
+            held.extend(got)
+        return -1
 
     def wake(self) -> None:
         """Make the loop look at the device again (its state changed)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import struct
+from typing import Final
 
 # --- feature bits (device-independent) -------------------------------------
 
@@ -30,7 +31,7 @@ class Feature(enum.IntFlag):
     RING_RESET = 1 << 40
 
 
-MAX_QUEUE_SIZE = 32768
+MAX_QUEUE_SIZE: Final = 32768
 
 
 class DeviceStatus(enum.IntFlag):
@@ -116,39 +117,39 @@ class EventFlags(enum.IntEnum):
     RESERVED = 3
 
 
-DESC_SIZE = 16
+DESC_SIZE: Final = 16
 #: split descriptor: addr u64, len u32, flags u16, next u16
-SPLIT_DESC = struct.Struct("<QIHH")
+SPLIT_DESC: Final = struct.Struct("<QIHH")
 #: packed descriptor: addr u64, len u32, id u16, flags u16
-PACKED_DESC = struct.Struct("<QIHH")
+PACKED_DESC: Final = struct.Struct("<QIHH")
 #: used ring element: id u32, len u32
-USED_ELEM = struct.Struct("<II")
-USED_ELEM_SIZE = 8
+USED_ELEM: Final = struct.Struct("<II")
+USED_ELEM_SIZE: Final = 8
 #: packed event suppression structure: off_wrap u16, flags u16
-EVENT_SUPPRESS = struct.Struct("<HH")
+EVENT_SUPPRESS: Final = struct.Struct("<HH")
 
 # Split available ring offsets
-AVAIL_FLAGS = 0
-AVAIL_IDX = 2
-AVAIL_RING = 4
+AVAIL_FLAGS: Final = 0
+AVAIL_IDX: Final = 2
+AVAIL_RING: Final = 4
 # Split used ring offsets
-USED_FLAGS = 0
-USED_IDX = 2
-USED_RING = 4
+USED_FLAGS: Final = 0
+USED_IDX: Final = 2
+USED_RING: Final = 4
 # Packed event suppression offsets
-EVENT_OFF_WRAP = 0
-EVENT_FLAGS = 2
+EVENT_OFF_WRAP: Final = 0
+EVENT_FLAGS: Final = 2
 # Packed descriptor field offsets
-PACKED_LEN = 8
-PACKED_ID = 12
-PACKED_FLAGS = 14
+PACKED_LEN: Final = 8
+PACKED_ID: Final = 12
+PACKED_FLAGS: Final = 14
 
 # Alignment required of each area (virtio 1.2 2.7 / 2.8)
-SPLIT_DESC_ALIGN = 16
-SPLIT_AVAIL_ALIGN = 2
-SPLIT_USED_ALIGN = 4
-PACKED_DESC_ALIGN = 16
-PACKED_EVENT_ALIGN = 4
+SPLIT_DESC_ALIGN: Final = 16
+SPLIT_AVAIL_ALIGN: Final = 2
+SPLIT_USED_ALIGN: Final = 4
+PACKED_DESC_ALIGN: Final = 16
+PACKED_EVENT_ALIGN: Final = 4
 
 
 def desc_table_size(q: int) -> int:
@@ -231,32 +232,32 @@ def features_str(bits: int, *families: type[enum.IntFlag]) -> str:
 
 #: virtio_net_hdr: flags u8, gso_type u8, hdr_len u16, gso_size u16,
 #: csum_start u16, csum_offset u16, num_buffers u16 (12-byte form)
-NET_HDR = struct.Struct("<BBHHHHH")
-NET_HDR_SIZE = 12
-LEGACY_NET_HDR_SIZE = 10
-HDR_F_NEEDS_CSUM = 1
-HDR_F_DATA_VALID = 2
-GSO_NONE = 0
-GSO_TCPV4 = 1
-GSO_UDP = 3
-GSO_TCPV6 = 4
-GSO_ECN = 0x80
-_U16 = struct.Struct("<H")
+NET_HDR: Final = struct.Struct("<BBHHHHH")
+NET_HDR_SIZE: Final = 12
+LEGACY_NET_HDR_SIZE: Final = 10
+HDR_F_NEEDS_CSUM: Final = 1
+HDR_F_DATA_VALID: Final = 2
+GSO_NONE: Final = 0
+GSO_TCPV4: Final = 1
+GSO_UDP: Final = 3
+GSO_TCPV6: Final = 4
+GSO_ECN: Final = 0x80
+_U16: Final = struct.Struct("<H")
 
 # control queue (5.1.6.5)
-CTRL_RX = 0
-CTRL_MAC = 1
-CTRL_VLAN = 2
-CTRL_ANNOUNCE = 3
-CTRL_MQ = 4
-CTRL_GUEST_OFFLOADS = 5
-CTRL_MQ_VQ_PAIRS_SET = 0
-CTRL_OK = 0
-CTRL_ERR = 1
+CTRL_RX: Final = 0
+CTRL_MAC: Final = 1
+CTRL_VLAN: Final = 2
+CTRL_ANNOUNCE: Final = 3
+CTRL_MQ: Final = 4
+CTRL_GUEST_OFFLOADS: Final = 5
+CTRL_MQ_VQ_PAIRS_SET: Final = 0
+CTRL_OK: Final = 0
+CTRL_ERR: Final = 1
 
-STATUS_LINK_UP = 1
+STATUS_LINK_UP: Final = 1
 #: config: mac[6], status u16, max_virtqueue_pairs u16, mtu u16
-NET_CONFIG = struct.Struct("<6sHHH")
+NET_CONFIG: Final = struct.Struct("<6sHHH")
 
 
 # --- virtio-blk (virtio 1.2 5.2) ----------------------------------------------------------
@@ -280,26 +281,26 @@ class BlkFeature(enum.IntFlag):
 
 
 # request types (5.2.6)
-T_IN = 0
-T_OUT = 1
-T_FLUSH = 4
-T_GET_ID = 8
-T_GET_LIFETIME = 10
-T_DISCARD = 11
-T_WRITE_ZEROES = 13
-T_SECURE_ERASE = 14
+T_IN: Final = 0
+T_OUT: Final = 1
+T_FLUSH: Final = 4
+T_GET_ID: Final = 8
+T_GET_LIFETIME: Final = 10
+T_DISCARD: Final = 11
+T_WRITE_ZEROES: Final = 13
+T_SECURE_ERASE: Final = 14
 # status
-S_OK = 0
-S_IOERR = 1
-S_UNSUPP = 2
+S_OK: Final = 0
+S_IOERR: Final = 1
+S_UNSUPP: Final = 2
 
-SECTOR = 512
-ID_BYTES = 20
+SECTOR: Final = 512
+ID_BYTES: Final = 20
 #: request header: type u32, reserved u32, sector u64
-REQ_HDR = struct.Struct("<IIQ")
+REQ_HDR: Final = struct.Struct("<IIQ")
 #: DISCARD / WRITE_ZEROES segment: sector u64, num_sectors u32, flags u32 (bit 0: unmap)
-DWZ_SEG = struct.Struct("<QII")
-DWZ_UNMAP = 1
+DWZ_SEG: Final = struct.Struct("<QII")
+DWZ_UNMAP: Final = 1
 
 #: virtio_blk_config up to the secure-erase fields (72 bytes): capacity u64,
 #: size_max u32, seg_max u32, geometry (cylinders u16, heads u8, sectors u8),
@@ -309,8 +310,8 @@ DWZ_UNMAP = 1
 #: max_write_zeroes_sectors u32, max_write_zeroes_seg u32,
 #: write_zeroes_may_unmap u8, 3 unused, max_secure_erase_sectors u32,
 #: max_secure_erase_seg u32, secure_erase_sector_alignment u32
-BLK_CONFIG = struct.Struct("<QIIHBBIBBHIBBHIIIIIB3xIII")
-CONFIG_WCE_OFFSET = 32
+BLK_CONFIG: Final = struct.Struct("<QIIHBBIBBHIBBHIIIIIB3xIII")
+CONFIG_WCE_OFFSET: Final = 32
 
 
 # --- virtio-vsock (virtio 1.2 5.10) -------------------------------------------------------
@@ -323,24 +324,24 @@ class VsockFeature(enum.IntFlag):
 
 
 #: queue indices (5.10.2)
-VSOCK_RX = 0
-VSOCK_TX = 1
-VSOCK_EVENT = 2
+VSOCK_RX: Final = 0
+VSOCK_TX: Final = 1
+VSOCK_EVENT: Final = 2
 
 #: virtio_vsock_hdr (44 bytes): src_cid u64, dst_cid u64, src_port u32,
 #: dst_port u32, len u32, type u16, op u16, flags u32, buf_alloc u32, fwd_cnt u32
-VSOCK_HDR = struct.Struct("<QQIIIHHIII")
-VSOCK_HDR_SIZE = 44
+VSOCK_HDR: Final = struct.Struct("<QQIIIHHIII")
+VSOCK_HDR_SIZE: Final = 44
 #: virtio_vsock_config: guest_cid u64 (only the low 32 bits are used)
-VSOCK_CONFIG = struct.Struct("<Q")
+VSOCK_CONFIG: Final = struct.Struct("<Q")
 #: virtio_vsock_event: id u32
-VSOCK_EVENT_ID = struct.Struct("<I")
-VSOCK_EVENT_TRANSPORT_RESET = 0
+VSOCK_EVENT_ID: Final = struct.Struct("<I")
+VSOCK_EVENT_TRANSPORT_RESET: Final = 0
 
 #: well-known CIDs: the hypervisor, local loopback, the host
-VSOCK_CID_HYPERVISOR = 0
-VSOCK_CID_LOCAL = 1
-VSOCK_CID_HOST = 2
+VSOCK_CID_HYPERVISOR: Final = 0
+VSOCK_CID_LOCAL: Final = 1
+VSOCK_CID_HOST: Final = 2
 
 
 class VsockType(enum.IntEnum):

@@ -539,28 +539,16 @@ class LoopbackPort(Port):
             # cannot be done whole nothing is queued here: the frames are
             # queued below, and rx buffers taken meanwhile go to the rx
             # service, which fills them from the queue as usual.
-            rq = rx.queue
-            got = rq.take_bulk(bulk.n)
-            if type(got) is Bulk:
-                n = bulk.n
-                # the frames carry the sender's header: num_buffers becomes 1 here (v1 header)
-                done = (bulk.forward_into(got, h, h + MAX_GSO_FRAME, 10, b"\x01\x00") if h == NET_HDR_SIZE
-                        else bulk.forward_into(got, h, h + MAX_GSO_FRAME)) if got.n == n else None
-                if done is not None:
-                    shortest, longest, total = done
-                    b = total - h * n
-                    c.packets += n
-                    c.bytes += b
-                    rc = rq.counters
-                    rc.packets += n
-                    rc.bytes += b
-                    rq.complete_now(got, shortest if shortest == longest else bulk.lens)
-                    lq.direct += 1
-                    return
-                # fewer buffers than frames, or a frame the queue must look at
-                rx.held.extend(rq.vq.unbulk(got))
-            elif isinstance(got, list) and got:
-                rx.held.extend(got)  # a few chains: the usual path fills them
+            # the frames carry the sender's header: num_buffers becomes 1 here (v1 header)
+            moved = (rx.queue.receive_bulk(bulk, rx.held, h, h + MAX_GSO_FRAME, 10, b"\x01\x00")
+                     if h == NET_HDR_SIZE else rx.queue.receive_bulk(bulk, rx.held, h, h + MAX_GSO_FRAME))
+            if moved >= 0:
+                c.packets += bulk.n
+                c.bytes += moved
+                lq.direct += 1
+                return
+            # fewer buffers than frames, or a frame the queue must look at:
+            # buffers taken meanwhile are in rx.held, filled the usual way
         frames, lead_or = bulk.frames(h, h + MAX_GSO_FRAME)
         k = len(frames)
         if k != bulk.n:

@@ -27,7 +27,7 @@ import errno
 import os
 import struct
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
 from pyvirtio.queue.chain import Chain, IovChain
 from pyvirtio.spec import (
@@ -48,14 +48,14 @@ from pyvirtio.spec import (
 )
 
 #: the largest number of iovecs one preadv/pwritev takes (UIO_MAXIOV)
-IOV_MAX = 1024
+IOV_MAX: Final = 1024
 #: DISCARD / WRITE_ZEROES limits advertised in the config space
-MAX_DWZ_SECTORS = 0x3FFFFF
-MAX_DWZ_SEG = 32
+MAX_DWZ_SECTORS: Final = 0x3FFFFF
+MAX_DWZ_SEG: Final = 32
 #: struct iovec: base, length
-IOVEC = struct.Struct("<QQ")
+IOVEC: Final = struct.Struct("<QQ")
 RWF_NOWAIT: int = getattr(os, "RWF_NOWAIT", 8)
-HDR_SIZE = 16  # REQ_HDR.size
+HDR_SIZE: Final = 16  # REQ_HDR.size
 
 #: the C library, errno kept (devices/blk.py takes its calls from here too)
 libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
@@ -64,8 +64,8 @@ _preadv2.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
 _preadv2.restype = ctypes.c_ssize_t
 
 #: `read_cached` results besides a byte count
-NOT_CACHED = -1
-NOWAIT_UNSUPPORTED = -2
+NOT_CACHED: Final = -1
+NOWAIT_UNSUPPORTED: Final = -2
 
 
 class BlkRequest:

@@ -16,18 +16,19 @@ else comes back as ordinary `Chain`s, in ring order.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Final
 
 import numpy as np
 
-from pyvirtio.memory import ring_fill, ring_forward, ring_gather, ring_scatter
+from pyvirtio.memory import ring_fill, ring_forward, ring_forward_records, ring_gather, ring_scatter
 from pyvirtio.queue.chain import Chain
 
-WRITE_FLAG = 0x2  # VIRTQ_DESC_F_WRITE, the same bit in both formats
+WRITE_FLAG: Final = 0x2  # VIRTQ_DESC_F_WRITE, the same bit in both formats
 
 #: a split or packed descriptor as a numpy record (both are 16 bytes; the
 #: last two fields are flags/next for split and id/flags for packed)
-SPLIT_DESC_DTYPE = np.dtype([("addr", "<u8"), ("len", "<u4"), ("flags", "<u2"), ("next", "<u2")])
-PACKED_DESC_DTYPE = np.dtype([("addr", "<u8"), ("len", "<u4"), ("id", "<u2"), ("flags", "<u2")])
+SPLIT_DESC_DTYPE: Final = np.dtype([("addr", "<u8"), ("len", "<u4"), ("flags", "<u2"), ("next", "<u2")])
+PACKED_DESC_DTYPE: Final = np.dtype([("addr", "<u8"), ("len", "<u4"), ("id", "<u2"), ("flags", "<u2")])
 
 
 class Bulk:
@@ -38,14 +39,22 @@ class Bulk:
     - `addrs`, `lens`: guest address and length of each buffer
     - `writable`: bool per buffer (device-writable)
     - all buffers lie in one memory region, `region_gpa`/`region_mv`
+    - `recs`: with the compiled engine, the batch's 16-byte descriptor
+      records as read from the ring (addr u64, len u32, then packed: id u16,
+      flags u16; split: flags u16, next u16), of which `addrs`, `lens`,
+      `flags` (and packed `ids`) are views; `flags_at` is the flags' offset
+      in a record (14 packed, 12 split). None and 0 otherwise. The C batch
+      calls take the records as one buffer (a numpy column costs a buffer
+      export each).
     """
 
-    __slots__ = ("_flags_and", "_len_summary", "_pos0", "_ring", "addrs", "flags", "ids", "lens", "n",
-                 "region_gpa", "region_mv")
+    __slots__ = ("_flags_and", "_len_summary", "_pos0", "_ring", "addrs", "flags", "flags_at", "ids", "lens", "n",
+                 "recs", "region_gpa", "region_mv")
 
     def __init__(self, ids: np.ndarray, pos0: int, ring: int, addrs: np.ndarray, lens: np.ndarray,
                  flags: np.ndarray, region_gpa: int, region_mv: memoryview,
-                 len_summary: tuple[int, int, int] | None = None, flags_and: int = -1) -> None:
+                 len_summary: tuple[int, int, int] | None = None, flags_and: int = -1,
+                 recs: bytearray | None = None, flags_at: int = 0) -> None:
         self.ids = ids
         self._pos0 = pos0
         self._ring = ring  # positions wrap here (2^16 for split indices, Q for packed slots)
@@ -57,6 +66,8 @@ class Bulk:
         self.n = len(ids)
         self._len_summary = len_summary
         self._flags_and = flags_and
+        self.recs = recs
+        self.flags_at = flags_at if recs is not None else 0
 
     # computed on demand: the hot path never needs them for device-readable runs
 
@@ -172,6 +183,11 @@ class Bulk:
         n = self.n
         if dst.n != n:
             raise ValueError(f"{self!r} into {dst!r}: one receive buffer per frame")
+        if ring_forward_records is not None:
+            src, dst_recs = self.recs, dst.recs
+            if src is not None and dst_recs is not None:  # two record buffers instead of six columns
+                return ring_forward_records(self.region_mv, src, self.region_gpa, self.flags_at, dst.region_mv,
+                                            dst_recs, dst.region_gpa, dst.flags_at, lo, hi, patch_at, patch)
         if ring_forward is not None:
             return ring_forward(self.region_mv, self.addrs, self.region_gpa, self.lens, self.flags,
                                 dst.region_mv, dst.addrs, dst.region_gpa, dst.lens, dst.flags, lo, hi, patch_at, patch)

@@ -13,15 +13,16 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterable
 from operator import add as _add
+from typing import Final
 
 from pyvirtio.memory import AccessCounter, GuestMemory, GuestMemoryError, ring_iov_table
 from pyvirtio.queue.errors import BadBufferAddress, ChainTooLarge, ReadableAfterWritable
 
-CHAIN_MAX_BYTES = 1 << 32
+CHAIN_MAX_BYTES: Final = 1 << 32
 #: indirect tables at least this long are built in array form (`IovChain`):
 #: block requests of 128 KiB and more; a network frame (at most ~19 segments)
 #: stays a plain chain, which is cheaper to read as views
-IOV_MIN_SEGMENTS = 32
+IOV_MIN_SEGMENTS: Final = 32
 
 
 class Chain:
@@ -285,16 +286,16 @@ class IovChain(Chain):
 
 
 #: an indirect table entry's address and length
-_TABLE_ENTRY = struct.Struct("<QI")
+_TABLE_ENTRY: Final = struct.Struct("<QI")
 
 
 #: per table length n: (1 in every 16-byte entry, the addr and len fields of every entry set), as integers
 _IOV_PATTERNS: dict[int, tuple[int, int]] = {}
-MAX_IOV_PATTERN = 1024
+MAX_IOV_PATTERN: Final = 1024
 
 
-_ENTRY_ONE = b"\x01" + bytes(15)
-_ENTRY_MASK_BYTES = b"\xff" * 12 + bytes(4)  # addr u64 and len u32 of a 16-byte descriptor
+_ENTRY_ONE: Final = b"\x01" + bytes(15)
+_ENTRY_MASK_BYTES: Final = b"\xff" * 12 + bytes(4)  # addr u64 and len u32 of a 16-byte descriptor
 
 
 def _iov_patterns(n: int) -> tuple[int, int]:

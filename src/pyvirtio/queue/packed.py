@@ -16,7 +16,7 @@ from __future__ import annotations
 import itertools
 import re
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Final
 
 import numpy as np
 
@@ -48,25 +48,25 @@ from pyvirtio.spec import (
     packed_need_event,
 )
 
-_NEXT = int(PackedDescFlags.NEXT)
-_MAX = np.maximum.reduce  # ufunc methods: cheaper per batch than ndarray.max()/.any()
-_MIN = np.minimum.reduce
-_OR = np.bitwise_or.reduce
-_WRITE = int(PackedDescFlags.WRITE)
-_INDIRECT = int(PackedDescFlags.INDIRECT)
-_AVAIL = int(PackedDescFlags.AVAIL)
-_USED = int(PackedDescFlags.USED)
-_BOTH = _AVAIL | _USED
-_ENABLE = int(EventFlags.ENABLE)
-_DISABLE = int(EventFlags.DISABLE)
-_DESC = int(EventFlags.DESC)
-_WEAK = _fence.WEAK_ORDERING
-_U16 = np.dtype(np.uint16)
-_FLAGS_WORD = PACKED_FLAGS // 2  # u16 index of `flags` within a descriptor
-_EMPTY = np.empty(0, np.uint16)
+_NEXT: Final = int(PackedDescFlags.NEXT)
+_MAX: Final = np.maximum.reduce  # ufunc methods: cheaper per batch than ndarray.max()/.any()
+_MIN: Final = np.minimum.reduce
+_OR: Final = np.bitwise_or.reduce
+_WRITE: Final = int(PackedDescFlags.WRITE)
+_INDIRECT: Final = int(PackedDescFlags.INDIRECT)
+_AVAIL: Final = int(PackedDescFlags.AVAIL)
+_USED: Final = int(PackedDescFlags.USED)
+_BOTH: Final = _AVAIL | _USED
+_ENABLE: Final = int(EventFlags.ENABLE)
+_DISABLE: Final = int(EventFlags.DISABLE)
+_DESC: Final = int(EventFlags.DESC)
+_WEAK: Final = _fence.WEAK_ORDERING
+_U16: Final = np.dtype(np.uint16)
+_FLAGS_WORD: Final = PACKED_FLAGS // 2  # u16 index of `flags` within a descriptor
+_EMPTY: Final = np.empty(0, np.uint16)
 #: an indirect entry's flags (low byte) -> class: r readable, w writable, ? INDIRECT (not allowed)
-_CLASSES = bytes(ord("?") if f & _INDIRECT else ord("w") if f & _WRITE else ord("r") for f in range(256))
-_SHAPE = re.compile(rb"(r*)w*")
+_CLASSES: Final = bytes(ord("?") if f & _INDIRECT else ord("w") if f & _WRITE else ord("r") for f in range(256))
+_SHAPE: Final = re.compile(rb"(r*)w*")
 
 
 class PackedRing:
@@ -103,6 +103,9 @@ class PackedRing:
         # the C scan's output, reused: a batch keeps its own copy of the
         # flags (`packed_bodies` writes them into its descriptor records)
         self._scan_out = np.empty(size + 1, np.uint16)
+        # the same as a memoryview: what the C calls take (a numpy buffer
+        # export costs ~0.1 us per call, a memoryview's a fraction of that)
+        self._scan_mv = self._scan_out.data
         self.signalled_valid = False
 
     # -- state ---------------------------------------------------------------
@@ -259,12 +262,11 @@ class PackedRing:
         chunk = min(self._run_guess, limit)
         count_lists = limit < budget  # otherwise the list limit cannot bind
         if HAVE_RING_SCAN:  # the loop below in one C call: same slots read, same run
-            out = self._scan_out
-            out[0] = first
+            self._scan_mv[0] = first
             total, _reads, f_or, f_and = self.desc.packed_scan(slot, want, q, limit, budget, chunk, lists,
-                                                               count_lists, out)
+                                                               count_lists, self._scan_mv)
             self._run_guess = total
-            return start, out[:total], f_or, f_and
+            return start, self._scan_out[:total], f_or, f_and
         parts = [np.array([first], np.uint16)]
         load = self.desc.np_load16_strided
         while lists < limit and total <= budget:
@@ -307,14 +309,17 @@ class PackedRing:
         if _WEAK:
             _fence.acquire()  # bodies are read after their flags said AVAIL
         if HAVE_RING_SCAN and not f_or & (_NEXT | _INDIRECT):
-            descs = np.empty(n, PACKED_DESC_DTYPE)
-            # the records get the scan's flags (one snapshot), so `fl` (the reused scan output) is not kept
-            amin, emax, lmin, lmax, lsum = self.desc.packed_bodies(start, n, q, descs, fl)
+            # The records in a bytearray (the C calls take it as one cheap
+            # buffer; numpy's columns are views of it). They get the scan's
+            # flags (one snapshot), so the reused scan output is not kept.
+            raw = bytearray(n * DESC_SIZE)
+            amin, emax, lmin, lmax, lsum = self.desc.packed_bodies(start, n, q, raw, self._scan_mv)
+            descs = np.frombuffer(raw, PACKED_DESC_DTYPE)
             r = self.mem.region_at(amin)
             if r is not None and emax <= r.gpa + r.size:  # every buffer in one region (emax saturates)
                 self._advance(n)
                 return Bulk(descs["id"], start, q, descs["addr"], descs["len"], descs["flags"], r.gpa, r.mv,
-                            (lmin, lmax, lsum), f_and)
+                            (lmin, lmax, lsum), f_and, raw, PACKED_FLAGS)
             self._parse(out, start, fl.tolist(), descs.tobytes())
             return None
         if start + n <= q:
@@ -485,23 +490,26 @@ class PackedRing:
         q = self.size
         u = old = self.next_used
         wrap = self.used_wrap
-        store64 = self.desc.store64
+        desc = self.desc
         used_flags = _BOTH if wrap else 0
         freed = 0
-        head: tuple[int, int] | None = None  # (byte offset, value) of the batch's first store
-        if HAVE_RING_SCAN and len(items) == 1 and type(items[0][0]) is Bulk and items[0][0].ids.dtype == _U16:
-            # one batch (the common case): the loop below in one C call
+        head_at = -1  # byte offset of the batch's first store (none yet), and its value
+        head = 0
+        if HAVE_RING_SCAN and len(items) == 1 and type(items[0][0]) is Bulk:
             bulk, written = items[0]
             assert isinstance(bulk, Bulk)
-            n = bulk.n
-            # the columns are read in place (strided fields of the descriptor records)
-            head = (u * DESC_SIZE + 8, self.desc.packed_used(u, q, wrap, bulk.ids, written, bulk.lens, bulk.flags))
-            u += n
-            freed = n
-            if u >= q:
-                u -= q
-                wrap = not wrap
-            items = ()
+            recs = bulk.recs
+            if recs is not None and bulk.flags_at == PACKED_FLAGS:
+                # one batch (the common case): the loop below in one C call, over the batch's records
+                n = bulk.n
+                head_at = u * DESC_SIZE + 8
+                head = desc.packed_used(u, q, wrap, recs, written)
+                u += n
+                freed = n
+                if u >= q:
+                    u -= q
+                    wrap = not wrap
+                items = ()
         for obj, written in items:
             if type(obj) is Bulk:
                 n = obj.n
@@ -512,34 +520,36 @@ class PackedRing:
                 first = min(n, q - u)
                 seg = vals[:first] | np.uint64(used_flags << 48)
                 skip = 0
-                if head is None:
-                    head = (u * DESC_SIZE + 8, int(seg[0]))
+                if head_at < 0:
+                    head_at = u * DESC_SIZE + 8
+                    head = int(seg[0])
                     skip = 1
                 # one aligned 8-byte len|id|flags store per used descriptor
                 if first > skip:
-                    self.desc.np_store64_strided(2 * (u + skip) + 1, 2, seg[skip:])
+                    desc.np_store64_strided(2 * (u + skip) + 1, 2, seg[skip:])
                 if first < n:  # the batch passes the ring end: the rest uses the other wrap
-                    self.desc.np_store64_strided(1, 2, vals[first:] | np.uint64((used_flags ^ _BOTH) << 48))
+                    desc.np_store64_strided(1, 2, vals[first:] | np.uint64((used_flags ^ _BOTH) << 48))
                 u += n  # the wrap toggle below applies once
                 freed += n
             else:
                 assert isinstance(obj, Chain)
                 word = used_flags | _WRITE if obj.writable_len else used_flags
                 value = written | (obj.id << 32) | (word << 48)
-                if head is None:
-                    head = (u * DESC_SIZE + 8, value)
+                if head_at < 0:
+                    head_at = u * DESC_SIZE + 8
+                    head = value
                 else:
-                    store64(u * DESC_SIZE + 8, value)
+                    desc.store64(u * DESC_SIZE + 8, value)
                 u += obj.slots
                 freed += obj.slots
             if u >= q:
                 u -= q
                 wrap = not wrap
                 used_flags = _BOTH if wrap else 0
-        if head is not None:
+        if head_at >= 0:
             if _WEAK:
                 _fence.release()  # payload and the other used descriptors before the first one
-            store64(*head)
+            desc.store64(head_at, head)
         self.next_used = u
         self.used_wrap = wrap
         self.in_flight_slots -= freed

@@ -17,7 +17,7 @@ import itertools
 import re
 import struct
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Final
 
 import numpy as np
 
@@ -61,28 +61,29 @@ from pyvirtio.spec import (
     vring_need_event,
 )
 
-_NEXT = int(DescFlags.NEXT)
+_NEXT: Final = int(DescFlags.NEXT)
+_FLAGS_AT: Final = 12  # byte offset of `flags` in a split descriptor (addr u64, len u32, flags, next)
 # numpy reductions called as ufunc methods: a few microseconds less per batch
 # than ndarray.max()/.any(), which go through numpy's Python-level wrappers
-_MAX = np.maximum.reduce
-_MIN = np.minimum.reduce
-_OR = np.bitwise_or.reduce
-_WRITE = int(DescFlags.WRITE)
-_INDIRECT = int(DescFlags.INDIRECT)
-_NO_INTERRUPT = int(AvailFlags.NO_INTERRUPT)
-_NO_NOTIFY = int(UsedFlags.NO_NOTIFY)
-_WEAK = _fence.WEAK_ORDERING
-_U16 = np.dtype(np.uint16)
+_MAX: Final = np.maximum.reduce
+_MIN: Final = np.minimum.reduce
+_OR: Final = np.bitwise_or.reduce
+_WRITE: Final = int(DescFlags.WRITE)
+_INDIRECT: Final = int(DescFlags.INDIRECT)
+_NO_INTERRUPT: Final = int(AvailFlags.NO_INTERRUPT)
+_NO_NOTIFY: Final = int(UsedFlags.NO_NOTIFY)
+_WEAK: Final = _fence.WEAK_ORDERING
+_U16: Final = np.dtype(np.uint16)
 _USED_STRUCTS: dict[int, struct.Struct] = {}
 #: a sequential indirect table's `next` fields (entry i links to i + 1), low and high bytes
-_SEQ_LO = bytes((i + 1) & 0xFF for i in range(MAX_QUEUE_SIZE))
-_SEQ_HI = bytes((i + 1) >> 8 & 0xFF for i in range(MAX_QUEUE_SIZE))
-_ZEROS = bytes(MAX_QUEUE_SIZE)
+_SEQ_LO: Final = bytes((i + 1) & 0xFF for i in range(MAX_QUEUE_SIZE))
+_SEQ_HI: Final = bytes((i + 1) >> 8 & 0xFF for i in range(MAX_QUEUE_SIZE))
+_ZEROS: Final = bytes(MAX_QUEUE_SIZE)
 #: flags (low byte) -> class: n = NEXT (readable), N = NEXT|WRITE, e = last readable, E = last writable
-_CLASSES = bytes({_NEXT: ord("n"), _NEXT | _WRITE: ord("N"), 0: ord("e"), _WRITE: ord("E")}.get(f, ord("?"))
+_CLASSES: Final = bytes({_NEXT: ord("n"), _NEXT | _WRITE: ord("N"), 0: ord("e"), _WRITE: ord("E")}.get(f, ord("?"))
                  for f in range(256))
-_SHAPE = re.compile(rb"(n*)(?:e|N*E)")
-_LAST_READABLE = ord("e")
+_SHAPE: Final = re.compile(rb"(n*)(?:e|N*E)")
+_LAST_READABLE: Final = ord("e")
 
 
 def _used_struct(k: int) -> struct.Struct:
@@ -297,19 +298,22 @@ class SplitRing:
         """`fetch_bulk`'s scan in one C call (the numpy lines above are the
         reference it must match: same reads, same outcome)."""
         q = self.size
-        heads = np.empty(n, np.uint16)
-        descs = np.empty(n, SPLIT_DESC_DTYPE)
+        # bytearrays: the C calls take them as cheap buffers (numpy's are views)
+        heads_raw = bytearray(2 * n)
+        raw = bytearray(DESC_SIZE * n)
         bad, flags_or, amin, emax, lmin, lmax, lsum, flags_and = self.avail.gather_split(self.desc, start, n, q,
-                                                                                        heads, descs)
+                                                                                        heads_raw, raw)
+        heads = np.frombuffer(heads_raw, np.uint16)
         if bad >= 0:
             self._consume(out, heads.tolist(), last)  # raises HeadOutOfRange
+        descs = np.frombuffer(raw, SPLIT_DESC_DTYPE)
         if not flags_or & (_NEXT | _INDIRECT):
             r = self.mem.region_at(amin)
             # every buffer inside one region (emax saturates when addr + len wraps)
             if r is not None and emax <= r.gpa + r.size:
                 self.last_avail = (last + n) & 0xFFFF
                 return Bulk(heads, last, 0x10000, descs["addr"], descs["len"], descs["flags"], r.gpa, r.mv,
-                            (lmin, lmax, lsum), flags_and)
+                            (lmin, lmax, lsum), flags_and, raw, _FLAGS_AT)
         rows: Any = descs.tolist()  # (addr, len, flags, next) tuples
         self._consume(out, heads.tolist(), last, rows)
         return None

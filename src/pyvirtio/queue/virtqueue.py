@@ -27,7 +27,7 @@ import itertools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 import numpy as np
 
@@ -43,8 +43,8 @@ from pyvirtio.spec import Feature
 log = logging.getLogger(__name__)
 
 Policy = Literal["lazy", "eager"]
-DEFAULT_BATCH = 64
-U32_MAX = (1 << 32) - 1
+DEFAULT_BATCH: Final = 64
+U32_MAX: Final = (1 << 32) - 1
 
 
 class ArmResult(enum.Enum):
@@ -57,8 +57,8 @@ class ArmResult(enum.Enum):
         raise TypeError("ArmResult is a named result: compare it with `is`")
 
 
-_WORK = ArmResult.WORK
-_SLEEP = ArmResult.SLEEP
+_WORK: Final = ArmResult.WORK
+_SLEEP: Final = ArmResult.SLEEP
 
 
 @dataclass(slots=True)
