@@ -61,7 +61,6 @@ _ENABLE: Final = int(EventFlags.ENABLE)
 _DISABLE: Final = int(EventFlags.DISABLE)
 _DESC: Final = int(EventFlags.DESC)
 _WEAK: Final = _fence.WEAK_ORDERING
-_U16: Final = np.dtype(np.uint16)
 _FLAGS_WORD: Final = PACKED_FLAGS // 2  # u16 index of `flags` within a descriptor
 _EMPTY: Final = np.empty(0, np.uint16)
 #: an indirect entry's flags (low byte) -> class: r readable, w writable, ? INDIRECT (not allowed)
