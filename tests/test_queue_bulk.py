@@ -348,3 +348,33 @@ def test_batches_in_flight_together_keep_their_own_flags(ring):
     pair.vq.complete_bulk(a, 0)
     pair.vq.flush()
     assert sorted(n for _, n in pair.driver.get_used()) == [0] * 4 + [10] * 4
+
+
+def test_a_bulk_made_from_descriptor_records_reads_its_columns_from_them():
+    """`Bulk(..., recs, flags_at)` without columns: each column, when first
+    asked for, is the records' field (packed: id and flags at 12 and 14;
+    split: flags at 12, the ids given); what cannot describe a batch is
+    refused."""
+    from pyvirtio.queue.bulk import PACKED_DESC_DTYPE, SPLIT_DESC_DTYPE
+
+    mv = memoryview(bytearray(4096))
+    packed = np.zeros(3, PACKED_DESC_DTYPE)
+    packed["addr"], packed["len"], packed["id"], packed["flags"] = [16, 80, 160], [60, 70, 80], [7, 3, 5], [2, 0, 2]
+    b = Bulk(None, 0, 8, None, None, None, 0, mv, None, -1, bytearray(packed.tobytes()), 14)
+    assert (b.n, b.ids.tolist(), b.addrs.tolist(), b.lens.tolist(), b.flags.tolist()) == \
+        (3, [7, 3, 5], [16, 80, 160], [60, 70, 80], [2, 0, 2])
+    assert b.writable.tolist() == [True, False, True] and b.len_summary() == (60, 80, 210)
+    split = np.zeros(2, SPLIT_DESC_DTYPE)
+    split["addr"], split["len"], split["flags"], split["next"] = [32, 96], [10, 20], [2, 2], [9, 9]
+    heads = np.array([4, 1], np.uint16)
+    b = Bulk(heads, 0, 0x10000, None, None, None, 0, mv, None, -1, bytearray(split.tobytes()), 12)
+    assert (b.ids.tolist(), b.addrs.tolist(), b.lens.tolist(), b.flags.tolist()) == ([4, 1], [32, 96], [10, 20], [2, 2])
+    recs = bytearray(split.tobytes())
+    for bad in [
+        lambda: Bulk(None, 0, 0x10000, None, None, None, 0, mv, None, -1, recs, 12),  # split records carry no ids
+        lambda: Bulk(heads, 0, 0x10000, None, None, None, 0, mv, None, -1, recs, 13),  # flags at neither offset
+        lambda: Bulk(heads, 0, 0x10000, None, None, None, 0, mv, None, -1, recs[:-1], 12),  # not whole records
+        lambda: Bulk(heads, 0, 0x10000, None, b.lens, b.flags, 0, mv),  # no records, a column missing
+    ]:
+        with pytest.raises(ValueError):
+            bad()

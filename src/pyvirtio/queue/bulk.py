@@ -41,33 +41,79 @@ class Bulk:
     - all buffers lie in one memory region, `region_gpa`/`region_mv`
     - `recs`: with the compiled engine, the batch's 16-byte descriptor
       records as read from the ring (addr u64, len u32, then packed: id u16,
-      flags u16; split: flags u16, next u16), of which `addrs`, `lens`,
-      `flags` (and packed `ids`) are views; `flags_at` is the flags' offset
-      in a record (14 packed, 12 split). None and 0 otherwise. The C batch
-      calls take the records as one buffer (a numpy column costs a buffer
-      export each).
+      flags u16; split: flags u16, next u16); `flags_at` is the flags'
+      offset in a record (14 packed, 12 split). None and 0 otherwise. The C
+      batch calls take the records as one buffer (a numpy column costs a
+      buffer export each), and a column not given (None) is made from them
+      on first use: a batch that only goes through C calls (a loopback's
+      forwarding round) makes no numpy array at all.
     """
 
-    __slots__ = ("_flags_and", "_len_summary", "_pos0", "_ring", "addrs", "flags", "flags_at", "ids", "lens", "n",
-                 "recs", "region_gpa", "region_mv")
+    __slots__ = ("_addrs", "_flags", "_flags_and", "_ids", "_len_summary", "_lens", "_pos0", "_records", "_ring",
+                 "flags_at", "n", "recs", "region_gpa", "region_mv")
 
-    def __init__(self, ids: np.ndarray, pos0: int, ring: int, addrs: np.ndarray, lens: np.ndarray,
-                 flags: np.ndarray, region_gpa: int, region_mv: memoryview,
+    def __init__(self, ids: np.ndarray | None, pos0: int, ring: int, addrs: np.ndarray | None,
+                 lens: np.ndarray | None, flags: np.ndarray | None, region_gpa: int, region_mv: memoryview,
                  len_summary: tuple[int, int, int] | None = None, flags_and: int = -1,
                  recs: bytearray | None = None, flags_at: int = 0) -> None:
-        self.ids = ids
+        if recs is None:
+            if ids is None or addrs is None or lens is None or flags is None:
+                raise ValueError("a Bulk without descriptor records needs all four columns")
+            flags_at = 0
+        elif flags_at not in (12, 14) or len(recs) % 16 or (ids is None and flags_at != 14):
+            raise ValueError("descriptor records: 16 bytes each, flags at 12 (split, ids given) or 14 (packed)")
+        self._ids = ids
         self._pos0 = pos0
         self._ring = ring  # positions wrap here (2^16 for split indices, Q for packed slots)
-        self.addrs = addrs
-        self.lens = lens
-        self.flags = flags
+        self._addrs = addrs
+        self._lens = lens
+        self._flags = flags
         self.region_gpa = region_gpa
         self.region_mv = region_mv
-        self.n = len(ids)
+        self.n = len(ids) if ids is not None else len(recs) // 16  # type: ignore[arg-type]
         self._len_summary = len_summary
         self._flags_and = flags_and
         self.recs = recs
-        self.flags_at = flags_at if recs is not None else 0
+        self.flags_at = flags_at
+        self._records: np.ndarray | None = None
+
+    # the columns: views of the records, made when first asked for
+
+    def _view(self) -> np.ndarray:
+        v = self._records
+        if v is None:
+            v = self._records = np.frombuffer(self.recs,  # type: ignore[arg-type]
+                                              PACKED_DESC_DTYPE if self.flags_at == 14 else SPLIT_DESC_DTYPE)
+        return v
+
+    @property
+    def ids(self) -> np.ndarray:
+        """What completes each (split head / packed buffer id)."""
+        a = self._ids
+        if a is None:
+            a = self._ids = self._view()["id"]
+        return a
+
+    @property
+    def addrs(self) -> np.ndarray:
+        a = self._addrs
+        if a is None:
+            a = self._addrs = self._view()["addr"]
+        return a
+
+    @property
+    def lens(self) -> np.ndarray:
+        a = self._lens
+        if a is None:
+            a = self._lens = self._view()["len"]
+        return a
+
+    @property
+    def flags(self) -> np.ndarray:
+        a = self._flags
+        if a is None:
+            a = self._flags = self._view()["flags"]
+        return a
 
     # computed on demand: the hot path never needs them for device-readable runs
 

@@ -313,13 +313,13 @@ class PackedRing:
             # flags (one snapshot), so the reused scan output is not kept.
             raw = bytearray(n * DESC_SIZE)
             amin, emax, lmin, lmax, lsum = self.desc.packed_bodies(start, n, q, raw, self._scan_mv)
-            descs = np.frombuffer(raw, PACKED_DESC_DTYPE)
             r = self.mem.region_at(amin)
             if r is not None and emax <= r.gpa + r.size:  # every buffer in one region (emax saturates)
                 self._advance(n)
-                return Bulk(descs["id"], start, q, descs["addr"], descs["len"], descs["flags"], r.gpa, r.mv,
-                            (lmin, lmax, lsum), f_and, raw, PACKED_FLAGS)
-            self._parse(out, start, fl.tolist(), descs.tobytes())
+                # the columns are made from the records when first asked for
+                return Bulk(None, start, q, None, None, None, r.gpa, r.mv, (lmin, lmax, lsum), f_and, raw,
+                            PACKED_FLAGS)
+            self._parse(out, start, fl.tolist(), bytes(raw))
             return None
         if start + n <= q:
             bodies = self.desc.read(start * DESC_SIZE, n * DESC_SIZE)

@@ -306,15 +306,15 @@ class SplitRing:
         heads = np.frombuffer(heads_raw, np.uint16)
         if bad >= 0:
             self._consume(out, heads.tolist(), last)  # raises HeadOutOfRange
-        descs = np.frombuffer(raw, SPLIT_DESC_DTYPE)
         if not flags_or & (_NEXT | _INDIRECT):
             r = self.mem.region_at(amin)
             # every buffer inside one region (emax saturates when addr + len wraps)
             if r is not None and emax <= r.gpa + r.size:
                 self.last_avail = (last + n) & 0xFFFF
-                return Bulk(heads, last, 0x10000, descs["addr"], descs["len"], descs["flags"], r.gpa, r.mv,
-                            (lmin, lmax, lsum), flags_and, raw, _FLAGS_AT)
-        rows: Any = descs.tolist()  # (addr, len, flags, next) tuples
+                # the other columns are made from the records when first asked for
+                return Bulk(heads, last, 0x10000, None, None, None, r.gpa, r.mv, (lmin, lmax, lsum), flags_and, raw,
+                            _FLAGS_AT)
+        rows: Any = np.frombuffer(raw, SPLIT_DESC_DTYPE).tolist()  # (addr, len, flags, next) tuples
         self._consume(out, heads.tolist(), last, rows)
         return None
 
