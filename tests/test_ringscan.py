@@ -384,25 +384,33 @@ class _Unbool:
 
 @st.composite
 def forward_batches(draw: st.DrawFn) -> tuple[bytes, np.ndarray, np.ndarray, int, int, int]:
-    """A source region and two batches of descriptor records over one 4 KiB
-    region each (some buffers outside, some the wrong way round, some too
-    long or too short), and lo, hi, patch_at."""
+    """A source region and a batch of source and one of destination
+    descriptor records over one 4 KiB region each: mostly a batch that can
+    be forwarded, now and then (one draw in thirty) a buffer outside, the wrong way round, out of
+    [lo, hi], too short for its frame, or asking for an offload."""
     from pyvirtio.queue.bulk import PACKED_DESC_DTYPE
-    n = draw(st.integers(0, 6))
+    n = draw(st.integers(1, 6))
     region = bytearray(np.random.default_rng(draw(st.integers(0, 2**32 - 1))).bytes(4096))
-    for _ in range(n):  # mostly headers that ask for no offload
-        if draw(st.booleans()):
-            o = draw(st.integers(0, 4094))
-            region[o : o + 2] = b"\0\0"
-    recs = []
-    for dtype in (SPLIT_DESC_DTYPE, PACKED_DESC_DTYPE):
-        r = np.zeros(n, dtype)
-        r["addr"] = [0x10000 + draw(st.integers(0, 4200)) for _ in range(n)]
-        r["len"] = [draw(st.integers(0, 300)) for _ in range(n)]
-        r["flags"] = [draw(st.sampled_from([0, 2, 2, 0x82, 0x8080])) for _ in range(n)]
-        recs.append(r)
-    return (bytes(region), recs[0], recs[1], draw(st.integers(0, 20)), draw(st.integers(20, 400)),
-            draw(st.sampled_from([-1, 0, 10])))
+    lo, hi = draw(st.integers(0, 20)), draw(st.integers(100, 400))
+    rare = st.integers(0, 29).map(lambda k: k == 0)  # one in thirty
+    src, dst = np.zeros(n, SPLIT_DESC_DTYPE), np.zeros(n, PACKED_DESC_DTYPE)
+    for i in range(n):
+        ln = draw(st.integers(max(lo, 12), hi)) if not draw(rare) else draw(st.integers(0, 500))
+        a = draw(st.integers(0, 4096 - ln)) if ln <= 4096 and not draw(rare) else draw(st.integers(0, 4200))
+        if not draw(rare) and a + 2 <= 4096:
+            region[a : a + 2] = b"\0\0"  # a header that asks for no offload
+        src[i] = (0x10000 + a, ln, 2 if draw(rare) else 0, 0)
+        room = ln + draw(st.integers(0, 64)) if not draw(rare) else draw(st.integers(0, 500))
+        d = draw(st.integers(0, max(0, 4096 - room))) if not draw(rare) else draw(st.integers(0, 4200))
+        dst[i] = (0x10000 + d, room, i, 0 if draw(rare) else 2)
+    return bytes(region), src, dst, lo, hi, draw(st.sampled_from([-1, 0, 10]))
+
+
+def _as_records(recs: np.ndarray, dtype: np.dtype) -> np.ndarray:  # type: ignore[type-arg]
+    out = np.zeros(len(recs), dtype)
+    for f in ("addr", "len", "flags"):
+        out[f] = recs[f]
+    return out
 
 
 @settings(max_examples=300, deadline=None)
@@ -411,9 +419,12 @@ def test_forward_over_records_does_what_forward_over_columns_does(b, packed_sour
     # `forward_records` (both batches as their descriptor records, flags at
     # 12 split or 14 packed) is `forward` over the same columns: the same
     # answer, the same bytes written, nothing written when refused.
-    region, split_recs, packed_recs, lo, hi, patch_at = b
-    src, dst = (packed_recs, split_recs) if packed_source else (split_recs, packed_recs)
-    s_at, d_at = (14, 12) if packed_source else (12, 14)
+    from pyvirtio.queue.bulk import PACKED_DESC_DTYPE
+    region, src, dst, lo, hi, patch_at = b
+    s_at, d_at = 12, 14
+    if packed_source:  # the same batches in the other formats (fields by name)
+        src, dst = _as_records(src, PACKED_DESC_DTYPE), _as_records(dst, SPLIT_DESC_DTYPE)
+        s_at, d_at = 14, 12
     patch = b"\x01\x00" if patch_at >= 0 else b""
     src_mem = bytearray(region)
     by_cols, by_recs = bytearray(4096), bytearray(4096)
