@@ -370,8 +370,13 @@ def test_a_bulk_made_from_descriptor_records_reads_its_columns_from_them():
     b = Bulk(heads, 0, 0x10000, None, None, None, 0, mv, None, -1, bytearray(split.tobytes()), 12)
     assert (b.ids.tolist(), b.addrs.tolist(), b.lens.tolist(), b.flags.tolist()) == ([4, 1], [32, 96], [10, 20], [2, 2])
     recs = bytearray(split.tobytes())
+    b = Bulk(None, 0, 0x10000, None, None, None, 0, mv, None, -1, recs, 12, bytearray(heads.tobytes()))
+    assert (b.n, b.ids.tolist(), b.lens.tolist()) == (2, [4, 1], [10, 20])  # the ids from the heads' bytes
     for bad in [
         lambda: Bulk(None, 0, 0x10000, None, None, None, 0, mv, None, -1, recs, 12),  # split records carry no ids
+        lambda: Bulk(heads, 0, 0x10000, None, None, None, 0, mv, None, -1, recs, 12, bytearray(4)),  # ids twice
+        lambda: Bulk(None, 0, 0x10000, None, None, None, 0, mv, None, -1, recs, 12, bytearray(2)),  # a head short
+        lambda: Bulk(None, 0, 8, None, None, None, 0, mv, None, -1, recs, 14, bytearray(4)),  # packed: ids inside
         lambda: Bulk(heads, 0, 0x10000, None, None, None, 0, mv, None, -1, recs, 13),  # flags at neither offset
         lambda: Bulk(heads, 0, 0x10000, None, None, None, 0, mv, None, -1, recs[:-1], 12),  # not whole records
         lambda: Bulk(heads, 0, 0x10000, None, b.lens, b.flags, 0, mv),  # no records, a column missing

@@ -445,3 +445,30 @@ def test_forward_over_records_refuses_what_is_not_records() -> None:
                                      bad.get("d_at", 14), 0, 100, -1, b"")
     with pytest.raises((TypeError, BufferError)):  # the destination region is written
         ringscan.forward_records(region, recs, 0, 12, bytes(4096), recs, 0, 14, 0, 100, -1, b"")
+
+
+@settings(max_examples=200, deadline=None)
+@given(forward_batches(), st.integers(0, 200), st.booleans())
+def test_fill_over_records_does_what_fill_over_columns_does(b, k: int, packed: bool) -> None:  # type: ignore[no-untyped-def]
+    # `fill_records` (the batch as its descriptor records: addr and len at
+    # the same offsets in both layouts) is `fill` over the same columns:
+    # the same bytes written, or the same refusal with nothing written.
+    _, split_recs, packed_recs, *_ = b
+    recs = packed_recs if packed else split_recs
+    data = bytes((7 * i + 1) & 0xFF for i in range(k))
+    by_cols, by_recs = bytearray(4096), bytearray(4096)
+
+    def outcome(call) -> str:  # type: ignore[no-untyped-def]
+        try:
+            call()
+        except ValueError:
+            return "refused"
+        return "filled"
+
+    want = outcome(lambda: ringscan.fill(by_cols, recs["addr"], 0x10000, recs["len"], data))
+    got = outcome(lambda: ringscan.fill_records(by_recs, recs.tobytes(), 0x10000, data))
+    assert got == want and by_recs == by_cols
+    if got == "refused":
+        assert by_recs == bytearray(4096)
+    with pytest.raises(ValueError):  # not whole records
+        ringscan.fill_records(by_recs, recs.tobytes()[:-1], 0x10000, data)

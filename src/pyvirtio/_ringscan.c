@@ -390,12 +390,35 @@ out:
  * is checked first (inside the region, at least len(data) long); nothing is
  * written unless all are.
  */
+/* fill's work once the columns are known: addr and len of buffer i at
+ * a + i * sa and l + i * sl. */
+static PyObject *fill_batch(Py_buffer *region, uint64_t gpa, const unsigned char *a, Py_ssize_t sa,
+                            const unsigned char *l, Py_ssize_t sl, Py_ssize_t n, const Py_buffer *data)
+{
+    uint64_t size = (uint64_t)region->len, k = (uint64_t)data->len;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        uint64_t addr;
+        uint32_t len;
+        memcpy(&addr, a + i * sa, 8);
+        memcpy(&len, l + i * sl, 4);
+        if (len < k || !inside(addr, k, gpa, size))
+            return PyErr_Format(PyExc_ValueError, "fill: buffer %zd (%llu bytes at %#llx) cannot take %llu bytes",
+                                i, (unsigned long long)len, (unsigned long long)addr, (unsigned long long)k);
+    }
+    unsigned char *base = region->buf;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        uint64_t addr;
+        memcpy(&addr, a + i * sa, 8);
+        memcpy(base + (addr - gpa), data->buf, (size_t)k);
+    }
+    Py_RETURN_NONE;
+}
+
 static PyObject *fill(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     Py_buffer region, addrs, lens, data;
     PyObject *ao, *lo;
     unsigned long long gpa;
-    PyObject *result = NULL;
     if (fast_args(args, nargs, "w*OKOy*", "fill", &region, &ao, &gpa, &lo, &data) < 0)
         return NULL;
     Py_ssize_t n = get_batch(ao, lo, NULL, &addrs, &lens, NULL, "fill");
@@ -404,30 +427,32 @@ static PyObject *fill(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         PyBuffer_Release(&data);
         return NULL;
     }
-    uint64_t size = (uint64_t)region.len, k = (uint64_t)data.len;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        uint64_t addr;
-        uint32_t len;
-        memcpy(&addr, COL(addrs, i), 8);
-        memcpy(&len, COL(lens, i), 4);
-        if (len < k || !inside(addr, k, gpa, size)) {
-            PyErr_Format(PyExc_ValueError, "fill: buffer %zd (%llu bytes at %#llx) cannot take %llu bytes",
-                         i, (unsigned long long)len, (unsigned long long)addr, (unsigned long long)k);
-            goto out;
-        }
-    }
-    unsigned char *base = region.buf;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        uint64_t addr;
-        memcpy(&addr, COL(addrs, i), 8);
-        memcpy(base + (addr - gpa), data.buf, (size_t)k);
-    }
-    result = Py_None;
-    Py_INCREF(result);
-out:
+    PyObject *result = fill_batch(&region, gpa, addrs.buf, addrs.strides[0], lens.buf, lens.strides[0], n, &data);
     PyBuffer_Release(&region);
     PyBuffer_Release(&addrs);
     PyBuffer_Release(&lens);
+    PyBuffer_Release(&data);
+    return result;
+}
+
+/* fill_records(region, recs, gpa, data): fill, with the batch given as its
+ * 16-byte descriptor records (addr at 0, len at 8): one buffer where fill
+ * takes two columns. */
+static PyObject *fill_records(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer region, recs, data;
+    unsigned long long gpa;
+    PyObject *result = NULL;
+    if (fast_args(args, nargs, "w*y*Ky*", "fill_records", &region, &recs, &gpa, &data) < 0)
+        return NULL;
+    if (recs.len % 16) {
+        PyErr_SetString(PyExc_ValueError, "fill_records: one 16-byte record per buffer");
+    } else {
+        const unsigned char *r = recs.buf;
+        result = fill_batch(&region, gpa, r, 16, r + 8, 16, recs.len / 16, &data);
+    }
+    PyBuffer_Release(&region);
+    PyBuffer_Release(&recs);
     PyBuffer_Release(&data);
     return result;
 }
@@ -1000,6 +1025,8 @@ static PyMethodDef methods[] = {
     {"packed_used", (PyCFunction)(void (*)(void))packed_used, METH_FASTCALL,
      "packed_used(desc, u, q, wrap, recs, written) -> the first descriptor's len|id|flags"},
     {"fill", (PyCFunction)(void (*)(void))fill, METH_FASTCALL, "fill(region, addrs, gpa, lens, data): copy data to the start of every buffer."},
+    {"fill_records", (PyCFunction)(void (*)(void))fill_records, METH_FASTCALL,
+     "fill_records(region, recs, gpa, data): fill, the batch given as its descriptor records."},
     {"scatter", (PyCFunction)(void (*)(void))scatter, METH_FASTCALL,
      "scatter(region, addrs, gpa, lens, flags, frames, patch_at, patch) -> (shortest, longest, total), or None"},
     {"gather", (PyCFunction)(void (*)(void))gather, METH_FASTCALL,

@@ -61,6 +61,9 @@ HAVE_RING_SCAN: Final = _ring_c is not None
 #: copy one payload into every buffer of a batch (`Bulk.fill`), or None
 ring_fill: Final[Callable[[memoryview, np.ndarray, int, np.ndarray, bytes], None] | None] = (
     _ring_c.fill if _ring_c is not None else None)
+#: the same with the batch given as its descriptor records (`Bulk.recs`), or None
+ring_fill_records: Final[Callable[[memoryview, bytearray, int, bytes], None] | None] = (
+    _ring_c.fill_records if _ring_c is not None else None)
 #: one frame into each buffer of a batch (`Bulk.scatter`), or None
 ring_scatter: Final[Callable[[memoryview, np.ndarray, int, np.ndarray, np.ndarray, Sequence[bytes], int, bytes],
                        tuple[int, int, int] | None] | None] = _ring_c.scatter if _ring_c is not None else None
@@ -182,11 +185,11 @@ class Area:
         (one read per record)."""
         return self._table(dtype)[index]
 
-    def put_used(self, start: int, q: int, ids: np.ndarray, written: int | np.ndarray) -> None:
+    def put_used(self, start: int, q: int, ids: np.ndarray | bytearray, written: int | np.ndarray) -> None:
         """Write len(ids) used elements (id, written) from slot `start` of this
         used ring, wrapping at q (one bulk write, two when they wrap; as
-        `np_write`). `ids` u16, `written` an int or one u32 each. Needs
-        HAVE_RING_SCAN."""
+        `np_write`). `ids` u16 (an array, or the bytes of one), `written` an
+        int or one u32 each. Needs HAVE_RING_SCAN."""
         _ring_c.split_used(self.mv, start, q, ids, written)
 
     def gather_split(self, desc: Area, start: int, n: int, q: int, heads: np.ndarray | bytearray,
@@ -572,9 +575,9 @@ class CountingArea(Area):
         c.bytes_read += dtype.itemsize * len(index)
         return self._table(dtype)[index]
 
-    def put_used(self, start: int, q: int, ids: np.ndarray, written: int | np.ndarray) -> None:
+    def put_used(self, start: int, q: int, ids: np.ndarray | bytearray, written: int | np.ndarray) -> None:
         super().put_used(start, q, ids, written)
-        n = len(ids)
+        n = len(ids) if not isinstance(ids, bytearray) else len(ids) >> 1
         c = self.c
         c.writes += 1 if start + n <= q else 2
         c.bytes_written += 8 * n

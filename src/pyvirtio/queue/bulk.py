@@ -20,7 +20,14 @@ from typing import Final
 
 import numpy as np
 
-from pyvirtio.memory import ring_fill, ring_forward, ring_forward_records, ring_gather, ring_scatter
+from pyvirtio.memory import (
+    ring_fill,
+    ring_fill_records,
+    ring_forward,
+    ring_forward_records,
+    ring_gather,
+    ring_scatter,
+)
 from pyvirtio.queue.chain import Chain
 
 WRITE_FLAG: Final = 0x2  # VIRTQ_DESC_F_WRITE, the same bit in both formats
@@ -46,22 +53,28 @@ class Bulk:
       batch calls take the records as one buffer (a numpy column costs a
       buffer export each), and a column not given (None) is made from them
       on first use: a batch that only goes through C calls (a loopback's
-      forwarding round) makes no numpy array at all.
+      forwarding round) makes no numpy array at all. A split batch's heads
+      (its `ids`) may likewise come as `heads`, n u16 in a bytearray.
     """
 
     __slots__ = ("_addrs", "_flags", "_flags_and", "_ids", "_len_summary", "_lens", "_pos0", "_records", "_ring",
-                 "flags_at", "n", "recs", "region_gpa", "region_mv")
+                 "flags_at", "heads", "n", "recs", "region_gpa", "region_mv")
 
     def __init__(self, ids: np.ndarray | None, pos0: int, ring: int, addrs: np.ndarray | None,
                  lens: np.ndarray | None, flags: np.ndarray | None, region_gpa: int, region_mv: memoryview,
                  len_summary: tuple[int, int, int] | None = None, flags_and: int = -1,
-                 recs: bytearray | None = None, flags_at: int = 0) -> None:
+                 recs: bytearray | None = None, flags_at: int = 0, heads: bytearray | None = None) -> None:
         if recs is None:
-            if ids is None or addrs is None or lens is None or flags is None:
+            if ids is None or addrs is None or lens is None or flags is None or heads is not None:
                 raise ValueError("a Bulk without descriptor records needs all four columns")
             flags_at = 0
-        elif flags_at not in (12, 14) or len(recs) % 16 or (ids is None and flags_at != 14):
-            raise ValueError("descriptor records: 16 bytes each, flags at 12 (split, ids given) or 14 (packed)")
+        elif flags_at not in (12, 14) or len(recs) % 16:
+            raise ValueError("descriptor records: 16 bytes each, flags at 12 (split) or 14 (packed)")
+        elif flags_at == 14 and heads is not None:
+            raise ValueError("packed records carry their ids")
+        elif flags_at == 12 and ((ids is None) == (heads is None) or (heads is not None and 8 * len(heads) != len(recs))):
+            raise ValueError("split records: the ids as a column or as heads (one u16 per record), one of the two")
+        self.heads = heads
         self._ids = ids
         self._pos0 = pos0
         self._ring = ring  # positions wrap here (2^16 for split indices, Q for packed slots)
@@ -91,7 +104,8 @@ class Bulk:
         """What completes each (split head / packed buffer id)."""
         a = self._ids
         if a is None:
-            a = self._ids = self._view()["id"]
+            h = self.heads
+            a = self._ids = self._view()["id"] if h is None else np.frombuffer(h, np.uint16)
         return a
 
     @property
@@ -164,6 +178,10 @@ class Bulk:
         lo = self.len_summary()[0] if self.n else k
         if lo < k or (self.n and not self.flags_and() & WRITE_FLAG):
             raise ValueError(f"{self!r}: a buffer is read-only or shorter than {k} bytes")
+        recs = self.recs
+        if ring_fill_records is not None and recs is not None:  # one record buffer, no columns made
+            ring_fill_records(self.region_mv, recs, self.region_gpa, data)
+            return
         if ring_fill is not None:
             ring_fill(self.region_mv, self.addrs, self.region_gpa, self.lens, data)  # columns read in place
             return

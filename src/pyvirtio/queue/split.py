@@ -303,19 +303,18 @@ class SplitRing:
         raw = bytearray(DESC_SIZE * n)
         bad, flags_or, amin, emax, lmin, lmax, lsum, flags_and = self.avail.gather_split(self.desc, start, n, q,
                                                                                         heads_raw, raw)
-        heads = np.frombuffer(heads_raw, np.uint16)
         if bad >= 0:
-            self._consume(out, heads.tolist(), last)  # raises HeadOutOfRange
+            self._consume(out, np.frombuffer(heads_raw, np.uint16).tolist(), last)  # raises HeadOutOfRange
         if not flags_or & (_NEXT | _INDIRECT):
             r = self.mem.region_at(amin)
             # every buffer inside one region (emax saturates when addr + len wraps)
             if r is not None and emax <= r.gpa + r.size:
                 self.last_avail = (last + n) & 0xFFFF
-                # the other columns are made from the records when first asked for
-                return Bulk(heads, last, 0x10000, None, None, None, r.gpa, r.mv, (lmin, lmax, lsum), flags_and, raw,
-                            _FLAGS_AT)
+                # the columns are made from the heads and records when first asked for
+                return Bulk(None, last, 0x10000, None, None, None, r.gpa, r.mv, (lmin, lmax, lsum), flags_and, raw,
+                            _FLAGS_AT, heads_raw)
         rows: Any = np.frombuffer(raw, SPLIT_DESC_DTYPE).tolist()  # (addr, len, flags, next) tuples
-        self._consume(out, heads.tolist(), last, rows)
+        self._consume(out, np.frombuffer(heads_raw, np.uint16).tolist(), last, rows)
         return None
 
     def _fetch_chains(self, out: list[Chain], heads: list[int], last: int,
@@ -471,9 +470,10 @@ class SplitRing:
         start = old & (q - 1)
         used = self.used
         one = items[0][0] if len(items) == 1 else None
-        if HAVE_RING_SCAN and type(one) is Bulk and one.ids.dtype == _U16:
+        if HAVE_RING_SCAN and type(one) is Bulk and (one.heads is not None or one.ids.dtype == _U16):
             k = one.n
-            used.put_used(start, q, one.ids, items[0][1])  # one C call (the numpy lines below are its reference)
+            # one C call (the numpy lines below are its reference), over the heads as the scan left them
+            used.put_used(start, q, one.heads if one.heads is not None else one.ids, items[0][1])
         elif type(one) is Bulk or any(type(obj) is Bulk for obj, _ in items):
             elems = _used_array(items)
             k = len(elems) >> 1
